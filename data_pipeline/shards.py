@@ -1,0 +1,470 @@
+"""Deterministic webdataset shards of MNIST, their manifest, and verification.
+
+Layout (webdataset convention, https://github.com/webdataset/webdataset#the-webdataset-format):
+``DIR/{split}-{i:06d}.tar``, each sample ``{split}_{index:06d}.png`` (8-bit grayscale PNG,
+28x28) followed by ``{split}_{index:06d}.cls`` (label as ASCII digits). ``DIR/manifest.json``
+lists every shard with its sample count, size and sha256, and is written last.
+
+Guarantees:
+
+* Byte-identical output for identical input: PNGs are encoded here with zlib at a fixed
+  level (PNG spec, ISO/IEC 15948, sections 5 and 11: signature, IHDR, IDAT, IEND; filter 0),
+  tar members are USTAR with mtime 0, uid/gid 0, empty owner names, mode 0o644.
+* Atomic: every file is written as ``DIR/.tmp-*`` and ``os.replace``d into place; the old
+  manifest is removed before any shard changes and the new one is written after all shards,
+  so an interrupted run never leaves a manifest describing files that are not all there.
+* Idempotent: a run whose parameters and source digest match a manifest whose files verify
+  does nothing.
+* Refuses directories holding files it did not write (anything other than
+  ``manifest.json``, ``{train,test}-NNNNNN.tar``, ``.tmp-*`` and its lock file), so a typo in
+  ``--out`` never mixes shards into an unrelated folder.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+import re
+import struct
+import tarfile
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from data_pipeline.sources import DataPipelineError, MnistArrays, load_mnist
+
+__all__ = [
+    "MANIFEST_NAME",
+    "FORMAT_VERSION",
+    "SPLITS",
+    "ShardError",
+    "ManifestError",
+    "PrepareResult",
+    "encode_png_gray",
+    "decode_png_gray",
+    "shard_name",
+    "sample_key",
+    "write_shard_bytes",
+    "read_manifest",
+    "verify_shards",
+    "prepare_shards",
+]
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "latent-sindy/mnist-webdataset"
+FORMAT_VERSION = 1
+SPLITS = ("train", "test")
+# Level 6 (zlib default), not 9: tar pads each ~300-byte PNG to 512 bytes anyway, so 9 saves
+# no disk and costs ~1 s per 70k images.
+PNG_ZLIB_LEVEL = 6
+LOCK_NAME = ".prepare.lock"
+TMP_PREFIX = ".tmp-"
+_SHARD_RE = re.compile(r"^(train|test)-\d{6}\.tar$")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_HASH_CHUNK = 1 << 20
+
+
+class ShardError(DataPipelineError):
+    """A shard file is unreadable, truncated or corrupt."""
+
+
+class ManifestError(DataPipelineError):
+    """The shard directory or its manifest is missing, incomplete or inconsistent."""
+
+
+# --------------------------------------------------------------------------- PNG
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def encode_png_gray(image: np.ndarray) -> bytes:
+    """Encode a uint8 (H, W) image as a deterministic 8-bit grayscale PNG.
+
+    Written by hand rather than with PIL so the bytes depend only on zlib's output at a fixed level,
+    not on PIL's version or its encoder options.
+
+    Args:
+        image: uint8 (H, W).
+
+    Returns:
+        PNG file bytes (no ancillary chunks, no timestamps).
+    """
+    if image.dtype != np.uint8 or image.ndim != 2:
+        raise ValueError(f"encode_png_gray needs a uint8 (H, W) image, got {image.dtype} {image.shape}")
+    height, width = image.shape
+    # Filter type 0 (None) per scanline: simplest, and decode_png_gray's fast path relies on it.
+    rows = np.zeros((height, width + 1), dtype=np.uint8)
+    rows[:, 1:] = image
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit, grayscale, no interlace
+    return (
+        _PNG_SIGNATURE
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), PNG_ZLIB_LEVEL))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
+def decode_png_gray(data: bytes) -> np.ndarray:
+    """Decode an 8-bit grayscale PNG to uint8 (H, W), checking every chunk CRC.
+
+    Fast path for the PNGs ``encode_png_gray`` writes (one pass of zlib, no PIL); any other
+    valid PNG (filters other than 0, other colour types) goes through PIL and is converted
+    to 8-bit grayscale ("L").
+
+    Raises:
+        ValueError: the bytes are not a valid PNG (bad signature, CRC, size or zlib stream).
+    """
+    if not data.startswith(_PNG_SIGNATURE):
+        raise ValueError("not a PNG (bad signature)")
+    pos = len(_PNG_SIGNATURE)
+    ihdr = b""
+    idat = []
+    while True:
+        if pos + 8 > len(data):
+            raise ValueError("PNG truncated before IEND")
+        (length,) = struct.unpack_from(">I", data, pos)
+        kind = data[pos + 4 : pos + 8]
+        end = pos + 8 + length
+        if end + 4 > len(data):
+            raise ValueError(f"PNG chunk {kind!r} truncated")
+        payload = data[pos + 8 : end]
+        (crc,) = struct.unpack_from(">I", data, end)
+        if zlib.crc32(kind + payload) != crc:
+            raise ValueError(f"PNG chunk {kind!r} fails its CRC (corrupt bytes)")
+        if kind == b"IHDR":
+            ihdr = payload
+        elif kind == b"IDAT":
+            idat.append(payload)
+        elif kind == b"IEND":
+            break
+        pos = end + 4
+    if len(ihdr) != 13:
+        raise ValueError("PNG has no valid IHDR chunk")
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", ihdr)
+    if depth == 8 and colour == 0 and interlace == 0:
+        try:
+            raw = zlib.decompress(b"".join(idat))
+        except zlib.error as exn:
+            raise ValueError(f"PNG image data is corrupt: {exn}") from exn
+        if len(raw) != height * (width + 1):
+            raise ValueError(f"PNG image data is {len(raw)} bytes, expected {height * (width + 1)}")
+        rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, width + 1)
+        if not rows[:, 0].any():
+            return rows[:, 1:].copy()
+    from PIL import Image  # only for PNGs that other tools wrote
+
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("L"), dtype=np.uint8).copy()
+
+
+# --------------------------------------------------------------------------- tar
+
+
+def shard_name(split: str, index: int) -> str:
+    """``train-000000.tar`` style shard file name."""
+    return f"{split}-{index:06d}.tar"
+
+
+def sample_key(split: str, index: int) -> str:
+    """``train_000123`` style sample key (no dots: webdataset splits keys at the first dot)."""
+    return f"{split}_{index:06d}"
+
+
+def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    info.type = tarfile.REGTYPE
+    tar.addfile(info, io.BytesIO(payload))
+
+
+def write_shard_bytes(split: str, start: int, images: np.ndarray, labels: np.ndarray) -> bytes:
+    """Build one shard's tar bytes.
+
+    Args:
+        split: ``"train"`` or ``"test"`` (used in sample keys).
+        start: global index of the first sample (keys are ``{split}_{start + i:06d}``).
+        images: uint8 (N, 28, 28).
+        labels: int (N,).
+
+    Returns:
+        USTAR tar bytes, deterministic for identical arguments.
+    """
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, (image, label) in enumerate(zip(images, labels)):
+            key = sample_key(split, start + i)
+            _tar_member(tar, f"{key}.png", encode_png_gray(image))
+            _tar_member(tar, f"{key}.cls", str(int(label)).encode("ascii"))
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(directory: Path, name: str, payload: bytes) -> None:
+    """Write ``directory/name`` via a temp file in the same directory + fsync + os.replace."""
+    tmp = directory / f"{TMP_PREFIX}{name}.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(payload)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, directory / name)
+
+
+@contextmanager
+def _dir_lock(directory: Path) -> Iterator[None]:
+    # Two prepares on one directory would delete each other's temp files; refuse the second.
+    with open(directory / LOCK_NAME, "a") as lock:  # "a": never truncates, keeps mtime
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ManifestError(f"another prepare is writing to {directory}; wait for it to finish") from None
+        yield
+
+
+def read_manifest(shard_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and validate ``shard_dir/manifest.json``.
+
+    Returns:
+        The manifest: ``format``, ``format_version``, ``source`` {name, location, digest},
+        ``params`` {shard_size, limit, ...}, ``splits`` {split: {total, shards: [{name,
+        samples, bytes, sha256}]}}.
+
+    Raises:
+        ManifestError: the directory is missing or empty, has no manifest, or the manifest is
+            malformed; the message says to run ``python -m data_pipeline.prepare --out DIR``.
+    """
+    directory = Path(shard_dir)
+    fix = f"run `python -m data_pipeline.prepare --out {directory}` first"
+    if not directory.is_dir():
+        raise ManifestError(f"shard directory {directory} does not exist; {fix}")
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        state = "is empty" if not any(directory.iterdir()) else f"has no {MANIFEST_NAME} (incomplete or not prepared)"
+        raise ManifestError(f"shard directory {directory} {state}; {fix}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exn:
+        raise ManifestError(f"{path} is not valid JSON ({exn}); {fix}") from exn
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ManifestError(f"{path} is not a {FORMAT} manifest; {fix}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ManifestError(
+            f"{path} has format_version {manifest.get('format_version')!r}, this code reads "
+            f"{FORMAT_VERSION}; re-run `python -m data_pipeline.prepare --out {directory}`"
+        )
+    try:
+        for split in SPLITS:
+            info = manifest["splits"][split]
+            if sum(int(s["samples"]) for s in info["shards"]) != int(info["total"]):
+                raise ManifestError(f"{path}: {split} shard sample counts do not add up to total {info['total']}")
+            for s in info["shards"]:
+                if not _SHARD_RE.match(str(s["name"])):
+                    raise ManifestError(f"{path}: shard name {s['name']!r} is not a {split}-NNNNNN.tar name")
+                int(s["bytes"]), str(s["sha256"])
+    except (KeyError, TypeError, ValueError) as exn:
+        raise ManifestError(f"{path} is missing or has a malformed field ({exn!r}); {fix}") from exn
+    return manifest
+
+
+def verify_shards(shard_dir: str | os.PathLike[str], manifest: dict[str, Any] | None = None) -> list[str]:
+    """Re-hash every shard listed in the manifest.
+
+    Returns:
+        One human-readable line per problem (missing, wrong size, wrong sha256); empty if
+        everything matches.
+
+    Raises:
+        ManifestError: no valid manifest (see :func:`read_manifest`).
+    """
+    directory = Path(shard_dir)
+    manifest = manifest if manifest is not None else read_manifest(directory)
+    problems = []
+    for split in SPLITS:
+        for s in manifest["splits"][split]["shards"]:
+            path = directory / s["name"]
+            if not path.is_file():
+                problems.append(f"missing: {path}")
+                continue
+            size = path.stat().st_size
+            if size != s["bytes"]:
+                problems.append(f"wrong size: {path} is {size} bytes, manifest says {s['bytes']}")
+                continue
+            digest = _sha256_file(path)
+            if digest != s["sha256"]:
+                problems.append(f"wrong sha256: {path} is {digest}, manifest says {s['sha256']}")
+    return problems
+
+
+@dataclass
+class PrepareResult:
+    """What :func:`prepare_shards` did.
+
+    Attributes:
+        out_dir: the shard directory.
+        manifest: the manifest now on disk.
+        up_to_date: True if nothing had to be written.
+        written: shard file names written by this run.
+        removed: stale files removed (temp files of killed runs, obsolete shards).
+    """
+
+    out_dir: Path
+    manifest: dict[str, Any]
+    up_to_date: bool
+    written: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+
+
+def _params(shard_size: int, limit: int | None) -> dict[str, Any]:
+    return {
+        "shard_size": shard_size,
+        "limit": limit,
+        "image": f"png, 8-bit grayscale, 28x28, zlib level {PNG_ZLIB_LEVEL}, filter 0",
+        "label": "cls, ASCII decimal digits",
+        "tar": "USTAR, mtime 0, uid/gid 0, mode 0644",
+    }
+
+
+def _check_directory(directory: Path) -> list[Path]:
+    """Return our stale temp files; raise if the directory holds files we did not write."""
+    foreign, stale = [], []
+    for entry in directory.iterdir():
+        if entry.name.startswith(TMP_PREFIX):
+            stale.append(entry)
+        elif entry.name not in (MANIFEST_NAME, LOCK_NAME) and not _SHARD_RE.match(entry.name):
+            foreign.append(entry.name)
+    if foreign:
+        shown = ", ".join(sorted(foreign)[:5]) + (" ..." if len(foreign) > 5 else "")
+        raise ManifestError(
+            f"{directory} contains files that prepare did not write ({shown}); "
+            "choose an empty or new --out directory"
+        )
+    return stale
+
+
+def prepare_shards(
+    out_dir: str | os.PathLike[str],
+    *,
+    shard_size: int = 10000,
+    source: str = "auto",
+    arrays: MnistArrays | None = None,
+    limit: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> PrepareResult:
+    """Write MNIST as webdataset shards + manifest into ``out_dir`` (atomic, idempotent).
+
+    Args:
+        out_dir: target directory; created if missing.
+        shard_size: samples per shard (the last shard of a split may hold fewer).
+        source: MNIST source for :func:`load_mnist` (ignored when ``arrays`` is given).
+        arrays: already-loaded MNIST (saves reloading, e.g. in tests).
+        limit: keep only the first ``limit`` samples of each split (tests and debugging;
+            recorded in the manifest so a limited directory never passes for the full one).
+        progress: called as ``progress(split, shard_index, n_shards)`` after each shard.
+
+    Returns:
+        PrepareResult.
+
+    Raises:
+        ValueError: ``shard_size`` or ``limit`` is not a positive integer.
+        ManifestError: ``out_dir`` is not writable, holds foreign files, or is locked.
+        SourceUnavailable / SourceCorrupt: from loading the source.
+    """
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size <= 0:
+        raise ValueError(f"shard_size must be a positive integer, got {shard_size!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+    directory = Path(out_dir)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exn:
+        raise ManifestError(f"cannot create output directory {directory}: {exn.strerror}") from exn
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ManifestError(f"output directory {directory} is not writable; choose another --out")
+    # Load (and verify) the source first: a missing source must fail before touching DIR.
+    arrays = arrays if arrays is not None else load_mnist(source)
+    params = _params(shard_size, limit)
+
+    with _dir_lock(directory):
+        stale = _check_directory(directory)
+        removed = []
+        for path in stale:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+
+        old = None
+        if (directory / MANIFEST_NAME).is_file():
+            try:
+                old = read_manifest(directory)
+            except ManifestError:
+                old = None  # unreadable or old-format manifest: rewrite everything
+        if (
+            old is not None
+            and old["params"] == params
+            and old["source"]["digest"] == arrays.source_digest
+            and not verify_shards(directory, old)
+        ):
+            return PrepareResult(directory, old, up_to_date=True, removed=removed)
+
+        # From here on the directory must not look complete until the new manifest lands.
+        (directory / MANIFEST_NAME).unlink(missing_ok=True)
+        splits: dict[str, Any] = {}
+        written = []
+        for split in SPLITS:
+            images, labels = arrays.split(split)
+            n = images.shape[0] if limit is None else min(limit, images.shape[0])
+            n_shards = -(-n // shard_size)
+            shards = []
+            for i in range(n_shards):
+                lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
+                payload = write_shard_bytes(split, lo, images[lo:hi], labels[lo:hi])
+                name = shard_name(split, i)
+                _atomic_write(directory, name, payload)
+                written.append(name)
+                shards.append(
+                    {"name": name, "samples": hi - lo, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+                )
+                if progress is not None:
+                    progress(split, i, n_shards)
+            splits[split] = {"total": n, "shards": shards}
+
+        # Shards of an earlier run with another shard size would otherwise linger unlisted.
+        for entry in directory.iterdir():
+            if _SHARD_RE.match(entry.name) and entry.name not in written:
+                entry.unlink()
+                removed.append(entry.name)
+
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "source": {
+                "name": arrays.source_name,
+                "location": arrays.source_location,
+                "digest": arrays.source_digest,
+            },
+            "params": params,
+            "splits": splits,
+        }
+        _atomic_write(directory, MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        return PrepareResult(directory, manifest, up_to_date=False, written=written, removed=removed)

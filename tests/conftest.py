@@ -1,0 +1,67 @@
+"""Shared fixtures: the real MNIST shards (prepared once and cached), helpers to run entry points."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARD_CACHE = REPO / ".cache" / "test-shards"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def mnist_shards() -> Path:
+    """The full real MNIST as shards; prepare is idempotent, so later sessions reuse the cache."""
+    proc = subprocess.run([sys.executable, "-m", "data_pipeline.prepare", "--out", str(SHARD_CACHE)],
+                          cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return SHARD_CACHE
+
+
+def run_entry(args: list[str], cwd: Path = REPO, env: dict | None = None, timeout: float = 600,
+              check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command with the venv's executables first on PATH; assert success when ``check``."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env["PATH"] = f"{Path(sys.executable).parent}:{full_env.get('PATH', '')}"
+    proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_cmd(*, two_procs: bool = False) -> list[str]:
+    """``accelerate launch`` for one CPU process, or for a real two-rank gloo group.
+
+    Two ranks need ACCELERATE_USE_CPU=true in the environment (see ../shared/INFRA.md).
+    """
+    exe = str(Path(sys.executable).parent / "accelerate")
+    if two_procs:
+        return [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    return [exe, "launch", "--config_file", str(REPO / "configs/accelerate/cpu.yaml")]

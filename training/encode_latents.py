@@ -1,0 +1,80 @@
+"""Encode the train and test splits with the run's autoencoder, for the DiT.
+
+    python training/encode_latents.py --config configs/local.yaml [key=value ...]
+
+Writes ``runs/<name>/latents/{train,test}.safetensors`` (``latents`` (N, T, C) float32, raw, and
+``labels`` (N,)), ``runs/<name>/latent_stats.safetensors`` (``mean``/``std`` broadcastable to
+(T, C)) and ``runs/<name>/latents/meta.json``.
+
+Normalisation (latent-diffusion-mnist.md, "Latent Normalization"): the conv latent uses one
+mean/std per channel over all samples and token positions, shape (1, 6); the 16-D VAE latent
+has no shared channel structure, so each coordinate gets its own, shape (16, 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from safetensors.torch import save_file
+
+from training.runtime import parse_cli, run_cli
+from training.stage import file_sha256, load_autoencoder, load_split
+
+
+@torch.no_grad()
+def encode_split(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N, 1, 28, 28) -> (N, T, C) float32 on the CPU."""
+    out = [model.encode(images[i:i + batch_size]).float().cpu() for i in range(0, images.shape[0], batch_size)]
+    return torch.cat(out)
+
+
+def latent_stats(z: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of train latents (N, T, C), per channel (conv) or per coordinate (vae16)."""
+    dims = (0, 1) if kind == "conv" else (0,)
+    mean = z.double().mean(dim=dims, keepdim=True)[0]   # (1, C) or (T, C)
+    std = z.double().std(dim=dims, keepdim=True)[0]
+    return mean.float(), std.clamp_min(1e-6).float()
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = parse_cli(argv, __doc__)
+    run_dir = cfg.run.dir
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, meta = load_autoencoder(run_dir, device)
+    ae_digest = file_sha256(run_dir / "ae.safetensors")
+    out = run_dir / "latents"
+    out.mkdir(parents=True, exist_ok=True)
+    shapes = {}
+    for split in ("train", "test"):
+        images, labels = load_split(cfg, split, device)
+        z = encode_split(model, images, cfg.latents.batch_size)
+        shapes[split] = list(z.shape)
+        _save_atomic({"latents": z, "labels": labels.cpu().long()}, out / f"{split}.safetensors",
+                     {"ae_sha256": ae_digest, "kind": meta["kind"]})
+        if split == "train":
+            mean, std = latent_stats(z, meta["kind"])
+    # Stats last: their presence marks a complete encoding for the DiT stage.
+    _save_atomic({"mean": mean, "std": std}, run_dir / "latent_stats.safetensors",
+                 {"ae_sha256": ae_digest, "kind": meta["kind"]})
+    info = {"kind": meta["kind"], "latent_shape": meta["latent_shape"], "shapes": shapes,
+            "ae_sha256": ae_digest, "mean": mean.squeeze().tolist(), "std": std.squeeze().tolist()}
+    (out / "meta.json").write_text(json.dumps(info, indent=1))
+    print(f"latents: train {shapes['train']}, test {shapes['test']} -> {out}; stats {run_dir / 'latent_stats.safetensors'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

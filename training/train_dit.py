@@ -1,0 +1,157 @@
+"""Train the latent DiT denoiser (epsilon prediction) on the run's normalised latents.
+
+    accelerate launch training/train_dit.py --config configs/X.yaml [key=value ...]
+
+Recipe (../shared/reference/latent-diffusion-mnist.md, section 4): AdamW lr 5e-4, cosine
+annealing, gradient clipping 1.0, batch 256, EMA 0.999 used for sampling and export.
+Writes into ``runs/<name>/``: dit.safetensors, dit_ema.safetensors, dit.json, tb/dit,
+checkpoints/dit, samples/ema_samples.safetensors (the final EMA samples, decoded, uint8).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+if __package__ in (None, ""):  # run as a script by accelerate launch: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from safetensors.torch import save_file
+from torchvision.utils import make_grid
+
+from models.diffusion import eps_loss, sample, schedule_for
+from models.dit import DiT, build_dit
+from training.batches import TensorBatches
+from training.config import Config, save_config, to_dict, to_yaml
+from training.ema import EMA
+from training.loop import Hooks, run_loop
+from training.runtime import (StopFlag, UserError, cosine_with_warmup, make_accelerator, make_optimizer,
+                              parse_cli, run_cli, save_weights, seed_everything, total_steps)
+from training.stage import load_autoencoder, load_latent_data, optim_digest
+
+STAGE = "dit"
+
+
+def build_denoiser(cfg: Config, latent_shape: tuple[int, int]) -> DiT:
+    """The configured preset for a latent of N tokens of C; 2-D RoPE over the conv latent's 7x7 grid."""
+    n_tokens, channels = latent_shape
+    try:
+        # vae16 coordinates have no order, so they also get a learned absolute embedding.
+        return build_dit(cfg.dit.preset, channels, n_tokens, rope="2d" if cfg.ae.kind == "conv" else "1d",
+                         abs_pos=cfg.ae.kind != "conv")
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+@torch.no_grad()
+def decode_samples(ema_model: DiT, schedule, ae, mean, std, n: int, seed: int, device, batch: int = 2048):
+    """DDPM samples of the EMA model decoded to images (n, 1, 28, 28) in [0, 1]."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shape = tuple(ae.latent_shape)
+    out = []
+    for i in range(0, n, batch):
+        b = min(batch, n - i)
+        z = sample(ema_model, schedule, (b, *shape), sampler="ddpm", generator=g, device=device).x0
+        out.append(torch.sigmoid(ae.decode(z * std + mean).float()))
+    return torch.cat(out)
+
+
+def _configure_deepspeed(acc, cfg: Config) -> None:
+    """Fill what DeepSpeed needs but cannot infer here (no dataloader goes through prepare())."""
+    plugin = acc.state.deepspeed_plugin
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.dit.batch_size
+    ds["gradient_accumulation_steps"] = cfg.dit.grad_accum
+    if cfg.dit.grad_clip > 0:
+        ds["gradient_clipping"] = cfg.dit.grad_clip
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg: Config = parse_cli(argv, __doc__)
+    run_dir = cfg.run.dir
+    # 1. Inputs, all checked before any training step.
+    data = load_latent_data(run_dir, cfg.ae.kind)
+    latent_shape = tuple(data.train.shape[1:])
+    acc = make_accelerator(cfg.dit, run_dir)
+    _configure_deepspeed(acc, cfg)
+    seed_everything(cfg.run.seed)
+    ae, _ = load_autoencoder(run_dir, acc.device)
+    schedule = schedule_for(cfg.ae.kind, None if cfg.dit.schedule == "auto" else cfg.dit.schedule,
+                            cfg.dit.timesteps or None).to(acc.device)
+    mean, std = data.mean.to(acc.device), data.std.to(acc.device)
+    in_dtype = torch.bfloat16 if (acc.state.deepspeed_plugin and cfg.dit.mixed_precision == "bf16") else torch.float32
+    batches = TensorBatches((data.train.to(acc.device, in_dtype),), cfg.dit.batch_size, acc.process_index,
+                            acc.num_processes, cfg.run.seed)
+
+    # 2. Model, EMA, optimizer, schedule.
+    model = build_denoiser(cfg, latent_shape)
+    ema = EMA(build_denoiser(cfg, latent_shape), model, cfg.dit.ema_decay)
+    optimizer = make_optimizer(model.parameters(), cfg.dit, acc.device)
+    total = total_steps(cfg.dit, batches.batches_per_epoch)
+    scheduler = cosine_with_warmup(optimizer, cfg.dit.warmup_steps, total, cfg.dit.min_lr_ratio)
+    if cfg.dit.compile:
+        model = torch.compile(model)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    raw = acc.unwrap_model(model, keep_torch_compile=False)
+    ema.bind(raw)
+    ema.model.to(acc.device)
+
+    if acc.is_main_process:
+        save_config(cfg, run_dir)
+    acc.init_trackers(STAGE)
+    if acc.is_main_process:
+        acc.get_tracker("tensorboard", unwrap=True).add_text("config", f"```\n{to_yaml(cfg)}\n```", 0)
+    acc.print(f"dit: {cfg.dit.preset} on {cfg.ae.kind} latents {list(latent_shape)}, "
+              f"{sum(p.numel() for p in raw.parameters()):,} parameters, {schedule.name}, {total} steps of "
+              f"{cfg.dit.batch_size} x {acc.num_processes} processes on {acc.device}")
+
+    # 3. Train.
+    def loss_fn(batch, generator):
+        return eps_loss(model, schedule, batch[0], generator), {}
+
+    def log_images(step, writer):
+        if step % cfg.dit.sample_every == 0 or step == total:
+            imgs = decode_samples(ema.model, schedule, ae, mean, std, cfg.dit.num_samples, cfg.run.seed, acc.device)
+            writer.add_image("dit/ema_samples", make_grid(imgs.cpu(), nrow=8, pad_value=1.0), step)
+
+    hooks = Hooks(after_step=lambda step: ema.update(), log_images=log_images,
+                  extra_state=ema.state_dict, load_extra=ema.load_state_dict)
+    result = run_loop(acc, model, optimizer, scheduler, batches, cfg.dit, total, loss_fn,
+                      run_dir / "checkpoints" / STAGE, cfg.resume, cfg.run.seed, optim_digest(cfg.dit, cfg.run.seed),
+                      hooks, StopFlag().install(), desc="dit")
+    if result.stopped_early:
+        acc.end_training()
+        return
+
+    # 4. Export (main process): weights, EMA weights, metadata, final EMA samples.
+    if acc.is_main_process:
+        arch = {"preset": cfg.dit.preset, "kind": cfg.ae.kind, "latent_shape": list(latent_shape),
+                "schedule": schedule.name, "timesteps": schedule.T, "ae_sha256": data.ae_sha256}
+        st_meta = {k: json.dumps(v) for k, v in arch.items()}
+        save_weights(raw, run_dir / "dit.safetensors", st_meta)
+        save_weights(ema.model, run_dir / "dit_ema.safetensors", st_meta)
+        meta = {**arch, "dit_config": to_dict(raw.cfg), "steps": result.state.step,
+                "train_seconds": round(result.seconds, 2), "final_train_loss": result.last_loss,
+                "loss_history": result.history, "num_processes": acc.num_processes,
+                "mixed_precision": cfg.dit.mixed_precision}
+        if cfg.dit.eval_samples > 0:
+            imgs = decode_samples(ema.model, schedule, ae, mean, std, cfg.dit.eval_samples, cfg.run.seed + 1,
+                                  acc.device)
+            (run_dir / "samples").mkdir(exist_ok=True)
+            save_file({"images": (imgs * 255).round().to(torch.uint8).cpu()},
+                      str(run_dir / "samples" / "ema_samples.safetensors"))
+            meta["eval_samples"] = int(imgs.shape[0])
+        (run_dir / "dit.json").write_text(json.dumps(meta, indent=1))
+        print(f"dit: final loss {result.last_loss:.4f} after {result.state.step} steps ({result.seconds:.0f} s); "
+              f"weights {run_dir / 'dit_ema.safetensors'}")
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
+if __name__ == "__main__":
+    run_cli(main)
