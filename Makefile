@@ -35,14 +35,15 @@ data: $(STAMP)
 
 run: $(STAMP)
 	@set -e; \
-	shards=$$($(PY) -c "from training.config import load_config; print(load_config('$(CONFIG)', '$(ARGS)'.split()).data.shards)"); \
-	rundir=$$($(PY) -c "from training.config import load_config; print(load_config('$(CONFIG)', '$(ARGS)'.split()).run.dir)"); \
-	echo "== 1/3 data -> $$shards"; \
+	eval "$$($(PY) -c "from training.config import load_config as L; c = L('$(CONFIG)', '$(ARGS)'.split()); print(f'shards={c.data.shards} rundir={c.run.dir}')")"; \
+	echo "== 1/4 data -> $$shards"; \
 	$(PY) -m data_pipeline.prepare --out $$shards; \
-	echo "== 2/3 autoencoder -> $$rundir"; \
+	echo "== 2/4 autoencoder -> $$rundir"; \
 	$(ACCEL) training/train_ae.py --config $(CONFIG) resume=auto $(ARGS); \
-	echo "== 3/3 latents"; \
+	echo "== 3/4 latents"; \
 	$(PY) training/encode_latents.py --config $(CONFIG) $(ARGS); \
+	echo "== 4/4 DiT"; \
+	$(ACCEL) training/train_dit.py --config $(CONFIG) resume=auto $(ARGS); \
 	echo; echo "Outputs in $$rundir:"; ls $$rundir; \
 	echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $$rundir/tb"
 

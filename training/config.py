@@ -185,12 +185,170 @@ class DiTConfig(OptimConfig):
 
 
 @dataclass
+class SindyConfig:
+    """Equation discovery (analysis/sindy_job.py); see ../shared/reference/sindy-diffusion-interpretability.md."""
+
+    n_trajectories: int = 1000
+    """Trajectories generated from the run's EMA DiT."""
+    sampler: str = "ddim"
+    """ddim (eta = 0, deterministic, default) | ode (probability-flow ODE) | ddpm (stochastic)."""
+    target: str = "drift"
+    """drift: the sampler's deterministic mean step as a velocity | central_diff: (z[k+1]-z[k-1])/(2 dt)."""
+    seed: int = 1234
+    """Seed of the initial noise (and DDPM noise); trajectories do not depend on the worker count."""
+    block_size: int = 1024
+    """Trajectories per noise block (and per sampling batch): block b draws all its noise from a
+    generator seeded by (seed, b) and workers take whole blocks, so the trajectories are the same
+    whatever the number of workers."""
+    heldout_fraction: float = 0.2
+    """Fraction of trajectories (whole trajectories, seeded split) kept out of the fit for held-out R^2."""
+    pca_components: int = 16
+    """conv latents (294-D) only: PCA components the fit works in (vae16 uses its 16 coordinates)."""
+    n_thresholds: int = 20
+    """STLSQ thresholds swept per dimension (log grid); the choice is by held-out R^2."""
+    threshold_tol: float = 0.01
+    """Rule: the sparsest swept model whose held-out R^2 >= best - tol * |best|."""
+    alpha: float = 0.05
+    """STLSQ ridge weight."""
+    normalize: bool = True
+    """STLSQ on L2-normalised library columns (thresholds in normalised units)."""
+    n_bootstrap: int = 20
+    """Bootstrap resamples (of trajectory groups) for inclusion probabilities and coefficient std; 0 disables."""
+    bootstrap_groups: int = 20
+    """Training trajectories are dealt into this many groups, one Gram statistic each; bagging resamples groups."""
+    compare_targets: bool = True
+    """Also fit the other target (central differences vs the sampler's drift) and compare held-out R^2."""
+    poor_r2: float = 0.5
+    """Dimensions with held-out R^2 below this (or 0.2 below their training R^2) are flagged as not generalising."""
+    rollouts: int = 16
+    """Held-out trajectories integrated back with the discovered equations (validation and plots)."""
+    integrator: str = "euler"
+    """euler | rk4 on the sampler's grid, t from 1 to 0 with dt = 1/T (euler matches the drift target)."""
+    device: str = "auto"
+    """Device of the trajectory workers and of the statistics: auto (CUDA if there is one) | cpu | cuda."""
+    workers: int = 0
+    """Trajectory workers; 0: one per GPU of the cluster, or one per CPU without GPUs."""
+    num_cpus: int = 0
+    """CPUs of the Ray instance the job starts itself (0: all); ignored when joining a running cluster."""
+    ray_address: str = ""
+    """Ray to use: "" = $RAY_ADDRESS, else a running local cluster, else start one; "local" = always start
+    a private one; anything else is passed to ray.init(address=...)."""
+    max_memory_gb: float = 0.0
+    """Memory budget for the fit statistics; 0: the machine's available memory."""
+    chunk_size: int = 16384
+    """Library rows evaluated at once while streaming the statistics (peak chunk_size * terms * 8 bytes)."""
+    trajectories: str = ""
+    """Use existing trajectories instead of generating: an .npz (array 'trajectories' (n, T+1, d), with
+    'num_timesteps'; targets by central differences only) or a manifest.json written by this job."""
+    trajectories_order: str = "descending"
+    """Time order of the states in an external .npz: descending (z_T first, state k at t = 1 - k/T) | ascending."""
+
+    def __post_init__(self) -> None:
+        _check(self.sampler in ("ddim", "ode", "ddpm"), f"sindy.sampler must be ddim | ode | ddpm, got {self.sampler!r}")
+        _check(self.target in ("drift", "central_diff"),
+               f"sindy.target must be drift | central_diff, got {self.target!r}")
+        _positive("sindy", n_trajectories=self.n_trajectories, block_size=self.block_size,
+                  pca_components=self.pca_components, alpha=self.alpha, chunk_size=self.chunk_size)
+        _check(0 < self.heldout_fraction < 1,
+               f"sindy.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        _check(self.n_thresholds >= 2, f"sindy.n_thresholds must be >= 2, got {self.n_thresholds}")
+        _check(self.bootstrap_groups >= 2, f"sindy.bootstrap_groups must be >= 2, got {self.bootstrap_groups}")
+        _non_negative("sindy", threshold_tol=self.threshold_tol, n_bootstrap=self.n_bootstrap,
+                      rollouts=self.rollouts, workers=self.workers, num_cpus=self.num_cpus,
+                      max_memory_gb=self.max_memory_gb)
+        _check(self.integrator in ("euler", "rk4"), f"sindy.integrator must be euler | rk4, got {self.integrator!r}")
+        _check(self.device in ("auto", "cpu", "cuda"), f"sindy.device must be auto | cpu | cuda, got {self.device!r}")
+        _check(self.trajectories_order in ("descending", "ascending"),
+               f"sindy.trajectories_order must be descending | ascending, got {self.trajectories_order!r}")
+
+
+@dataclass
+class SlurmConfig:
+    """Slurm submission (python -m cluster.submit); see cluster/slurm/ for the job templates."""
+
+    partition: str = ""
+    """Partition (empty: the cluster's default)."""
+    account: str = ""
+    """Account charged for the jobs (empty: the user's default)."""
+    qos: str = ""
+    """Quality of service (empty: the default)."""
+    time: str = ""
+    """Wall-clock limit per job run, e.g. 04:00:00 or 1-12:00:00 (empty: the partition's default).
+    A job that reaches it is requeued and resumes, so it bounds one run, not the whole stage."""
+    mem: str = ""
+    """Memory per node, e.g. 64G (0: all of it; empty: the partition's default)."""
+    constraint: str = ""
+    """Node features (sbatch --constraint), e.g. a100|h100."""
+    nodes: int = 1
+    """Nodes for training and Ray jobs."""
+    gpus_per_node: int = 0
+    """GPUs per node (0: CPU-only job)."""
+    cpu_processes_per_node: int = 1
+    """CPU-only jobs (gpus_per_node = 0): training processes per node, one Slurm task each; they form
+    a gloo group (2 on one node = a real two-rank run). GPU jobs run one process per GPU instead."""
+    cpus_per_task: int = 0
+    """CPU cores per Slurm task: per node in GPU jobs (one task runs all the node's GPU processes),
+    per process in CPU-only jobs (0: the cluster's default)."""
+    accelerate_config: str = "configs/accelerate/multi_gpu.yaml"
+    """Accelerate config of GPU training jobs: configs/accelerate/multi_gpu.yaml (DDP) or
+    configs/accelerate/deepspeed_zero2.yaml (DeepSpeed ZeRO-2). CPU-only jobs use DDP over gloo."""
+    python: str = ""
+    """Interpreter the jobs run (absolute path; empty: the one running cluster.submit)."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines every job runs first, e.g. ["module load cuda/12.4", "source ~/env/bin/activate"]."""
+    log_dir: str = ""
+    """Folder for the sbatch logs (empty: <run dir>/slurm). Logs are appended to across requeues."""
+    signal_seconds: int = 120
+    """Seconds before the time limit Slurm sends USR1 to the batch script (checkpoint and requeue)."""
+    requeue: bool = True
+    """Requeue a job that was stopped by a signal before it finished (it resumes from its checkpoint)."""
+    main_process_port: int = 0
+    """Rendezvous port of multi-process training on the first node (0: a free port picked at job start)."""
+    ray_port: int = 0
+    """Port of the Ray head's GCS on the first node (0: a free port picked at job start)."""
+    sbatch_args: list[str] = field(default_factory=list)
+    """Extra sbatch options, one per item, e.g. ["--exclusive", "--mail-type=END"]."""
+    pipeline: list[str] = field(default_factory=lambda: ["train-ae", "encode", "train-dit", "sindy"])
+    """Stages `python -m cluster.submit pipeline` chains with --dependency=afterok, in this order."""
+
+    def __post_init__(self) -> None:
+        import re
+
+        _positive("slurm", nodes=self.nodes, cpu_processes_per_node=self.cpu_processes_per_node)
+        _non_negative("slurm", gpus_per_node=self.gpus_per_node, cpus_per_task=self.cpus_per_task,
+                      signal_seconds=self.signal_seconds, main_process_port=self.main_process_port,
+                      ray_port=self.ray_port)
+        _check(self.main_process_port < 65536 and self.ray_port < 65536,
+               f"slurm ports must be < 65536, got main_process_port={self.main_process_port} "
+               f"ray_port={self.ray_port}")
+        time_re = r"(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)"
+        _check(self.time == "" or re.fullmatch(time_re, self.time) is not None,
+               f"slurm.time must be a Slurm time limit like 04:00:00 or 1-12:00:00, got {self.time!r}")
+        _check(self.mem == "" or re.fullmatch(r"\d+[KMGT]?", self.mem) is not None,
+               f"slurm.mem must be a size like 64G or 0 (all of the node), got {self.mem!r}")
+        _check(self.python == "" or self.python.startswith("/"),
+               f"slurm.python must be an absolute path (jobs start in other shells), got {self.python!r}")
+        stages = ("train-ae", "encode", "train-dit", "sindy")
+        _check(len(self.pipeline) > 0 and all(s in stages for s in self.pipeline),
+               f"slurm.pipeline must be a non-empty list of {stages}, got {list(self.pipeline)}")
+        _check(len(set(self.pipeline)) == len(self.pipeline),
+               f"slurm.pipeline lists a stage twice: {list(self.pipeline)}")
+        for arg in self.sbatch_args:
+            _check(arg.startswith("-") and "\n" not in arg,
+                   f"slurm.sbatch_args items must be single sbatch options like --exclusive, got {arg!r}")
+        for line in self.setup:
+            _check("\n" not in line, f"slurm.setup items must be single shell lines, got {line!r}")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     ae: AEConfig = field(default_factory=AEConfig)
     latents: LatentConfig = field(default_factory=LatentConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
+    sindy: SindyConfig = field(default_factory=SindyConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     resume: str = "none"
     """none: start fresh (refuses a run folder that already has checkpoints of the stage);
     auto: continue the latest complete checkpoint if there is one; or a checkpoint path."""

@@ -180,14 +180,27 @@ def save_checkpoint(acc: Accelerator, ckpt_root: Path, state: TrainState, keep: 
     return final
 
 
-def load_checkpoint(acc: Accelerator, path: Path, generator: torch.Generator,
-                    expect_digest: str) -> tuple[TrainState, dict[str, torch.Tensor]]:
-    """Restore what ``save_checkpoint`` wrote; refuses a checkpoint of a different configuration."""
+def check_checkpoint(path: Path, expect_digest: str) -> TrainState:
+    """Read a checkpoint's counters; refuse one written with another model/optimizer configuration."""
     state = TrainState(**json.loads((path / "train_state.json").read_text()))
     if state.config_digest and state.config_digest != expect_digest:
         raise UserError(f"checkpoint {path} was written with a different model/optimizer configuration "
                         f"(digest {state.config_digest} != {expect_digest}); resume it with its own "
                         "config.yaml or start a new run.name")
+    return state
+
+
+def preflight_resume(resume: str, ckpt_root: Path, expect_digest: str) -> None:
+    """Fail before any output is written if ``resume`` cannot be honoured."""
+    path = resolve_resume(resume, ckpt_root)
+    if path is not None:
+        check_checkpoint(path, expect_digest)
+
+
+def load_checkpoint(acc: Accelerator, path: Path, generator: torch.Generator,
+                    expect_digest: str) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    """Restore what ``save_checkpoint`` wrote; refuses a checkpoint of a different configuration."""
+    state = check_checkpoint(path, expect_digest)
     try:
         acc.load_state(str(path))
     except RuntimeError as e:

@@ -150,3 +150,33 @@ def load_latent_data(run_dir: Path, expect_kind: str) -> LatentData:
         raise UserError(f"{train_file} was encoded by another autoencoder than {run_dir}/ae.safetensors; "
                         "re-run training/encode_latents.py")
     return LatentData(train=(z - mean) / std, mean=mean, std=std, kind=meta["kind"], ae_sha256=ae_sha)
+
+
+def load_denoiser(run_dir: Path, device: torch.device | str = "cpu", ema: bool = True):
+    """The trained DiT of a run folder (EMA weights by default), its schedule and dit.json.
+
+    Returns:
+        (model in eval mode, models.diffusion.Schedule on ``device``, metadata dict).
+
+    Raises:
+        UserError: no trained DiT in the folder, or weights that do not fit the recorded architecture.
+    """
+    from models.diffusion import schedule_for
+    from models.dit import DiT, DiTConfig
+
+    meta_file = run_dir / "dit.json"
+    weights = run_dir / ("dit_ema.safetensors" if ema else "dit.safetensors")
+    if not meta_file.is_file() or not weights.is_file():
+        raise UserError(f"{run_dir} has no trained DiT ({meta_file.name} / {weights.name} missing): run "
+                        "training/train_dit.py for this run first")
+    meta = json.loads(meta_file.read_text())
+    arch = dict(meta["dit_config"])
+    if arch.get("grid") is not None:
+        arch["grid"] = tuple(arch["grid"])
+    model = DiT(DiTConfig(**arch))
+    try:
+        model.load_state_dict(load_weights(weights, "DiT"))
+    except RuntimeError as e:
+        raise UserError(f"{weights} does not match the architecture in {meta_file}: {str(e).splitlines()[0]}") from None
+    schedule = schedule_for(meta["kind"], meta["schedule_kind"], meta["timesteps"]).to(device)
+    return model.to(device).eval(), schedule, meta

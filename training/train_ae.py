@@ -26,7 +26,7 @@ from training.batches import StreamBatches, TensorBatches
 from training.config import Config, save_config, to_yaml
 from training.loop import Hooks, run_loop
 from training.runtime import (StopFlag, UserError, cosine_with_warmup, make_accelerator, make_optimizer,
-                              parse_cli, run_cli, save_weights, seed_everything, total_steps)
+                              parse_cli, preflight_resume, run_cli, save_weights, seed_everything, total_steps)
 from training.stage import load_images, optim_digest, param_digest
 
 STAGE = "ae"
@@ -80,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     raw = acc.unwrap_model(model)
 
+    ckpt_root, digest = run_dir / "checkpoints" / STAGE, optim_digest(cfg.ae, cfg.run.seed)
+    preflight_resume(cfg.resume, ckpt_root, digest)
     if acc.is_main_process:
         save_config(cfg, run_dir)
     acc.init_trackers(STAGE)
@@ -98,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         writer.add_image("ae/reconstruction", recon_grid(raw, probe), step)
 
     result = run_loop(acc, model, optimizer, scheduler, batches, cfg.ae, total, loss_fn,
-                      run_dir / "checkpoints" / STAGE, cfg.resume, cfg.run.seed, optim_digest(cfg.ae, cfg.run.seed),
+                      ckpt_root, cfg.resume, cfg.run.seed, digest,
                       Hooks(log_images=log_images), StopFlag().install(), desc="ae")
     if result.stopped_early:
         acc.end_training()

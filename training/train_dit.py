@@ -22,14 +22,14 @@ import torch
 from safetensors.torch import save_file
 from torchvision.utils import make_grid
 
-from models.diffusion import eps_loss, sample, schedule_for
+from models.diffusion import LATENT_SCHEDULES, eps_loss, sample, schedule_for
 from models.dit import DiT, build_dit
 from training.batches import TensorBatches
 from training.config import Config, save_config, to_dict, to_yaml
 from training.ema import EMA
 from training.loop import Hooks, run_loop
 from training.runtime import (StopFlag, UserError, cosine_with_warmup, make_accelerator, make_optimizer,
-                              parse_cli, run_cli, save_weights, seed_everything, total_steps)
+                              parse_cli, preflight_resume, run_cli, save_weights, seed_everything, total_steps)
 from training.stage import load_autoencoder, load_latent_data, optim_digest
 
 STAGE = "dit"
@@ -81,8 +81,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     _configure_deepspeed(acc, cfg)
     seed_everything(cfg.run.seed)
     ae, _ = load_autoencoder(run_dir, acc.device)
-    schedule = schedule_for(cfg.ae.kind, None if cfg.dit.schedule == "auto" else cfg.dit.schedule,
-                            cfg.dit.timesteps or None).to(acc.device)
+    schedule_kind = None if cfg.dit.schedule == "auto" else cfg.dit.schedule
+    schedule = schedule_for(cfg.ae.kind, schedule_kind, cfg.dit.timesteps or None).to(acc.device)
     mean, std = data.mean.to(acc.device), data.std.to(acc.device)
     in_dtype = torch.bfloat16 if (acc.state.deepspeed_plugin and cfg.dit.mixed_precision == "bf16") else torch.float32
     batches = TensorBatches((data.train.to(acc.device, in_dtype),), cfg.dit.batch_size, acc.process_index,
@@ -101,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ema.bind(raw)
     ema.model.to(acc.device)
 
+    ckpt_root, digest = run_dir / "checkpoints" / STAGE, optim_digest(cfg.dit, cfg.run.seed)
+    preflight_resume(cfg.resume, ckpt_root, digest)
     if acc.is_main_process:
         save_config(cfg, run_dir)
     acc.init_trackers(STAGE)
@@ -122,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     hooks = Hooks(after_step=lambda step: ema.update(), log_images=log_images,
                   extra_state=ema.state_dict, load_extra=ema.load_state_dict)
     result = run_loop(acc, model, optimizer, scheduler, batches, cfg.dit, total, loss_fn,
-                      run_dir / "checkpoints" / STAGE, cfg.resume, cfg.run.seed, optim_digest(cfg.dit, cfg.run.seed),
+                      ckpt_root, cfg.resume, cfg.run.seed, digest,
                       hooks, StopFlag().install(), desc="dit")
     if result.stopped_early:
         acc.end_training()
@@ -131,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     # 4. Export (main process): weights, EMA weights, metadata, final EMA samples.
     if acc.is_main_process:
         arch = {"preset": cfg.dit.preset, "kind": cfg.ae.kind, "latent_shape": list(latent_shape),
-                "schedule": schedule.name, "timesteps": schedule.T, "ae_sha256": data.ae_sha256}
+                "schedule": schedule.name, "schedule_kind": schedule_kind or LATENT_SCHEDULES[cfg.ae.kind][0],
+                "timesteps": schedule.T, "ae_sha256": data.ae_sha256}
         st_meta = {k: json.dumps(v) for k, v in arch.items()}
         save_weights(raw, run_dir / "dit.safetensors", st_meta)
         save_weights(ema.model, run_dir / "dit_ema.safetensors", st_meta)
