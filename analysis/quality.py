@@ -91,7 +91,7 @@ FLOOR_N = 10_000
 FLOOR_SEED = 0
 # Smaller N at which the floor is also tabulated: FD depends on N, so a 1,000-sample score
 # must be compared with the 1,000-sample floor, not the 10,000-sample one.
-FLOOR_NS = (1_000, 2_000, 5_000, 10_000)
+FLOOR_NS = (250, 500, 1_000, 2_000, 5_000, 10_000)
 RUN_SAMPLES = Path("samples") / "ema_samples.safetensors"
 
 
@@ -116,9 +116,13 @@ class MnistClassifier(nn.Module):
         self.fc1 = nn.Linear(64 * 7 * 7, FEATURE_DIM)
         self.fc2 = nn.Linear(FEATURE_DIM, NUM_CLASSES)
         self.dropout = nn.Dropout(0.25)
+        # channels_last runs the CPU (oneDNN) convolutions ~1.5-2x faster; it changes only
+        # the memory layout, not the values or the saved state dict.
+        self.to(memory_format=torch.channels_last)
 
     def penultimate(self, x: torch.Tensor) -> torch.Tensor:
         """Features. Args: x (B, 1, 28, 28) in [0, 1]. Returns: (B, 128), non-negative."""
+        x = x.contiguous(memory_format=torch.channels_last)
         h = F.max_pool2d(F.relu(self.conv1(x)), 2)  # (B, 32, 14, 14)
         h = F.max_pool2d(F.relu(self.conv2(h)), 2)  # (B, 64, 7, 7)
         return F.relu(self.fc1(h.flatten(1)))  # (B, 128)
@@ -298,6 +302,8 @@ def train_classifier(
     x_train, y_train = _load_split(shard_dir, "train", dev)  # (60000, 1, 28, 28), (60000,)
     x_test, y_test = _load_split(shard_dir, "test", dev)  # (10000, 1, 28, 28), (10000,)
     if cfg.limit is not None:
+        if cfg.limit > x_train.shape[0]:
+            raise QualityError(f"limit {cfg.limit} exceeds the {x_train.shape[0]} training images; lower it or drop it")
         x_fit, y_fit = x_train[: cfg.limit], y_train[: cfg.limit]
     else:
         x_fit, y_fit = x_train, y_train
@@ -318,7 +324,7 @@ def train_classifier(
         model.train()
         for epoch in range(cfg.epochs):
             perm = torch.randperm(n, generator=gen).to(dev)
-            total_loss = 0.0
+            total_loss = torch.zeros((), device=dev)  # summed on device: no sync per step
             for start in range(0, n, cfg.batch_size):
                 idx = perm[start : start + cfg.batch_size]
                 x = _random_shift(x_fit[idx], cfg.max_shift, gen)  # (B, 1, 28, 28)
@@ -327,9 +333,10 @@ def train_classifier(
                 loss.backward()
                 opt.step()
                 sched.step()
-                total_loss += float(loss) * idx.numel()
+                total_loss += loss.detach() * idx.numel()
             if log:
-                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {total_loss / n:.4f}", file=sys.stderr, flush=True)
+                mean_loss = float(total_loss) / n
+                print(f"epoch {epoch + 1}/{cfg.epochs}: train loss {mean_loss:.4f}", file=sys.stderr, flush=True)
     model.eval()
     train_seconds = time.perf_counter() - t0
 
@@ -435,7 +442,9 @@ class ReferenceStats:
     """The sidecar's ``floor`` entry (``fd_mnist`` at N = 10,000 and ``by_n``), if known."""
 
 
-def _save_reference(path: Path, mu: np.ndarray, sigma: np.ndarray, n: int, classifier_sha: str, manifest_sha: str) -> None:
+def _save_reference(
+    path: Path, mu: np.ndarray, sigma: np.ndarray, n: int, classifier_sha: str, manifest_sha: str
+) -> None:
     meta = {
         "format": REF_FORMAT,
         "split": "test",
@@ -466,7 +475,9 @@ def load_reference_stats(
     """
     if not isinstance(classifier, MnistClassifier):
         classifier = load_classifier(classifier, device)
-    path: Path = classifier.source_path
+    path: Path | None = getattr(classifier, "source_path", None)
+    if path is None:
+        raise QualityError("the classifier has no weights file to key the cache on; load it with load_classifier(path)")
     classifier_sha = _sha256_file(path)
     manifest_sha = _manifest_sha256(shard_dir) if shard_dir is not None else None
     floor = (classifier.sidecar or {}).get("floor")
@@ -631,7 +642,11 @@ def _frechet_distance_sqrtm(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> floa
 
 
 def _floor_at(floor: dict[str, Any] | None, n: int) -> tuple[float | None, int | None]:
-    """The tabulated floor at the largest tabulated N <= n (the closest conservative match)."""
+    """The floor tabulated at the largest N' <= n, else at the smallest tabulated N'.
+
+    FD falls with N, so for N' < n this is a somewhat higher floor than the one at n: read it
+    as "what real digits score at about this N", not as an exact bound.
+    """
     if not floor or "by_n" not in floor:
         return None, None
     keys = sorted(int(k) for k in floor["by_n"])
@@ -831,6 +846,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
+    if not Path(args.classifier).is_file():  # before reading images: the cheaper mistake to report first
+        raise QualityError(
+            f"classifier weights {args.classifier!r} not found; train one with: "
+            "python -m analysis.quality train --shards DIR --out PATH.safetensors"
+        )
     if args.images:
         source, images = args.images, load_images_safetensors(args.images)
     elif args.folder:

@@ -174,6 +174,9 @@ class DiTConfig(OptimConfig):
     """Images in each sample grid."""
     eval_samples: int = 1000
     """EMA samples scored with the quality metrics at the end (0 disables)."""
+    classifier: str = "data/classifier/mnist_cnn.safetensors"
+    """MNIST classifier for FD-MNIST (``python -m analysis.quality train``); scoring is skipped, with a
+    message, when the file does not exist."""
 
     def __post_init__(self) -> None:
         self._validate("dit")

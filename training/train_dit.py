@@ -59,6 +59,25 @@ def decode_samples(ema_model: DiT, schedule, ae, mean, std, n: int, seed: int, d
     return torch.cat(out)
 
 
+def score_samples(cfg: Config, images_u8: torch.Tensor, acc, step: int) -> dict | None:
+    """FD-MNIST, confidence and class histogram of the final EMA samples, also to TensorBoard."""
+    from analysis.quality import score_images
+
+    if not Path(cfg.dit.classifier).is_file():
+        acc.print(f"dit: no classifier at {cfg.dit.classifier}; skipping FD-MNIST (train one with "
+                  f"python -m analysis.quality train --shards {cfg.data.shards} --out {cfg.dit.classifier})")
+        return None
+    q = score_images(images_u8, cfg.dit.classifier, cfg.data.shards, acc.device)
+    scalars = {"eval/fd_mnist": q["fd_mnist"], "eval/fd_floor_at_n": q["fd_floor_at_n"],
+               "eval/mean_confidence": q["mean_confidence"], "eval/chi2_uniform": q["chi2"]}
+    acc.log({k: v for k, v in scalars.items() if v is not None}, step=step)
+    writer = acc.get_tracker("tensorboard", unwrap=True)
+    writer.add_text("eval/class_counts", " ".join(str(c) for c in q["class_counts"]), step)
+    acc.print(f"dit: FD-MNIST {q['fd_mnist']:.2f} (floor at this n: {q['fd_floor_at_n']:.2f}), "
+              f"confidence {q['mean_confidence']:.3f}, classes {q['class_counts']}")
+    return q
+
+
 def _configure_deepspeed(acc, cfg: Config) -> None:
     """Fill what DeepSpeed needs but cannot infer here (no dataloader goes through prepare())."""
     plugin = acc.state.deepspeed_plugin
@@ -146,9 +165,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             imgs = decode_samples(ema.model, schedule, ae, mean, std, cfg.dit.eval_samples, cfg.run.seed + 1,
                                   acc.device)
             (run_dir / "samples").mkdir(exist_ok=True)
-            save_file({"images": (imgs * 255).round().to(torch.uint8).cpu()},
-                      str(run_dir / "samples" / "ema_samples.safetensors"))
+            images_u8 = (imgs * 255).round().to(torch.uint8).cpu()
+            save_file({"images": images_u8}, str(run_dir / "samples" / "ema_samples.safetensors"))
             meta["eval_samples"] = int(imgs.shape[0])
+            meta["quality"] = score_samples(cfg, images_u8, acc, result.state.step)
         (run_dir / "dit.json").write_text(json.dumps(meta, indent=1))
         print(f"dit: final loss {result.last_loss:.4f} after {result.state.step} steps ({result.seconds:.0f} s); "
               f"weights {run_dir / 'dit_ema.safetensors'}")

@@ -55,10 +55,21 @@ def test_latents_and_stats(encoded_run):
     assert z.mean(dims).abs().max() < 1e-3 and (z.std(dims) - 1).abs().max() < 1e-3
 
 
-def test_single_process_smoke(encoded_run, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory, mnist_shards) -> Path:
+    """A quickly trained classifier: enough to exercise FD-MNIST scoring at the end of training."""
+    from analysis.quality import train_classifier
+
+    out = tmp_path_factory.mktemp("clf") / "clf.safetensors"
+    train_classifier(mnist_shards, out, epochs=1, limit=2000, device="cpu")
+    return out
+
+
+def test_single_process_smoke(encoded_run, tmp_path, tiny_classifier, mnist_shards):
     root = fresh_copy(encoded_run, tmp_path / "r")
     _, kind = encoded_run
-    run_entry(accelerate_cmd() + [TRAIN_DIT, *smoke_args(root, REPO / "unused", f"ae.kind={kind}")])
+    run_entry(accelerate_cmd() + [TRAIN_DIT, *smoke_args(root, mnist_shards, f"ae.kind={kind}",
+                                                         f"dit.classifier={tiny_classifier}")])
     run = root / "smoke"
     for name in ("dit.safetensors", "dit_ema.safetensors", "dit.json", "latent_stats.safetensors",
                  "samples/ema_samples.safetensors", "config.yaml"):
@@ -70,6 +81,9 @@ def test_single_process_smoke(encoded_run, tmp_path):
     ea = EventAccumulator(str(run / "tb" / "dit"), size_guidance={"images": 0, "scalars": 0})
     ea.Reload()
     assert "train/loss" in ea.Tags()["scalars"] and "dit/ema_samples" in ea.Tags()["images"]
+    q = meta["quality"]
+    assert q["n"] == 64 and sum(q["class_counts"]) == 64 and q["fd_mnist"] > 0
+    assert "eval/fd_mnist" in ea.Tags()["scalars"]
 
 
 def test_two_processes(encoded_run, tmp_path):
