@@ -38,16 +38,18 @@ data: $(STAMP)
 run: $(STAMP)
 	@set -e; \
 	eval "$$($(PY) -c "from training.config import load_config as L; c = L('$(CONFIG)', '$(ARGS)'.split()); print(f'shards={c.data.shards} rundir={c.run.dir} classifier={c.dit.classifier}')")"; \
-	echo "== 1/4 data -> $$shards"; \
+	echo "== 1/5 data -> $$shards"; \
 	$(PY) -m data_pipeline.prepare --out $$shards; \
-	echo "== 2/4 autoencoder -> $$rundir"; \
+	echo "== 2/5 autoencoder -> $$rundir"; \
 	$(ACCEL) training/train_ae.py --config $(CONFIG) resume=auto $(ARGS); \
-	echo "== 3/4 latents"; \
+	echo "== 3/5 latents"; \
 	$(PY) training/encode_latents.py --config $(CONFIG) $(ARGS); \
-	if [ ! -f $$classifier ]; then echo "== classifier for FD-MNIST -> $$classifier"; \
+	if [ ! -f $$classifier ]; then echo "== classifier for FD-MNIST -> $$classifier"; mkdir -p $$(dirname $$classifier); \
 	  $(PY) -m analysis.quality train --shards $$shards --out $$classifier --epochs $(CLASSIFIER_EPOCHS); fi; \
-	echo "== 4/4 DiT"; \
+	echo "== 4/5 DiT"; \
 	$(ACCEL) training/train_dit.py --config $(CONFIG) resume=auto $(ARGS); \
+	echo "== 5/5 equation discovery (Ray)"; \
+	$(PY) analysis/sindy_job.py --config $(CONFIG) $(ARGS); \
 	echo; echo "Outputs in $$rundir:"; ls $$rundir; \
 	echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $$rundir/tb"
 

@@ -112,6 +112,7 @@ class DiTConfig:
 # Preset name -> DiTConfig fields that do not depend on the data (see build_dit).
 PRESETS: dict[str, dict] = {
     "tiny": dict(hidden=32, depth=1, heads=2),  # debug / smoke tests
+    "small": dict(hidden=64, depth=3, heads=4),  # CPU-sized: make run on 2 cores
     "reference": dict(hidden=128, depth=4, heads=4),  # the reference recipe: 4 heads of 32
     "large": dict(hidden=256, depth=8, heads=8),
     "xl": dict(hidden=384, depth=12, heads=6),

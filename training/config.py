@@ -166,6 +166,9 @@ class DiTConfig(OptimConfig):
     """T; 0 means the latent kind's default (conv 100, vae16 50)."""
     ema_decay: float = 0.999
     """EMA decay of the unwrapped fp32 parameters, updated after every optimizer step."""
+    ema_warmup: bool = True
+    """Ramp the EMA decay as min(ema_decay, (1 + step) / (10 + step)) so short runs do not sample
+    from an EMA still dominated by the zero-initialised net; false gives the plain 0.999 EMA."""
     compile: bool = False
     """torch.compile the denoiser."""
     sample_every: int = 1000

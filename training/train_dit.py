@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     # 2. Model, EMA, optimizer, schedule.
     model = build_denoiser(cfg, latent_shape)
-    ema = EMA(build_denoiser(cfg, latent_shape), model, cfg.dit.ema_decay)
+    ema = EMA(build_denoiser(cfg, latent_shape), model, cfg.dit.ema_decay, cfg.dit.ema_warmup)
     optimizer = make_optimizer(model.parameters(), cfg.dit, acc.device)
     total = total_steps(cfg.dit, batches.batches_per_epoch)
     scheduler = cosine_with_warmup(optimizer, cfg.dit.warmup_steps, total, cfg.dit.min_lr_ratio)
@@ -140,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             imgs = decode_samples(ema.model, schedule, ae, mean, std, cfg.dit.num_samples, cfg.run.seed, acc.device)
             writer.add_image("dit/ema_samples", make_grid(imgs.cpu(), nrow=8, pad_value=1.0), step)
 
-    hooks = Hooks(after_step=lambda step: ema.update(), log_images=log_images,
+    hooks = Hooks(after_step=ema.update, log_images=log_images,
                   extra_state=ema.state_dict, load_extra=ema.load_state_dict)
     result = run_loop(acc, model, optimizer, scheduler, batches, cfg.dit, total, loss_fn,
                       ckpt_root, cfg.resume, cfg.run.seed, digest,

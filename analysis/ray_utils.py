@@ -1,0 +1,273 @@
+"""Ray glue of the SINDy job: connecting, the trajectory actors, the statistics and fit tasks.
+
+References:
+    P. Moritz et al., "Ray: A Distributed Framework for Emerging AI Applications", OSDI 2018
+    (tasks, actors, the shared object store). Fits: analysis/fit.py (STLSQ, Brunton et al. 2016;
+    threshold sweep; bagging after Fasel et al. 2022).
+
+Fault tolerance: tasks are retried (``max_retries``) and actors restarted (``max_restarts`` with
+``max_task_retries``), so a worker process killed mid-stage costs only its own task. Every task
+writes its result atomically (trajectory blocks, per-dimension fit JSON), which is also what
+lets a rerun resume a stage.
+
+Test hook: with ``LATENT_SINDY_FAULT=kill-fit:<dim>`` the fit task of dimension <dim> SIGKILLs
+its own process on its first attempt (a marker file in the fit folder remembers the attempt);
+the retry must then finish the job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+FAULT_ENV = "LATENT_SINDY_FAULT"
+RETRIES = 3
+
+
+def _ray():
+    import ray
+
+    return ray
+
+
+def local_cluster_running() -> bool:
+    """Whether a Ray head started by ``ray start`` on this machine looks alive (its address file)."""
+    try:
+        from ray._private.services import find_gcs_addresses
+
+        return bool(find_gcs_addresses())
+    except Exception:  # private API moved: fall back to the file ray start writes
+        return Path("/tmp/ray/ray_current_cluster").is_file()
+
+
+def connect(address: str, num_cpus: int) -> str:
+    """Start or join Ray; returns how (for the log and the report).
+
+    Args:
+        address: sindy.ray_address ("" detect, "local" private instance, else an address).
+        num_cpus: CPUs of a private instance (0: all).
+    """
+    if address != "local" and "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
+        # Ray 2.60 starts clusters with token auth once ~/.ray/auth_token exists, but a client
+        # given an explicit address does not pick the token up by itself (read at import).
+        os.environ["RAY_AUTH_MODE"] = "token"
+    ray = _ray()
+    if ray.is_initialized():
+        return "already connected"
+    # Workers import analysis.*: put the repository on their path, and forward the test hook.
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
+    if os.environ.get(FAULT_ENV):
+        env[FAULT_ENV] = os.environ[FAULT_ENV]
+    runtime_env = {"env_vars": env}
+    if address == "" and os.environ.get("RAY_ADDRESS"):
+        how = f"joined $RAY_ADDRESS={os.environ['RAY_ADDRESS']}"
+        ray.init(runtime_env=runtime_env, log_to_driver=True)
+    elif address == "" and local_cluster_running():
+        how = "joined the running local cluster (address=auto)"
+        ray.init(address="auto", runtime_env=runtime_env)
+    elif address in ("", "local"):
+        kw = {"num_cpus": num_cpus} if num_cpus > 0 else {}
+        ray.init(include_dashboard=False, runtime_env=runtime_env, **kw)
+        how = f"started a private Ray instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+    else:
+        ray.init(address=address, runtime_env=runtime_env)
+        how = f"joined {address}"
+    return how
+
+
+def wait_all(refs: list, desc: str) -> list:
+    """ray.get every ref, with a tqdm bar over finished tasks; results in submission order."""
+    from tqdm import tqdm
+
+    ray = _ray()
+    pending, done = list(refs), {}
+    with tqdm(total=len(refs), desc=desc, file=sys.stderr, disable=not refs) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for r in ready:
+                done[r] = ray.get(r)
+                bar.update(1)
+    return [done[r] for r in refs]
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+class TrajectoryWorker:
+    """One per GPU (or per CPU): loads the EMA DiT once and generates whole blocks."""
+
+    def __init__(self, run_dir: str, device: str, threads: int):
+        import torch
+
+        from training.stage import load_denoiser
+
+        if device == "cpu" and threads > 0:
+            torch.set_num_threads(threads)
+        self.device = device
+        self.model, self.schedule, self.meta = load_denoiser(Path(run_dir), device, ema=True)
+
+    def generate(self, folder: str, block: int, count: int, sampler: str, seed: int, meta: dict) -> str:
+        from analysis.trajectories import block_is_complete, block_name, generate_block, write_block
+
+        path = Path(folder) / block_name(block, count)
+        expect = {**meta, "block": block, "count": count}
+        if block_is_complete(path, expect):
+            return str(path)
+        tensors = generate_block(self.model, self.schedule, tuple(self.meta["latent_shape"]), sampler, seed,
+                                 block, count, self.device)
+        return str(write_block(Path(folder), block, tensors, meta))
+
+
+def trajectory_actor_class(num_gpus: int):
+    ray = _ray()
+    return ray.remote(num_cpus=0 if num_gpus else 1, num_gpus=num_gpus, max_restarts=RETRIES,
+                      max_task_retries=RETRIES)(TrajectoryWorker)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tuple[str, ...],
+                     library_spec: dict, n_groups: int, device: str, chunk_size: int) -> dict:
+    """Gram statistics of one trajectory block: one per bootstrap group (training) and the held-out one.
+
+    Args:
+        tset: the TrajectorySet.
+        block_i: which block.
+        coords: analysis.trajectories.Coordinates.
+        split: (N,) int per trajectory: -1 held out, else its training group 0..n_groups-1.
+        targets: the velocity estimates stacked as targets (main first).
+        library_spec: ``Library.spec()``.
+        n_groups: G.
+        device: where Theta chunks and statistics are computed.
+        chunk_size: library rows per evaluation.
+
+    Returns:
+        {"groups": [G numpy stats dicts or None], "heldout": numpy stats dict or None}.
+    """
+    from analysis.fit import GramStats
+    from analysis.library import Library
+    from analysis.targets import regression_samples
+
+    blk = tset.block(block_i)
+    z = coords.states(blk.z)  # (T+1, b, d)
+    drift = None if blk.drift is None else coords.velocities(blk.drift)
+    lib = Library.from_spec(library_spec)
+    out: dict[str, Any] = {"groups": [None] * n_groups, "heldout": None}
+    labels = split[blk.index]
+    for g in np.unique(labels).tolist():
+        cols = np.flatnonzero(labels == g)
+        zs, ts, ys = regression_samples(z[:, cols], blk.t, None if drift is None else drift[:, cols], targets)
+        stats = GramStats.from_library(lib, [(zs, ts, ys)], device=device, chunk_size=chunk_size)
+        if g < 0:
+            out["heldout"] = stats.to_numpy()
+        else:
+            out["groups"][g] = stats.to_numpy()
+    return out
+
+
+def accumulate_task(num_gpus: int):
+    ray = _ray()
+    return ray.remote(num_gpus=num_gpus, max_retries=RETRIES)(accumulate_block)
+
+
+def merge_numpy_stats(parts: list[dict | None]):
+    """Sum numpy stats dicts (None skipped) into one GramStats on CPU, or None."""
+    from analysis.fit import GramStats
+
+    total = None
+    for p in parts:
+        if p is None:
+            continue
+        s = GramStats.from_numpy({k: np.array(v) for k, v in p.items()}, device="cpu")  # ray.get arrays are read-only
+        total = s if total is None else total.merge(s)
+    return total
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+def _maybe_fault(dim: int, out_dir: Path) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec != f"kill-fit:{dim}":
+        return
+    marker = out_dir / f".fault-attempted-{dim}"
+    if marker.exists():
+        return
+    marker.write_text(str(os.getpid()))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_path: str) -> dict:
+    """Threshold sweep, chosen model, bagging and metrics for one target dimension; writes JSON.
+
+    Args:
+        dim: target dimension j (0..d-1); with ``settings["compare"]`` column d + j is the other target.
+        train, heldout: GramStats (p terms, m targets) of training and held-out trajectories.
+        groups: per-group training GramStats for bagging (may be empty).
+        settings: alpha, normalize, n_thresholds, tol, n_bootstrap, seed, d, compare, targets, names.
+        out_path: where the result JSON goes (atomically).
+
+    Returns:
+        The JSON-able result.
+    """
+    from analysis.fit import STLSQ, bagging_gram, sweep_thresholds
+
+    out_path = Path(out_path)
+    _maybe_fault(dim, out_path.parent)
+    t0 = time.time()
+    opt = STLSQ(alpha=settings["alpha"], normalize_columns=settings["normalize"])
+
+    def one(col: int) -> tuple[dict, Any]:
+        sw = sweep_thresholds(train, heldout, col, opt, n_thresholds=settings["n_thresholds"], tol=settings["tol"])
+        coef = sw.chosen_coef
+        rss_tr = float(train.rss(coef[None], [col])[0])
+        rss_ho = float(heldout.rss(coef[None], [col])[0])
+        res = {"threshold": sw.chosen_threshold, "n_terms": int(np.count_nonzero(coef)),
+               "r2_train": float(sw.r2_train[sw.chosen]), "r2_heldout": float(sw.r2_heldout[sw.chosen]),
+               "rmse_train": (rss_tr / train.n_samples) ** 0.5, "rmse_heldout": (rss_ho / heldout.n_samples) ** 0.5,
+               "sweep": sw.table(), "rule": sw.rule}
+        return res, sw
+
+    main, sw = one(dim)
+    coef = sw.chosen_coef
+    support = np.flatnonzero(coef)
+    incl = std = mean = None
+    if settings["n_bootstrap"] > 0 and len(groups) >= 2:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            bag = bagging_gram(groups, opt.with_threshold(sw.chosen_threshold), settings["n_bootstrap"],
+                               settings["seed"] + dim, dims=[dim])
+        incl, std, mean = bag.inclusion_probability[0], bag.coef_std[0], bag.coef_mean[0]
+    names = settings["names"]
+    main["terms"] = [{"index": int(k), "name": names[k], "coef": float(coef[k]),
+                      "inclusion_probability": None if incl is None else float(incl[k]),
+                      "coef_std": None if std is None else float(std[k]),
+                      "coef_mean_bagged": None if mean is None else float(mean[k])} for k in support]
+    if incl is not None:  # terms the bootstrap picks often although the chosen model dropped them
+        others = [k for k in np.argsort(-incl) if coef[k] == 0 and incl[k] >= 0.5][:10]
+        main["frequent_excluded_terms"] = [{"name": names[k], "inclusion_probability": float(incl[k])} for k in others]
+    result = {"dim": dim, "target": settings["targets"][0], **main}
+    if settings["compare"]:
+        alt, _ = one(settings["d"] + dim)
+        alt.pop("sweep")
+        result["other_target"] = {"target": settings["targets"][1], **alt}
+    result["seconds"] = round(time.time() - t0, 2)
+    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out_path)
+    return result
+
+
+def fit_task():
+    ray = _ray()
+    return ray.remote(num_cpus=1, max_retries=RETRIES)(fit_dimension)

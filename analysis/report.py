@@ -1,0 +1,382 @@
+"""The consolidated equation report: validation by integration, report.md, equations.json/.tex, plots, TensorBoard.
+
+References:
+    S. L. Brunton, J. L. Proctor, J. N. Kutz, PNAS 113(15):3932, 2016 (a SINDy model is judged by
+    simulating it, not only by its regression fit); U. Fasel et al., Proc. R. Soc. A 478:20210904,
+    2022 (inclusion probabilities from bagging). The study whose honesty we check:
+    ../shared/reference/sindy-diffusion-interpretability.md.
+
+Validation by integration: the discovered system dz/dt = Xi Theta(z, t) is integrated from the
+held-out trajectories' initial noise z(t=1) down to t = 0 on the sampler's grid t_k = 1 - k/T
+(explicit Euler z[k+1] = z[k] - dt f(z[k], t_k), which is exactly how the drift target was
+defined, or classical RK4 with step -dt), and compared with the DiT's own trajectories from the
+same noise, step by step. The end states of both are decoded by the run's autoencoder: the
+SINDy images come from the *rollout's* end state, never from the DiT's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+DIVERGED = 1e4  # |z| beyond this counts as a blown-up rollout (normalised latents are O(1))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- integration
+
+
+def sindy_rhs(library, xi: np.ndarray):
+    """f(z (b, d), t float) -> (b, d) = Theta(z, t) Xi^T, with Xi (d, p)."""
+
+    def f(z: np.ndarray, t: float) -> np.ndarray:
+        return library.transform(z, float(t)) @ xi.T
+
+    return f
+
+
+def integrate(f, z0: np.ndarray, t: np.ndarray, method: str = "euler") -> tuple[np.ndarray, np.ndarray]:
+    """Integrate dz/dt = f(z, t) backwards along the grid ``t`` (1 -> 0).
+
+    Args:
+        f: right-hand side, (b, d), float -> (b, d).
+        z0: (b, d) states at t[0].
+        t: (T+1,) descending grid.
+        method: "euler" | "rk4".
+
+    Returns:
+        z (T+1, b, d) (NaN after a trajectory blows up) and diverged_at (b,) step index or -1.
+    """
+    T = len(t) - 1
+    out = np.full((T + 1, *z0.shape), np.nan)
+    out[0] = z0
+    diverged = np.full(z0.shape[0], -1)
+    z = np.asarray(z0, dtype=np.float64).copy()
+    alive = np.ones(z0.shape[0], dtype=bool)
+    for k in range(T):
+        h = t[k + 1] - t[k]  # negative: integrating towards t = 0
+        with np.errstate(all="ignore"):
+            za = z[alive]
+            if method == "euler":
+                zn = za + h * f(za, t[k])
+            else:
+                k1 = f(za, t[k])
+                k2 = f(za + 0.5 * h * k1, t[k] + 0.5 * h)
+                k3 = f(za + 0.5 * h * k2, t[k] + 0.5 * h)
+                k4 = f(za + h * k3, t[k + 1])
+                zn = za + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        bad = ~np.all(np.isfinite(zn) & (np.abs(zn) < DIVERGED), axis=1)
+        idx = np.flatnonzero(alive)
+        diverged[idx[bad]] = k + 1
+        z[idx] = np.where(bad[:, None], np.nan, zn)
+        alive[idx[bad]] = False
+        out[k + 1, alive] = z[alive]
+        if not alive.any():
+            break
+    return out, diverged
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def equation_text(j: int, terms: list[dict]) -> str:
+    if not terms:
+        return f"dz{j}/dt = 0"
+    parts = []
+    for i, term in enumerate(terms):
+        c = term["coef"]
+        sign = "-" if c < 0 else ("+" if i else "")
+        body = fmt(abs(c)) if term["name"] == "1" else f"{fmt(abs(c))} {term['name']}"
+        parts.append(f"{sign} {body}".strip() if i else f"{'-' if c < 0 else ''}{body}")
+    return f"dz{j}/dt = " + " ".join(parts)
+
+
+def equation_latex(j: int, terms: list[dict], latex_names: list[str]) -> str:
+    if not terms:
+        return rf"\dot z_{{{j}}} &= 0"
+    parts = []
+    for i, term in enumerate(terms):
+        c = term["coef"]
+        mant, exp = f"{abs(c):.3e}".split("e")
+        num = mant if int(exp) == 0 else rf"{mant}\cdot 10^{{{int(exp)}}}"
+        name = latex_names[term["index"]]
+        body = num if name == "1" else rf"{num}\, {name}"
+        parts.append(("-" if c < 0 else ("+" if i else "")) + " " + body)
+    return rf"\dot z_{{{j}}} &= " + " ".join(parts).strip()
+
+
+def flag_of(r: dict, poor: float) -> str:
+    """Why a dimension's equation does not generalise, or ''."""
+    if not math.isfinite(r["r2_heldout"]) or r["r2_heldout"] < poor:
+        return f"held-out R^2 {r['r2_heldout']:.3f} < {poor}"
+    if r["r2_train"] - r["r2_heldout"] > 0.2:
+        return f"held-out R^2 {r['r2_heldout']:.3f} far below training {r['r2_train']:.3f}"
+    return ""
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _plots(out: Path, fits: list[dict], xi: np.ndarray, names: list[str], roll: dict, images: dict | None) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    d = len(fits)
+
+    # Pareto fronts: terms vs held-out R^2 per dimension, chosen model marked.
+    cols = min(4, d)
+    rows = math.ceil(d / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), squeeze=False)
+    for ax, r in zip(axes.flat, fits):
+        sw = r["sweep"]
+        nt = [s["n_terms"] for s in sw]
+        ho = [s["r2_heldout"] for s in sw]
+        tr = [s["r2_train"] for s in sw]
+        ax.plot(nt, tr, ".", color="0.6", label="train")
+        ax.plot(nt, ho, "o", ms=3, label="held-out")
+        pf = sorted((s["n_terms"], s["r2_heldout"]) for s in sw if s["pareto"])
+        if pf:
+            ax.plot(*zip(*pf), "-", lw=1)
+        ch = [s for s in sw if s["chosen"]][0]
+        ax.plot(ch["n_terms"], ch["r2_heldout"], "r*", ms=10, label="chosen")
+        ax.set_xscale("symlog")
+        ax.set_ylim(max(-0.5, min(ho + [0]) - 0.05), 1.02)
+        ax.set_title(f"z{r['dim']}", fontsize=9)
+    for ax in list(axes.flat)[d:]:
+        ax.axis("off")
+    axes[0, 0].legend(fontsize=6)
+    fig.supxlabel("terms")
+    fig.supylabel("R^2")
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=90)
+    plt.close(fig)
+    made.append("pareto.png")
+
+    # Per-dimension R^2, training vs held-out.
+    fig, ax = plt.subplots(figsize=(max(5, 0.45 * d), 3))
+    x = np.arange(d)
+    ax.bar(x - 0.2, [r["r2_train"] for r in fits], 0.4, label="train")
+    ax.bar(x + 0.2, [r["r2_heldout"] for r in fits], 0.4, label="held-out")
+    ax.set_xticks(x, [f"z{i}" for i in x], fontsize=7)
+    ax.set_ylim(min(0, min(r["r2_heldout"] for r in fits)) - 0.05, 1.05)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.legend(fontsize=7)
+    ax.set_title("R^2 per dimension")
+    fig.tight_layout()
+    fig.savefig(out / "r2.png", dpi=90)
+    plt.close(fig)
+    made.append("r2.png")
+
+    # Coefficient heatmap over the union of selected terms.
+    used = np.flatnonzero(np.any(xi != 0, axis=0))[:60]
+    fig, ax = plt.subplots(figsize=(max(5, 0.22 * len(used) + 2), 0.3 * d + 1.5))
+    if used.size:
+        m = xi[:, used]
+        v = np.max(np.abs(m)) or 1.0
+        im = ax.imshow(m, cmap="RdBu_r", vmin=-v, vmax=v, aspect="auto")
+        ax.set_xticks(range(len(used)), [names[k] for k in used], rotation=90, fontsize=6)
+        fig.colorbar(im, ax=ax)
+    ax.set_yticks(range(d), [f"dz{j}/dt" for j in range(d)], fontsize=6)
+    ax.set_title("coefficients (union of selected terms)")
+    fig.tight_layout()
+    fig.savefig(out / "coefficients.png", dpi=90)
+    plt.close(fig)
+    made.append("coefficients.png")
+
+    # Trajectories vs rollouts (first dims of the first held-out trajectories) and error per step.
+    t, ref, sim = roll["t"], roll["reference"], roll["sindy"]
+    n_show, d_show = min(3, ref.shape[1]), min(4, ref.shape[2])
+    fig, axes = plt.subplots(n_show, d_show, figsize=(3 * d_show, 2.2 * n_show), squeeze=False)
+    for i in range(n_show):
+        for j in range(d_show):
+            ax = axes[i, j]
+            ax.plot(t, ref[:, i, j], "k-", lw=1, label="DiT")
+            ax.plot(t, sim[:, i, j], "r--", lw=1, label="SINDy")
+            ax.invert_xaxis()
+            ax.set_title(f"traj {roll['index'][i]}, z{j}", fontsize=8)
+    axes[0, 0].legend(fontsize=6)
+    fig.supxlabel("t (1 = noise -> 0 = sample)")
+    fig.tight_layout()
+    fig.savefig(out / "rollouts.png", dpi=90)
+    plt.close(fig)
+    made.append("rollouts.png")
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.semilogy(t, roll["rmse_per_step"], "-")
+    ax.invert_xaxis()
+    ax.set_xlabel("t")
+    ax.set_ylabel("RMSE SINDy vs DiT")
+    ax.set_title("rollout error per step (held-out)")
+    fig.tight_layout()
+    fig.savefig(out / "rollout_error.png", dpi=90)
+    plt.close(fig)
+    made.append("rollout_error.png")
+
+    if images is not None:
+        dit, sin = images["dit"], images["sindy"]
+        n = dit.shape[0]
+        fig, axes = plt.subplots(2, n, figsize=(0.9 * n, 2.1), squeeze=False)
+        for i in range(n):
+            for r, (imgs, label) in enumerate(((dit, "DiT"), (sin, "SINDy"))):
+                axes[r, i].imshow(imgs[i], cmap="gray", vmin=0, vmax=1)
+                axes[r, i].set_xticks([])
+                axes[r, i].set_yticks([])
+            if i == 0:
+                axes[0, 0].set_ylabel("DiT", fontsize=7)
+                axes[1, 0].set_ylabel("SINDy", fontsize=7)
+        fig.suptitle("same initial noise: DiT sample (top) vs integrated equations (bottom)", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "samples_vs_sindy.png", dpi=90)
+        plt.close(fig)
+        made.append("samples_vs_sindy.png")
+    return made
+
+
+def _tensorboard(tb_dir: Path, md: str, out: Path, pngs: list[str], fits: list[dict]) -> None:
+    import matplotlib.image as mpimg
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(tb_dir))
+    w.add_text("sindy/report", md, 0)
+    for name in pngs:
+        img = mpimg.imread(out / name)[..., :3]  # (H, W, 3) float in [0, 1]
+        w.add_image(f"sindy/{Path(name).stem}", img, 0, dataformats="HWC")
+    for r in fits:
+        w.add_scalar("sindy/r2_heldout", r["r2_heldout"], r["dim"])
+        w.add_scalar("sindy/r2_train", r["r2_train"], r["dim"])
+        w.add_scalar("sindy/n_terms", r["n_terms"], r["dim"])
+    w.close()
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: dict, roll: dict,
+                 images: dict | None) -> Path:
+    """Write report.md, equations.json, equations.tex, plots and TensorBoard; returns report.md.
+
+    Args:
+        out: report folder (created).
+        tb_dir: TensorBoard folder (``runs/<name>/tb/sindy``).
+        fits: per-dimension results of ray_utils.fit_dimension, in dimension order.
+        library: the analysis.library.Library (bound to d).
+        ctx: provenance: n, n_train, n_heldout, seed, sampler, target, coordinates, digests, poor_r2,
+            integrator, stage_times, source, t_convention, rule, warnings.
+        roll: rollouts: t (T+1,), index (r,), reference/sindy (T+1, r, d), rmse_per_step (T+1,),
+            diverged (r,).
+        images: {"dit", "sindy"} (r, 28, 28) in [0, 1], or None when there is no decoder.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    d = len(fits)
+    names = library.get_feature_names("text")
+    latex = library.get_feature_names("latex")
+    xi = np.zeros((d, len(names)))
+    for r in fits:
+        for term in r["terms"]:
+            xi[r["dim"], term["index"]] = term["coef"]
+        r["flag"] = flag_of(r, ctx["poor_r2"])
+    pngs = _plots(out, fits, xi, names, roll, images)
+    flagged = [r for r in fits if r["flag"]]
+    end_err = float(np.nanmean(np.abs(roll["sindy"][-1] - roll["reference"][-1]))) if roll["sindy"].size else float("nan")
+
+    L = [f"# SINDy equations of `{ctx['run']}`", ""]
+    L += [f"- data: {ctx['n']} trajectories ({ctx['source']}), sampler **{ctx['sampler']}**, T = {ctx['T']} steps, "
+          f"seed {ctx['seed']}; split by trajectory: {ctx['n_train']} training / {ctx['n_heldout']} held-out",
+          f"- target: **{ctx['target']}** ({ctx['target_note']})",
+          f"- time: {ctx['t_convention']}",
+          f"- coordinates: {ctx['coordinates']}",
+          f"- library: reference families, {len(names)} terms per dimension (spec in equations.json)",
+          f"- threshold: STLSQ (alpha {ctx['alpha']}, normalised columns {ctx['normalize']}), "
+          f"{ctx['n_thresholds']} thresholds; rule: {fits[0]['rule']}",
+          f"- uncertainty: bagging over {ctx['n_groups']} trajectory groups, {ctx['n_bootstrap']} resamples",
+          f"- provenance: {ctx['provenance']}", ""]
+    for w in ctx.get("warnings", []):
+        L += [f"> **Warning:** {w}", ""]
+    L += ["## Fit quality per dimension", "",
+          f"Held-out trajectories never enter the fit. Flag: held-out R^2 < {ctx['poor_r2']} or more than 0.2 "
+          "below training R^2.", "",
+          "| dim | terms | R^2 train | R^2 held-out | RMSE train | RMSE held-out | flag |", "|---|---|---|---|---|---|---|"]
+    for r in fits:
+        L.append(f"| z{r['dim']} | {r['n_terms']} | {r['r2_train']:.4f} | {r['r2_heldout']:.4f} | "
+                 f"{fmt(r['rmse_train'])} | {fmt(r['rmse_heldout'])} | {'**POOR** ' + r['flag'] if r['flag'] else 'ok'} |")
+    L += ["", f"**{len(flagged)} of {d} dimensions do not generalise.**" if flagged else
+          f"All {d} dimensions generalise to held-out trajectories.", ""]
+    if any("other_target" in r for r in fits):
+        o = fits[0]["other_target"]["target"]
+        L += [f"## Target comparison: {ctx['target']} vs {o}", "",
+              "Same states, same library, same threshold rule; only the velocity estimate differs.", "",
+              f"| dim | R^2 held-out ({ctx['target']}) | R^2 held-out ({o}) | terms ({ctx['target']}) | terms ({o}) |",
+              "|---|---|---|---|---|"]
+        for r in fits:
+            a = r["other_target"]
+            L.append(f"| z{r['dim']} | {r['r2_heldout']:.4f} | {a['r2_heldout']:.4f} | {r['n_terms']} | {a['n_terms']} |")
+        L.append("")
+    L += ["## Equations", "", "Coefficients of the chosen model; in brackets the bagging inclusion probability "
+          "and the coefficient std over resamples.", ""]
+    for r in fits:
+        L.append(f"### z{r['dim']} ({r['n_terms']} terms, threshold {fmt(r['threshold'])})")
+        L += ["", "```", equation_text(r["dim"], r["terms"]), "```", ""]
+        if r["terms"] and r["terms"][0]["inclusion_probability"] is not None:
+            L.append(", ".join(f"{t['name']} [{t['inclusion_probability']:.2f}, ±{fmt(t['coef_std'])}]"
+                               for t in r["terms"][:30]) + (" ..." if len(r["terms"]) > 30 else ""))
+            L.append("")
+    L += ["## Validation by integration", "",
+          f"The discovered equations integrated with **{ctx['integrator']}** on the sampler's grid (t from 1 to 0, "
+          f"dt = 1/{ctx['T']}) from the initial noise of {len(roll['index'])} held-out trajectories, compared with "
+          "the DiT's trajectories from the same noise.", "",
+          f"- RMSE per step at t = 1, 0.5, 0: {fmt(roll['rmse_per_step'][0])}, "
+          f"{fmt(roll['rmse_per_step'][len(roll['t']) // 2])}, {fmt(roll['rmse_per_step'][-1])}",
+          f"- mean |SINDy - DiT| of the end state: {fmt(end_err)}",
+          f"- diverged rollouts (|z| > {DIVERGED:g} or non-finite): {int((roll['diverged'] >= 0).sum())} of "
+          f"{len(roll['index'])}", ""]
+    if images is not None:
+        L += [f"Decoded end states (mean absolute pixel difference DiT vs SINDy: {images['pixel_diff']:.4f}); "
+              "the SINDy row decodes the rollout's own end state.", "", "![samples](samples_vs_sindy.png)", ""]
+    else:
+        L += ["No decoded images: these trajectories come from outside this run, so no decoder of theirs is available.", ""]
+    L += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs if p != "samples_vs_sindy.png"] + [""]
+    L += ["## Stage times", "", "| stage | seconds | |", "|---|---|---|"]
+    for k, (sec, note) in ctx["stage_times"].items():
+        L.append(f"| {k} | {sec:.1f} | {note} |")
+    md = "\n".join(L) + "\n"
+    _atomic_write(out / "report.md", md)
+
+    eq = {"format": "latent-sindy.equations/1", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+          "run": ctx["run"], "source": ctx["source"], "n_trajectories": ctx["n"], "n_train": ctx["n_train"],
+          "n_heldout": ctx["n_heldout"], "seed": ctx["seed"], "sampler": ctx["sampler"], "target": ctx["target"],
+          "timesteps": ctx["T"], "t_convention": ctx["t_convention"], "coordinates": ctx["coordinates"],
+          "digests": ctx["digests"], "library": library.spec(), "n_terms": len(names), "term_names": names,
+          "selection_rule": fits[0]["rule"], "poor_r2": ctx["poor_r2"], "integrator": ctx["integrator"],
+          "dims": [{k: v for k, v in r.items() if k != "rule"} for r in fits],
+          "flagged_dims": [r["dim"] for r in flagged],
+          "rollout": {"index": [int(i) for i in roll["index"]], "rmse_per_step": [float(x) for x in roll["rmse_per_step"]],
+                      "diverged_at": [int(x) for x in roll["diverged"]], "end_state_mean_abs_diff": end_err},
+          "stage_times": {k: v[0] for k, v in ctx["stage_times"].items()}}
+    _atomic_write(out / "equations.json", json.dumps(eq, indent=1, allow_nan=True))
+
+    tex = ["% Generated by analysis/sindy_job.py", r"\begin{align*}"]
+    tex += [equation_latex(r["dim"], r["terms"], latex) + (r" \\" if i < d - 1 else "") for i, r in enumerate(fits)]
+    tex.append(r"\end{align*}")
+    _atomic_write(out / "equations.tex", "\n".join(tex) + "\n")
+    np.savez_compressed(out / "rollouts.npz", t=roll["t"], index=roll["index"], reference=roll["reference"],
+                        sindy=roll["sindy"], **({} if images is None else {"images_dit": images["dit"],
+                                                                          "images_sindy": images["sindy"]}))
+    _tensorboard(tb_dir, md, out, pngs, fits)
+    return out / "report.md"

@@ -1,0 +1,374 @@
+"""Discover the sparse equations of a trained latent DiT's denoising dynamics (Ray driver).
+
+    python analysis/sindy_job.py --config configs/X.yaml [key=value ...]
+    ray job submit --address http://127.0.0.1:8265 -- python analysis/sindy_job.py --config ...
+    ray submit cluster/ray/local.yaml analysis/sindy_job.py --config ...
+
+Method: SINDy (Brunton, Proctor & Kutz, PNAS 2016) on denoising trajectories, as in
+../shared/reference/sindy-diffusion-interpretability.md, with held-out validation, the sampler's
+drift as the default target and bagging (Fasel et al. 2022) for uncertainties.
+
+Stages (each reused on rerun when its outputs exist, so a preempted job resumes):
+    1. trajectories   Ray actors (one per GPU, else one per CPU) generate seeded blocks   sindy/trajectories/
+    2. fits           statistics streamed once per block (tasks), then one task per dimension
+                      sharing the Gram statistics through the object store                 sindy/fits/<key>/
+    3. report         integration of the equations on held-out noise, plots, TensorBoard   report/, tb/sindy
+Every input is checked before Ray starts; bad inputs are one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+
+def _find_repo() -> Path:
+    # `ray submit` copies this file alone to ~/sindy_job.py on the head; the code is then found via
+    # LATENT_SINDY_REPO (set for the CI key in tests/analysis_job/setup_sshd.sh) and paths in the
+    # command line are taken relative to it, as from the repository root.
+    here = Path(__file__).resolve().parents[1]
+    if (here / "training" / "config.py").is_file():
+        return here
+    env = os.environ.get("LATENT_SINDY_REPO", "")
+    if env and (Path(env) / "training" / "config.py").is_file():
+        os.chdir(env)
+        return Path(env)
+    sys.exit(f"{Path(__file__).name}: error: cannot find the latent-sindy repository next to {__file__}; "
+             "set LATENT_SINDY_REPO=/path/to/repo")
+
+
+REPO = _find_repo()
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from analysis import ray_utils  # noqa: E402
+from analysis.library import Library, estimate_memory  # noqa: E402
+from analysis.trajectories import (T_CONVENTION, Coordinates, TrajectorySet, file_sha256, plan_blocks,  # noqa: E402
+                                   trajectory_dir, write_manifest, block_is_complete, block_name)
+from training.config import Config, to_dict  # noqa: E402
+from training.runtime import UserError, parse_cli, run_cli  # noqa: E402
+
+OTHER = {"drift": "central_diff", "central_diff": "drift"}
+TARGET_NOTES = {"drift": "the sampler's deterministic mean step as dz/dt, free of injected noise",
+                "central_diff": "(z[k+1] - z[k-1]) / (2 dt), one-sided at the ends (the reference method)"}
+
+
+# ----------------------------------------------------------------------------- checks (before any work)
+
+
+def _sha_or_none(p: Path) -> str | None:
+    return file_sha256(p) if p.is_file() else None
+
+
+def check_inputs(cfg: Config) -> dict:
+    """Everything the job needs, validated; raises UserError naming the bad value and the fix."""
+    s, run_dir = cfg.sindy, cfg.run.dir
+    plan: dict = {"run_dir": run_dir, "external": None, "warnings": []}
+    dit_meta_file = run_dir / "dit.json"
+    run_meta = json.loads(dit_meta_file.read_text()) if dit_meta_file.is_file() else None
+    if s.trajectories:
+        path = Path(s.trajectories)
+        if path.suffix == ".npz":
+            if s.target != "central_diff":
+                raise UserError(f"sindy.trajectories={path} holds states only, no sampler drift: set "
+                                "sindy.target=central_diff (the only target for an external file)")
+            tset = TrajectorySet.from_npz(path, s.trajectories_order)
+            if run_meta is not None and int(np.prod(run_meta["latent_shape"])) != tset.dim:
+                raise UserError(f"sindy.trajectories={path} has latent dimension {tset.dim} but the model in "
+                                f"{run_dir} has latent {run_meta['latent_shape']}: these trajectories come from "
+                                "another model; use another run.name or drop sindy.trajectories")
+            plan["warnings"].append(f"external trajectories {path} (sha256 {tset.manifest['sha256'][:12]}): no "
+                                    "checkpoint digest ties them to a model of this project")
+        else:
+            tset = TrajectorySet.from_manifest(path)
+            ema_sha = _sha_or_none(run_dir / "dit_ema.safetensors")
+            ae_sha = _sha_or_none(run_dir / "ae.safetensors")
+            m = tset.manifest
+            if ema_sha is None or ae_sha is None:
+                raise UserError(f"cannot check sindy.trajectories={path} against {run_dir}: it has no "
+                                "dit_ema.safetensors / ae.safetensors; train that run first")
+            if (m["dit_ema_sha256"], m["ae_sha256"]) != (ema_sha, ae_sha):
+                raise UserError(f"sindy.trajectories={path} was generated by another model (dit_ema sha256 "
+                                f"{m['dit_ema_sha256'][:12]}, ae {m['ae_sha256'][:12]}) than {run_dir} "
+                                f"({ema_sha[:12]}, {ae_sha[:12]}); use that model's run or drop sindy.trajectories")
+            if s.target == "drift" and not tset.has_drift:
+                raise UserError(f"{path} has no drift; set sindy.target=central_diff")
+        plan["external"] = tset
+        plan["n"], plan["T"], plan["D"] = tset.n, tset.T, tset.dim
+        plan["kind"] = run_meta["kind"] if (run_meta and tset.source == "generated") else "external"
+    else:
+        from training.stage import load_autoencoder, load_denoiser, load_latent_stats
+
+        if not (run_dir / "dit_ema.safetensors").is_file():
+            raise UserError(f"{run_dir} has no EMA checkpoint dit_ema.safetensors: run training/train_dit.py "
+                            f"--config ... run.name={cfg.run.name} first (or point sindy.trajectories at a file)")
+        _, schedule, meta = load_denoiser(run_dir, "cpu")
+        _, ae_meta = load_autoencoder(run_dir, "cpu")
+        mean, std = load_latent_stats(run_dir)
+        ema_sha, ae_sha = file_sha256(run_dir / "dit_ema.safetensors"), file_sha256(run_dir / "ae.safetensors")
+        if meta.get("ae_sha256") and meta["ae_sha256"] != ae_sha:
+            raise UserError(f"{run_dir}/dit_ema.safetensors was trained on latents of another autoencoder than "
+                            f"{run_dir}/ae.safetensors; retrain the DiT of this run")
+        plan.update(n=s.n_trajectories, T=schedule.T, D=int(np.prod(meta["latent_shape"])), kind=meta["kind"],
+                    meta=meta, digests={"dit_ema_sha256": ema_sha, "ae_sha256": ae_sha})
+    if plan["kind"] == "conv":
+        plan["d"] = s.pca_components
+        if s.pca_components > plan["D"]:
+            raise UserError(f"sindy.pca_components={s.pca_components} exceeds the latent size {plan['D']}")
+    else:
+        plan["d"] = plan["D"]
+        if plan["D"] > 64:
+            raise UserError(f"a {plan['D']}-D state is too large for the degree-3 library; reduce it first")
+    n_ho = int(round(s.heldout_fraction * plan["n"]))
+    if n_ho < 1 or plan["n"] - n_ho < 2:
+        raise UserError(f"{plan['n']} trajectories with sindy.heldout_fraction={s.heldout_fraction} leave "
+                        f"{n_ho} held-out and {plan['n'] - n_ho} training; raise sindy.n_trajectories")
+    plan["n_heldout"] = n_ho
+    plan["n_groups"] = min(s.bootstrap_groups, plan["n"] - n_ho)
+    plan["targets"] = (s.target, OTHER[s.target]) if (s.compare_targets and _has_drift(plan)) else (s.target,)
+    check_memory(cfg, plan)
+    return plan
+
+
+def _has_drift(plan: dict) -> bool:
+    return plan["external"] is None or plan["external"].has_drift
+
+
+def check_memory(cfg: Config, plan: dict) -> None:
+    """The Gram path holds G + 2 statistics (twice: driver and object store) plus a Theta chunk per task."""
+    s, d = cfg.sindy, plan["d"]
+    lib = Library.reference(d)
+    est = estimate_memory(plan["n"] * plan["T"], d, lib, n_targets=d * len(plan["targets"]), chunk_size=s.chunk_size)
+    need = 2 * (plan["n_groups"] + 2) * est.gram_bytes + 3 * est.chunk_bytes
+    if s.max_memory_gb > 0:
+        have, where = s.max_memory_gb * 2**30, f"sindy.max_memory_gb={s.max_memory_gb}"
+    else:
+        import psutil
+
+        have, where = psutil.virtual_memory().available, "available memory"
+    if need > have:
+        raise UserError(f"the fit needs {need / 2**30:.2f} GiB ({est.n_terms} library terms, "
+                        f"{plan['n']} trajectories x {plan['T']} steps, {plan['n_groups']} bootstrap groups, chunks of "
+                        f"{s.chunk_size} rows) but {where} is {have / 2**30:.2f} GiB; lower sindy.bootstrap_groups, "
+                        "sindy.chunk_size or the state dimension, or raise the budget")
+    plan["memory_gib"] = need / 2**30
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_trajectories(cfg: Config, plan: dict) -> tuple[TrajectorySet, str]:
+    """Stage 1: generate (or reuse) the trajectories; returns the set and what happened."""
+    import ray
+
+    if plan["external"] is not None:
+        return plan["external"], f"external file {cfg.sindy.trajectories}"
+    s, meta = cfg.sindy, plan["meta"]
+    folder = trajectory_dir(plan["run_dir"], s.sampler, s.seed, s.block_size, plan["digests"]["dit_ema_sha256"])
+    if (folder / "manifest.json").is_file():
+        tset = TrajectorySet.from_manifest(folder / "manifest.json")
+        if tset.n == s.n_trajectories:
+            return tset, "reused"
+    blocks = plan_blocks(s.n_trajectories, s.block_size)
+    bmeta = {"seed": s.seed, "sampler": s.sampler, **plan["digests"]}
+    todo = [(b, c) for b, c in blocks if not block_is_complete(folder / block_name(b, c), {**bmeta, "block": b, "count": c})]
+    if todo:
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if s.device != "cpu" else 0
+        if s.device == "cuda" and gpus == 0:
+            raise UserError("sindy.device=cuda but the Ray cluster has no GPU; use sindy.device=auto or cpu")
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        n_workers = min(s.workers or (gpus or cpus), len(todo))
+        Actor = ray_utils.trajectory_actor_class(1 if gpus else 0)
+        threads = max(1, cpus // n_workers)
+        actors = [Actor.remote(str(plan["run_dir"].resolve()), "cuda" if gpus else "cpu", threads)
+                  for _ in range(n_workers)]
+        refs = [actors[i % n_workers].generate.remote(str(folder.resolve()), b, c, s.sampler, s.seed, bmeta)
+                for i, (b, c) in enumerate(todo)]
+        ray_utils.wait_all(refs, f"trajectories ({n_workers} {'GPU' if gpus else 'CPU'} workers)")
+        for a in actors:
+            ray.kill(a)
+    write_manifest(folder, s.n_trajectories, blocks, {
+        **bmeta, "block_size": s.block_size, "timesteps": plan["T"], "latent_shape": meta["latent_shape"],
+        "kind": meta["kind"], "schedule": meta["schedule"]})
+    return TrajectorySet.from_manifest(folder / "manifest.json"), f"generated {len(todo)} of {len(blocks)} blocks"
+
+
+def split_trajectories(n: int, n_heldout: int, n_groups: int, seed: int) -> np.ndarray:
+    """(n,) -1 for held-out trajectories, else the training group; a seeded permutation, worker-independent."""
+    perm = np.random.default_rng(seed).permutation(n)
+    split = np.empty(n, dtype=np.int64)
+    split[perm[:n_heldout]] = -1
+    split[perm[n_heldout:]] = np.arange(n - n_heldout) % n_groups
+    return split
+
+
+def make_coordinates(cfg: Config, plan: dict, tset: TrajectorySet, split: np.ndarray) -> Coordinates:
+    if plan["kind"] != "conv":
+        return Coordinates.identity(tset.dim)
+    train = np.flatnonzero(split >= 0)
+    z0 = np.concatenate([blk.z[-1][np.isin(blk.index, train)] for blk in tset.blocks()])
+    return Coordinates.fit_pca(z0, cfg.sindy.pca_components)
+
+
+def fit_key(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates) -> str:
+    s = cfg.sindy
+    ident = {"data": tset.manifest.get("sha256") or [b["sha256"] for b in tset.manifest["blocks"]],
+             "n": tset.n, "split": [s.seed, s.heldout_fraction, plan["n_groups"]], "targets": plan["targets"],
+             "coords": coords.kind, "pca": s.pca_components if coords.kind == "pca" else 0,
+             "fit": [s.alpha, s.normalize, s.n_thresholds, s.threshold_tol, s.n_bootstrap]}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stage_fits(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates, split: np.ndarray,
+               fit_dir: Path, times: dict) -> list[dict]:
+    """Stage 2: stream the statistics once (one task per block), then one fit task per dimension."""
+    import ray
+
+    s, d = cfg.sindy, coords.dim
+    files = [fit_dir / f"dim-{j:03d}.json" for j in range(d)]
+    todo = [j for j in range(d) if not files[j].is_file()]
+    if todo:
+        t0 = time.time()
+        lib = Library.reference(d)
+        gpus = 1 if (s.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0) else 0
+        device = "cuda" if gpus else "cpu"
+        task = ray_utils.accumulate_task(gpus)
+        tref = ray.put(tset)
+        refs = [task.remote(tref, i, coords, split, plan["targets"], lib.spec(), plan["n_groups"], device, s.chunk_size)
+                for i in range(tset.n_blocks)]
+        parts = ray_utils.wait_all(refs, "statistics (blocks)")
+        groups = [ray_utils.merge_numpy_stats([p["groups"][g] for p in parts]) for g in range(plan["n_groups"])]
+        heldout = ray_utils.merge_numpy_stats([p["heldout"] for p in parts])
+        train = groups[0]
+        for g in groups[1:]:
+            train = train.merge(g)
+        if not all(bool(x.gram.isfinite().all() and x.cross.isfinite().all()) for x in (train, heldout)):
+            zmax = max(float(np.abs(coords.states(b.z)).max()) for b in tset.blocks())
+            raise UserError(f"the library overflows on these trajectories (max |z| = {zmax:.3g}; exp(-t z) and cubes "
+                            "need O(1) states): the DiT's sampler diverges, usually an undertrained model (with the cosine "
+                            "T=50 schedule the first step amplifies eps errors ~31x); train the DiT longer")
+        times["statistics"] = (time.time() - t0, f"{tset.n_blocks} block tasks, {lib.n_terms} terms, "
+                                                 f"{int(train.n_samples)} training + {int(heldout.n_samples)} held-out rows")
+        t0 = time.time()
+        settings = {"alpha": s.alpha, "normalize": s.normalize, "n_thresholds": s.n_thresholds, "tol": s.threshold_tol,
+                    "n_bootstrap": s.n_bootstrap, "seed": s.seed, "d": d, "compare": len(plan["targets"]) > 1,
+                    "targets": list(plan["targets"]), "names": lib.get_feature_names("text")}
+        train_ref, ho_ref, groups_ref = ray.put(train), ray.put(heldout), ray.put(groups)
+        fit = ray_utils.fit_task()
+        refs = [fit.remote(j, train_ref, ho_ref, groups_ref, settings, str(files[j])) for j in todo]
+        ray_utils.wait_all(refs, f"fits ({len(todo)} dimensions)")
+        times["fits"] = (time.time() - t0, f"{len(todo)} dimension tasks" + (f", {d - len(todo)} reused" if len(todo) < d else ""))
+    else:
+        times["statistics"] = (0.0, "skipped: all fits reused")
+        times["fits"] = (0.0, f"reused {fit_dir}")
+    return [json.loads(f.read_text()) for f in files]
+
+
+def stage_report(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates, split: np.ndarray,
+                 fits: list[dict], times: dict, ray_how: str) -> Path:
+    """Stage 3: integrate the equations from held-out noise, decode, write everything."""
+    from analysis import report
+
+    s, d = cfg.sindy, coords.dim
+    lib = Library.reference(d)
+    xi = np.zeros((d, lib.n_terms))
+    for r in fits:
+        for term in r["terms"]:
+            xi[r["dim"], term["index"]] = term["coef"]
+    heldout = np.flatnonzero(split < 0)[: max(1, s.rollouts)]
+    blk = tset.select(heldout)
+    ref = coords.states(blk.z)  # (T+1, r, d)
+    sim, diverged = report.integrate(report.sindy_rhs(lib, xi), ref[0], blk.t, s.integrator)
+    with np.errstate(invalid="ignore"):
+        rmse_step = np.sqrt(np.nanmean((sim - ref) ** 2, axis=(1, 2)))
+    roll = {"t": blk.t, "index": heldout, "reference": ref, "sindy": sim, "rmse_per_step": rmse_step, "diverged": diverged}
+    images = decode_end_states(plan, coords, ref[-1], sim[-1]) if tset.source == "generated" else None
+    ctx = {"run": cfg.run.name, "n": tset.n, "n_train": int((split >= 0).sum()), "n_heldout": int((split < 0).sum()),
+           "seed": s.seed, "sampler": tset.manifest.get("sampler"), "T": tset.T, "target": s.target,
+           "target_note": TARGET_NOTES[s.target], "t_convention": T_CONVENTION, "coordinates": coords.describe(),
+           "alpha": s.alpha, "normalize": s.normalize, "n_thresholds": s.n_thresholds, "n_groups": plan["n_groups"],
+           "n_bootstrap": s.n_bootstrap, "poor_r2": s.poor_r2, "integrator": s.integrator, "stage_times": times,
+           "source": tset.source, "warnings": plan["warnings"],
+           "digests": plan.get("digests") or {"external_sha256": tset.manifest.get("sha256")},
+           "provenance": provenance(plan, tset, ray_how)}
+    return report.write_report(plan["run_dir"] / "report", plan["run_dir"] / "tb" / "sindy", fits, lib, ctx, roll, images)
+
+
+def provenance(plan: dict, tset: TrajectorySet, ray_how: str) -> str:
+    m = tset.manifest
+    if tset.source == "npz":
+        return f"{m['path']} (sha256 {m['sha256'][:16]}, arrays {m['extra_arrays']}); Ray: {ray_how}"
+    return (f"dit_ema sha256 {m['dit_ema_sha256'][:16]}, ae sha256 {m['ae_sha256'][:16]}, "
+            f"schedule {m.get('schedule')}, blocks of {m['block_size']}; Ray: {ray_how}")
+
+
+def decode_end_states(plan: dict, coords: Coordinates, dit_end: np.ndarray, sindy_end: np.ndarray) -> dict:
+    """Images (r, 28, 28) of the DiT's end states and of the rollouts' own end states."""
+    import torch
+
+    from training.stage import load_autoencoder, load_latent_stats
+
+    ae, _ = load_autoencoder(plan["run_dir"], "cpu")
+    mean, std = load_latent_stats(plan["run_dir"])
+    shape = tuple(plan["meta"]["latent_shape"])
+
+    def dec(c: np.ndarray) -> np.ndarray:
+        ok = np.all(np.isfinite(c), axis=1)
+        z = torch.from_numpy(np.nan_to_num(coords.inverse(c))).float().reshape(-1, *shape)
+        with torch.no_grad():
+            img = torch.sigmoid(ae.decode(z * std + mean)).numpy()[:, 0]
+        img[~ok] = 0.5  # a diverged rollout has no image: grey
+        return img
+
+    a, b = dec(dit_end), dec(sindy_end)
+    return {"dit": a, "sindy": b, "pixel_diff": float(np.mean(np.abs(a - b)))}
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg: Config = parse_cli(argv, __doc__)
+    times: dict = {}
+    # 1. Check every input before starting anything.
+    plan = check_inputs(cfg)
+    print(f"sindy: {plan['n']} trajectories, {plan['d']}-D fit ({plan['kind']}), targets {plan['targets']}, "
+          f"~{plan['memory_gib']:.2f} GiB for the statistics", flush=True)
+    # 2. Ray: join a running cluster or start a private one.
+    ray_how = ray_utils.connect(cfg.sindy.ray_address, cfg.sindy.num_cpus)
+    print(f"sindy: Ray {ray_how}", flush=True)
+    # 3. Stage 1: trajectories.
+    t0 = time.time()
+    tset, how = stage_trajectories(cfg, plan)
+    times["trajectories"] = (time.time() - t0, how)
+    # 4. Stage 2: split, coordinates, statistics and per-dimension fits.
+    split = split_trajectories(tset.n, plan["n_heldout"], plan["n_groups"], cfg.sindy.seed)
+    coords = make_coordinates(cfg, plan, tset, split)
+    fit_dir = plan["run_dir"] / "sindy" / "fits" / fit_key(cfg, plan, tset, coords)
+    fit_dir.mkdir(parents=True, exist_ok=True)
+    coords.save(fit_dir / "pca.safetensors") if coords.kind == "pca" else None
+    (fit_dir / "config.json").write_text(json.dumps(to_dict(cfg.sindy), indent=1))
+    fits = stage_fits(cfg, plan, tset, coords, split, fit_dir, times)
+    # 5. Stage 3: the report.
+    t0 = time.time()
+    times["report"] = (0.0, "integration, plots, TensorBoard")
+    path = stage_report(cfg, plan, tset, coords, split, fits, times, ray_how)
+    if coords.kind == "pca":
+        coords.save(path.parent / "pca.safetensors")
+    print(f"sindy: report stage {time.time() - t0:.1f} s; stage times "
+          + ", ".join(f"{k} {v[0]:.1f} s" for k, v in times.items()), flush=True)
+    flagged = json.loads((path.parent / "equations.json").read_text())["flagged_dims"]
+    print(f"sindy: {len(flagged)} of {len(fits)} dimensions flagged as not generalising", flush=True)
+    print(f"sindy: report {path.resolve()}")
+    print(f"sindy: TensorBoard {(plan['run_dir'] / 'tb' / 'sindy').resolve()}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

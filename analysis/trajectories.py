@@ -1,0 +1,349 @@
+"""Denoising trajectories of a trained latent DiT: generation in seeded blocks, shards, manifest, readers.
+
+References:
+    J. Ho, A. Jain, P. Abbeel, "Denoising Diffusion Probabilistic Models", NeurIPS 2020 (ancestral
+    sampling, the reference study's sampler); J. Song, C. Meng, S. Ermon, "Denoising Diffusion
+    Implicit Models", ICLR 2021 (DDIM, eta = 0: deterministic); Y. Song et al., "Score-Based
+    Generative Modeling through Stochastic Differential Equations", ICLR 2021 (probability-flow
+    ODE). The samplers themselves live in models/diffusion.py; this module only records them.
+    The study reproduced: ../shared/reference/sindy-diffusion-interpretability.md (phase 3).
+
+Time convention (the one of models/diffusion.py, used everywhere in analysis/): state k of a
+trajectory sits at t = 1 - k/T (z_T first at t = 1, the sample z_0 last at t = 0), dt = 1/T, and
+velocities are dz/dt in *increasing* t, so one sampler step is z[k+1] = z[k] - dt * drift[k].
+
+Determinism: trajectories come in blocks of ``block_size``; block b takes all its randomness
+from generators seeded by ``block_seed(seed, b)`` (the initial noise from a CPU generator, so
+z_T is the same on any device; DDPM's injected noise from a generator on the sampling device).
+Workers take whole blocks, so N trajectories are the same whatever the number of workers (on
+one device type; CPU and CUDA kernels differ in the last bits).
+
+On disk (``<run>/sindy/trajectories/<sampler>-seed<S>-bs<B>-<dit digest>/``):
+    block-000000.safetensors   z (T+1, b, D), eps (T, b, D), drift (T, b, D) float32 and
+                               t (T+1,) float64, D = N*C the flattened latent; metadata: block,
+                               count, seed, sampler, digests
+    manifest.json              written last, once every block is there: N, T, sampler, seed,
+                               block list with sha256, dit_ema / ae sha256, latent shape, t convention
+A folder without manifest.json is an unfinished stage; finished blocks are reused on rerun.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from training.runtime import UserError
+
+MANIFEST_FORMAT = "latent-sindy.trajectories/1"
+T_CONVENTION = "state k at t = 1 - k/T (z_T first, t = 1; z_0 last, t = 0); dt = 1/T; velocities are dz/dt"
+
+
+def block_seed(seed: int, block: int) -> int:
+    """A 63-bit seed for block ``block`` of a job seeded with ``seed`` (no overlap between blocks)."""
+    digest = hashlib.sha256(f"latent-sindy:{seed}:{block}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def plan_blocks(n: int, block_size: int) -> list[tuple[int, int]]:
+    """[(block index, trajectories in the block)] covering n trajectories; the last may be short."""
+    return [(b, min(block_size, n - b * block_size)) for b in range(math.ceil(n / block_size))]
+
+
+def block_name(block: int, count: int) -> str:
+    # The count is part of the name: a short last block is not a prefix of a full one (DDPM draws
+    # noise for the whole batch at each step), so it may only be reused at the same size.
+    return f"block-{block:06d}-n{count}.safetensors"
+
+
+def trajectory_dir(run_dir: Path, sampler: str, seed: int, block_size: int, dit_sha256: str) -> Path:
+    """Where the trajectories of one (sampler, seed, block size, checkpoint) live; N only adds blocks."""
+    return run_dir / "sindy" / "trajectories" / f"{sampler}-seed{seed}-bs{block_size}-{dit_sha256[:12]}"
+
+
+@torch.no_grad()
+def generate_block(model: torch.nn.Module, schedule, latent_shape: tuple[int, int], sampler: str,
+                   seed: int, block: int, count: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+    """Sample ``count`` trajectories of block ``block`` and record every state.
+
+    Args:
+        model: the EMA DiT in eval mode on ``device`` (eps prediction on normalised latents).
+        schedule: its models.diffusion.Schedule on ``device``.
+        latent_shape: (N, C) of one latent.
+        sampler: "ddpm" (ancestral, beta variance, as the reference) | "ddim" (eta = 0) | "ode".
+        seed, block: the block's randomness is a function of these two only.
+        count: trajectories in the block.
+        device: sampling device.
+
+    Returns:
+        {"z": (T+1, count, N*C) float32, "eps": (T, count, N*C), "drift": (T, count, N*C),
+        "t": (T+1,) float64 descending 1 -> 0}, all on CPU.
+    """
+    from models.diffusion import sample
+
+    device = torch.device(device)
+    s = block_seed(seed, block)
+    z_T = torch.randn((count, *latent_shape), generator=torch.Generator().manual_seed(s))  # (B, N, C)
+    g = torch.Generator(device=device).manual_seed(s + 1)
+    res = sample(model, schedule, (count, *latent_shape), sampler=sampler, generator=g, noise=z_T.to(device),
+                 record=True, record_device="cpu", device=device)
+    flat = lambda x: x.reshape(x.shape[0], count, -1).float().contiguous()  # noqa: E731
+    return {"z": flat(res.z), "eps": flat(res.eps), "drift": flat(res.drift),
+            "t": res.t_norm.to(torch.float64).contiguous()}
+
+
+def write_block(folder: Path, block: int, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
+    """Write one block atomically (a killed worker never leaves a file that looks finished)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    count = int(tensors["z"].shape[1])
+    path = folder / block_name(block, count)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in {**meta, "block": block, "count": count}.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def block_is_complete(path: Path, expect: dict) -> bool:
+    """Whether ``path`` is a readable block written with the metadata ``expect`` (seed, digests, ...)."""
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    except Exception:  # a torn or foreign file: regenerate it
+        return False
+    return all(meta.get(k) == v for k, v in expect.items())
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, n: int, blocks: list[tuple[int, int]], meta: dict) -> Path:
+    """The stage's completion marker: written once every block file is in place."""
+    entries = []
+    for b, count in blocks:
+        p = folder / block_name(b, count)
+        entries.append({"block": b, "count": count, "file": p.name, "sha256": file_sha256(p)})
+    manifest = {"format": MANIFEST_FORMAT, "n_trajectories": n, "t_convention": T_CONVENTION, **meta,
+                "blocks": entries}
+    out = folder / "manifest.json"
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- readers
+
+
+@dataclass
+class TrajectoryBlock:
+    """One block in the flattened latent (before any coordinate change).
+
+    Attributes:
+        index: (b,) global trajectory indices.
+        z: (T+1, b, D) float32 states, z_T first.
+        t: (T+1,) float64, 1 -> 0.
+        drift: (T, b, D) sampler drift dz/dt at states 0..T-1, or None (external files).
+    """
+
+    index: np.ndarray
+    z: np.ndarray
+    t: np.ndarray
+    drift: np.ndarray | None
+
+
+class TrajectorySet:
+    """Trajectories to fit: this job's blocks (manifest.json) or an external .npz.
+
+    Attributes:
+        n: number of trajectories.
+        T: steps (states are T+1).
+        dim: D, flattened latent size.
+        source: "generated" | "npz".
+        manifest: provenance (for the report).
+    """
+
+    def __init__(self, n: int, T: int, dim: int, source: str, manifest: dict,
+                 loader, n_blocks: int):
+        self.n, self.T, self.dim, self.source, self.manifest = n, T, dim, source, manifest
+        self._loader, self.n_blocks = loader, n_blocks
+
+    @property
+    def has_drift(self) -> bool:
+        return self.source == "generated"
+
+    def block(self, i: int) -> TrajectoryBlock:
+        return self._loader(i)
+
+    def blocks(self) -> Iterator[TrajectoryBlock]:
+        for i in range(self.n_blocks):
+            yield self._loader(i)
+
+    def select(self, idx: np.ndarray) -> TrajectoryBlock:
+        """The trajectories with global indices ``idx`` (in that order), gathered from the blocks."""
+        idx = np.asarray(idx)
+        want, cols, t = set(idx.tolist()), {}, None
+        for blk in self.blocks():
+            for p, g in enumerate(blk.index.tolist()):
+                if g in want:
+                    cols[g] = (blk.z[:, p], None if blk.drift is None else blk.drift[:, p])
+                    t = blk.t
+        missing = sorted(want - set(cols))
+        if missing:
+            raise ValueError(f"trajectories {missing[:5]} are not in this set of {self.n}")
+        z = np.stack([cols[i][0] for i in idx.tolist()], axis=1)  # (T+1, b, D)
+        drift = None if not self.has_drift else np.stack([cols[i][1] for i in idx.tolist()], axis=1)
+        return TrajectoryBlock(index=idx, z=z, t=t, drift=drift)
+
+    @classmethod
+    def from_manifest(cls, path: Path) -> "TrajectorySet":
+        """Open a finished generation stage (``manifest.json`` or its folder)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "manifest.json"
+        if not path.is_file():
+            raise UserError(f"trajectory manifest {path} not found")
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise UserError(f"{path} is not a trajectory manifest of this project (format "
+                            f"{manifest.get('format')!r}, expected {MANIFEST_FORMAT!r})")
+        folder = path.parent
+        starts = np.cumsum([0] + [b["count"] for b in manifest["blocks"]])
+        bs = manifest["block_size"]
+
+        def load(i: int) -> TrajectoryBlock:
+            entry = manifest["blocks"][i]
+            f = folder / entry["file"]
+            if not f.is_file():
+                raise UserError(f"{f} listed in {path} is missing; delete {folder} to regenerate")
+            d = load_file(str(f))
+            index = entry["block"] * bs + np.arange(entry["count"])
+            return TrajectoryBlock(index=index, z=d["z"].numpy(), t=d["t"].numpy(), drift=d["drift"].numpy())
+
+        dim = int(np.prod(manifest["latent_shape"]))
+        return cls(int(starts[-1]), int(manifest["timesteps"]), dim, "generated", manifest, load,
+                   len(manifest["blocks"]))
+
+    @classmethod
+    def from_npz(cls, path: Path, order: str = "descending") -> "TrajectorySet":
+        """An external file like the reference study's: 'trajectories' (n, T+1, d), 'num_timesteps'.
+
+        Args:
+            path: the .npz.
+            order: "descending" (z_T first, state k at t = 1 - k/T) or "ascending" (z_0 first);
+                the states are put in this project's order (t descending) either way.
+
+        Raises:
+            UserError: missing arrays or shapes that disagree with num_timesteps.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"sindy.trajectories={path}: file not found")
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise UserError(f"sindy.trajectories={path} is not a readable .npz ({e})") from None
+        if "trajectories" not in data.files:
+            raise UserError(f"{path} has no array 'trajectories' (found {data.files}); expected (n, T+1, d)")
+        traj = np.asarray(data["trajectories"], dtype=np.float32)
+        if traj.ndim != 3 or traj.shape[0] < 3 or traj.shape[1] < 3:
+            raise UserError(f"{path}: 'trajectories' must be (n >= 3, T+1 >= 3, d), got {traj.shape}")
+        T = int(data["num_timesteps"]) if "num_timesteps" in data.files else traj.shape[1] - 1
+        if traj.shape[1] != T + 1:
+            raise UserError(f"{path}: num_timesteps={T} but trajectories hold {traj.shape[1]} states (need T+1)")
+        if "latent_dim" in data.files and int(data["latent_dim"]) != traj.shape[2]:
+            raise UserError(f"{path}: latent_dim={int(data['latent_dim'])} but trajectories have {traj.shape[2]}")
+        if order == "ascending":
+            traj = traj[:, ::-1]
+        z = np.ascontiguousarray(traj.transpose(1, 0, 2))  # (T+1, n, d)
+        t = 1.0 - np.arange(T + 1, dtype=np.float64) / T
+        n = traj.shape[0]
+        manifest = {"format": "npz", "path": str(path), "sha256": file_sha256(path), "n_trajectories": n,
+                    "timesteps": T, "latent_shape": [traj.shape[2], 1], "order": order,
+                    "t_convention": T_CONVENTION, "sampler": "unknown (external file)",
+                    "extra_arrays": {k: data[k].tolist() for k in data.files
+                                     if k != "trajectories" and data[k].size == 1}}
+        blk = TrajectoryBlock(index=np.arange(n), z=z, t=t, drift=None)
+        return cls(n, T, traj.shape[2], "npz", manifest, lambda i: blk, 1)
+
+
+# ----------------------------------------------------------------------------- coordinates
+
+
+class Coordinates:
+    """The fit's coordinates: the latent itself (vae16) or its first k principal components (conv).
+
+    PCA is fitted on the final states z_0 of training trajectories: the data manifold the dynamics
+    converge to, where the latent has structure (at large t the states are isotropic noise, which
+    would spread the variance evenly over all 294 directions).
+
+    Attributes:
+        kind: "latent" | "pca".
+        mean: (D,) PCA centre (zeros for "latent").
+        components: (k, D) orthonormal rows (identity for "latent").
+        explained: (k,) explained variance ratio (PCA only).
+    """
+
+    def __init__(self, kind: str, mean: np.ndarray, components: np.ndarray, explained: np.ndarray | None = None):
+        self.kind, self.mean, self.components = kind, mean.astype(np.float64), components.astype(np.float64)
+        self.explained = explained
+
+    @property
+    def dim(self) -> int:
+        return int(self.components.shape[0])
+
+    @classmethod
+    def identity(cls, D: int) -> "Coordinates":
+        return cls("latent", np.zeros(D), np.eye(D))
+
+    @classmethod
+    def fit_pca(cls, z0: np.ndarray, k: int) -> "Coordinates":
+        """PCA of (n, D) final states; k <= min(n, D)."""
+        z0 = np.asarray(z0, dtype=np.float64)
+        if k > min(z0.shape):
+            raise UserError(f"sindy.pca_components={k} exceeds what {z0.shape[0]} training samples of "
+                            f"dimension {z0.shape[1]} support; lower it or raise sindy.n_trajectories")
+        mean = z0.mean(axis=0)
+        _, s, vt = np.linalg.svd(z0 - mean, full_matrices=False)
+        var = s**2
+        return cls("pca", mean, vt[:k], var[:k] / var.sum())
+
+    def states(self, z: np.ndarray) -> np.ndarray:
+        """(..., D) -> (..., k)."""
+        return (np.asarray(z, dtype=np.float64) - self.mean) @ self.components.T
+
+    def velocities(self, v: np.ndarray) -> np.ndarray:
+        """(..., D) velocities -> (..., k) (the projection is linear, so no centring)."""
+        return np.asarray(v, dtype=np.float64) @ self.components.T
+
+    def inverse(self, c: np.ndarray) -> np.ndarray:
+        """(..., k) -> (..., D) (the PCA reconstruction)."""
+        return np.asarray(c, dtype=np.float64) @ self.components + self.mean
+
+    def save(self, path: Path) -> None:
+        t = {"mean": torch.from_numpy(self.mean), "components": torch.from_numpy(self.components)}
+        if self.explained is not None:
+            t["explained_variance_ratio"] = torch.from_numpy(np.asarray(self.explained, dtype=np.float64))
+        save_file({k: v.contiguous() for k, v in t.items()}, str(path), metadata={"kind": self.kind})
+
+    def describe(self) -> str:
+        if self.kind == "latent":
+            return f"the {self.dim} latent coordinates themselves (normalised: (z - mean) / std)"
+        return (f"the first {self.dim} principal components of the {self.components.shape[1]}-D normalised "
+                f"latent (fitted on training end states z_0; {100 * float(np.sum(self.explained)):.1f}% of "
+                "their variance; loadings in pca.safetensors)")

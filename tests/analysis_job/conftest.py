@@ -1,0 +1,75 @@
+"""Fixtures of the SINDy job tests: one trained smoke run (real entry points) and Ray helpers.
+
+The smoke DiT is trained with ``dit.schedule=linear``: after 30 steps its EMA weights have barely
+left their zero init (eps ~ 0), and under the default cosine schedule (T = 50, last beta clamped at
+0.999) such a model's samplers multiply the state by ~31 at the first step, so its trajectories
+overflow the library (the job then stops with a clear error). The linear schedule keeps them O(1).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_entry
+
+JOB = str(REPO / "analysis" / "sindy_job.py")
+NPZ = Path("/work/shared/reference/sindy-study-trajectories.npz")
+if not NPZ.is_file():
+    NPZ = REPO.parent / "shared" / "reference" / "sindy-study-trajectories.npz"
+
+
+def smoke(root: Path, *extra: str) -> list[str]:
+    return ["--config", str(REPO / "configs" / "smoke.yaml"), f"run.root={root}", *extra]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, mnist_shards) -> Path:
+    """``<root>/smoke`` with ae, latent stats and a 30-step DiT (EMA), through the real entry points."""
+    root = tmp_path_factory.mktemp("sindy-run")
+    args = smoke(root, f"data.shards={mnist_shards}", "dit.schedule=linear", "dit.eval_samples=0")
+    for script in ("train_ae.py", "encode_latents.py", "train_dit.py"):
+        run_entry([sys.executable, str(REPO / "training" / script), *args])
+    return root
+
+
+def copy_run(src_root: Path, dest_root: Path, with_sindy: bool = False) -> Path:
+    """A fresh run folder with the trained weights (and optionally the finished stages)."""
+    import shutil
+
+    skip = ["checkpoints", "tb", "latents", "report"] + ([] if with_sindy else ["sindy"])
+    shutil.copytree(src_root / "smoke", dest_root / "smoke", ignore=shutil.ignore_patterns(*skip))
+    return dest_root
+
+
+def kill_marked(marker: str) -> None:
+    """SIGTERM, then SIGKILL, the processes whose command line contains ``marker`` (a temp dir unique
+    to one test's Ray head) and their descendants: only what that test started."""
+    procs = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        procs[int(p.name)] = (cmd, ppid)
+    chosen = {pid for pid, (cmd, _) in procs.items() if marker in cmd and pid != os.getpid()}
+    grew = True
+    while grew:
+        kids = {pid for pid, (_, pp) in procs.items() if pp in chosen} - chosen
+        grew = bool(kids)
+        chosen |= kids
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in chosen:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        time.sleep(1.0)

@@ -1,0 +1,128 @@
+"""analysis/sindy_job.py end to end on CPU: local Ray with a killed fit worker and resume, the
+reference study's DDPM file (held-out R^2 reported and flagged), and bad inputs (exit 2, no work)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from tests.analysis_job.conftest import JOB, NPZ, copy_run, smoke
+from tests.conftest import run_entry
+
+REPORT_FILES = ("report.md", "equations.json", "equations.tex", "pareto.png", "r2.png", "coefficients.png",
+                "rollouts.png", "rollout_error.png")
+
+
+def check_report(run_dir, decoded=True) -> dict:
+    rep = run_dir / "report"
+    for name in REPORT_FILES + (("samples_vs_sindy.png",) if decoded else ()):
+        assert (rep / name).is_file(), name
+    eq = json.loads((rep / "equations.json").read_text())
+    d = len(eq["dims"])
+    assert d == 16 and eq["n_terms"] == 1035 and eq["library"]["format"] == "latent-sindy.library/1"
+    for r in eq["dims"]:
+        assert np.isfinite(r["r2_train"]) and "r2_heldout" in r and "rmse_heldout" in r
+        assert len(r["terms"]) == r["n_terms"]
+    md = (rep / "report.md").read_text()
+    assert "R^2 held-out" in md and "R^2 train" in md
+    assert (rep / "equations.tex").read_text().count(r"\dot z_") == d
+    return eq
+
+
+def test_local_job_survives_killed_worker_and_resumes(trained_run, tmp_path):
+    root = copy_run(trained_run, tmp_path)
+    run_dir = root / "smoke"
+    proc = run_entry([sys.executable, JOB, *smoke(root, "sindy.ray_address=local")],
+                     env={"LATENT_SINDY_FAULT": "kill-fit:3"})
+    fit_dirs = list((run_dir / "sindy" / "fits").iterdir())
+    assert (fit_dirs[0] / ".fault-attempted-3").is_file(), "the fit task of dimension 3 was not killed"
+    assert f"report {(run_dir / 'report' / 'report.md').resolve()}" in proc.stdout
+    eq = check_report(run_dir)
+    assert eq["n_trajectories"] == 64 and eq["seed"] == 1234 and eq["sampler"] == "ddim"
+    assert eq["digests"]["dit_ema_sha256"] and eq["digests"]["ae_sha256"]
+    # The SINDy images decode the rollout's own end state, not the DiT's.
+    roll = np.load(run_dir / "report" / "rollouts.npz")
+    assert not np.allclose(roll["sindy"][-1], roll["reference"][-1])
+    assert not np.array_equal(roll["images_dit"], roll["images_sindy"])
+    np.testing.assert_allclose(roll["sindy"][0], roll["reference"][0])  # same initial noise
+    ea = EventAccumulator(str(run_dir / "tb" / "sindy"), size_guidance={"images": 0, "tensors": 0})
+    ea.Reload()
+    assert "sindy/samples_vs_sindy" in ea.Tags()["images"] and ea.Tags()["tensors"]
+    # Rerun: every stage is found finished and reused.
+    proc = run_entry([sys.executable, JOB, *smoke(root, "sindy.ray_address=local")])
+    eq2 = json.loads((run_dir / "report" / "equations.json").read_text())
+    assert eq2["stage_times"]["fits"] == 0.0 and eq2["stage_times"]["trajectories"] < eq["stage_times"]["trajectories"]
+    assert [r["terms"] for r in eq2["dims"]] == [r["terms"] for r in eq["dims"]]
+
+
+def test_reference_ddpm_file_is_reported_as_poor(tmp_path):
+    root = tmp_path / "r"
+    run_entry([sys.executable, JOB, *smoke(root, "sindy.ray_address=local", f"sindy.trajectories={NPZ}",
+                                           "sindy.target=central_diff")])
+    eq = check_report(root / "smoke", decoded=False)
+    assert eq["source"] == "npz" and eq["n_trajectories"] == 100 and eq["timesteps"] == 50
+    r2 = [r["r2_heldout"] for r in eq["dims"]]
+    assert all(np.isfinite(r2)) and max(r2) < 0.5, r2
+    assert eq["flagged_dims"] == list(range(16))
+    md = (root / "smoke" / "report" / "report.md").read_text()
+    assert md.count("**POOR**") == 16 and "16 of 16 dimensions do not generalise" in md
+
+
+def _bad(args, env=None) -> str:
+    proc = run_entry([sys.executable, JOB, *args], env=env, check=False, timeout=120)
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Ray" not in proc.stdout, proc.stderr
+    return lines[0]
+
+
+def test_bad_inputs_fail_before_work(trained_run, tmp_path):
+    # No EMA checkpoint.
+    root = copy_run(trained_run, tmp_path / "noema")
+    (root / "smoke" / "dit_ema.safetensors").unlink()
+    assert "no EMA checkpoint dit_ema.safetensors" in _bad(smoke(root))
+    # Trajectories of another model: a manifest of this run against a run whose DiT differs.
+    root = copy_run(trained_run, tmp_path / "other")
+    src = tmp_path / "src"
+    copy_run(trained_run, src)
+    manifest = src / "smoke" / "sindy" / "trajectories" / "x" / "manifest.json"
+    manifest.parent.mkdir(parents=True)
+    from training.stage import file_sha256
+
+    manifest.write_text(json.dumps({"format": "latent-sindy.trajectories/1", "blocks": [], "block_size": 32,
+                                    "latent_shape": [16, 1], "timesteps": 50,
+                                    "dit_ema_sha256": file_sha256(src / "smoke" / "dit_ema.safetensors"),
+                                    "ae_sha256": file_sha256(src / "smoke" / "ae.safetensors")}))
+    w = load_file(str(root / "smoke" / "dit_ema.safetensors"))
+    save_file({k: v + 1e-3 for k, v in w.items()}, str(root / "smoke" / "dit_ema.safetensors"))
+    assert "generated by another model" in _bad(smoke(root, f"sindy.trajectories={manifest}"))
+    # An external file whose latent dimension is not the run's.
+    npz = tmp_path / "eight.npz"
+    np.savez(npz, trajectories=np.zeros((10, 51, 8), np.float32), num_timesteps=50)
+    msg = _bad(smoke(src, f"sindy.trajectories={npz}", "sindy.target=central_diff"))
+    assert "latent dimension 8" in msg and "another model" in msg
+    # A library that does not fit the memory budget: says how much it needs.
+    msg = _bad(smoke(src, "sindy.max_memory_gb=0.01"))
+    assert "the fit needs 0." in msg and "GiB" in msg and "sindy.max_memory_gb=0.01" in msg
+    # The drift target is not available for an external file.
+    assert "sindy.target=central_diff" in _bad(smoke(src, f"sindy.trajectories={NPZ}"))
+
+
+def test_trajectories_do_not_depend_on_workers(trained_run):
+    from analysis.trajectories import generate_block
+    from training.stage import load_denoiser
+
+    model, schedule, meta = load_denoiser(trained_run / "smoke", "cpu")
+    a = generate_block(model, schedule, (16, 1), "ddpm", 7, 3, 8, "cpu")
+    b = generate_block(model, schedule, (16, 1), "ddpm", 7, 3, 8, "cpu")
+    c = generate_block(model, schedule, (16, 1), "ddpm", 7, 4, 8, "cpu")
+    assert torch.equal(a["z"], b["z"]) and not torch.equal(a["z"], c["z"])
+    # The recorded drift is the sampler's mean step: z[k+1] = z[k] - drift[k]/T + noise.
+    d = generate_block(model, schedule, (16, 1), "ddim", 7, 3, 8, "cpu")
+    torch.testing.assert_close(d["z"][1:], d["z"][:-1] - d["drift"] / schedule.T, atol=1e-5, rtol=1e-5)
