@@ -155,7 +155,10 @@ def _accelerate_launch(cfg: Config, stage: Stage, args: list[str]) -> tuple[str,
         # CPU: the ACCELERATE_USE_CPU + --multi_gpu recipe is the one that forms a real gloo group
         # (`--cpu --num_processes N` runs one process; see ../shared/INFRA.md). The node's task
         # runs all its processes, so it takes all the cores the job holds there.
-        accel = ["--multi_gpu", f'--num_processes "$((SLURM_NNODES * {s.cpu_processes_per_node}))"', *common]
+        if s.nodes * s.cpu_processes_per_node > 1:
+            accel = ["--multi_gpu", f'--num_processes "$((SLURM_NNODES * {s.cpu_processes_per_node}))"', *common]
+        else:  # accelerate refuses --multi_gpu with one process
+            accel = ["--cpu", "--num_processes 1", *common]
         srun_cpus = ['--cpus-per-task="$SLURM_CPUS_ON_NODE"']
         env = "export ACCELERATE_USE_CPU=true"
     # One task per node runs `accelerate launch` for that node; the machine rank is the node's

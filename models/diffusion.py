@@ -113,23 +113,25 @@ def _check_T(T: int) -> None:
 
 
 def cosine_schedule(T: int, s: float = 0.008, max_beta: float = 0.999) -> Schedule:
-    """Cosine schedule (Nichol & Dhariwal 2021, eq. 17).
+    """Cosine schedule (Nichol & Dhariwal 2021, eq. 17) without its singular terminal step.
 
-    With f(u) = cos((u/T + s) / (1 + s) * pi/2)^2 on the continuous grid u = 0..T, the clean data
-    sit at u = 0 and step index t (0..T-1) ends at u = t + 1:
-    ``beta_t = 1 - f(t+1) / f(t)``, clamped to [0, max_beta], and then
-    ``alpha_bars = cumprod(1 - betas)``, which equals f(t+1)/f(0) except where the clamp bites
-    (only the last step, where f(T) = 0 would give beta = 1). This is the reference's
-    ``alpha_bar_t = f(t)/f(0)`` shifted by one: taking index 0 at f(0)/f(0) = 1 exactly would make
-    step 0 a no-op and divide by sqrt(1 - alpha_bar) = 0.
+    With f(u) = cos((u/N + s) / (1 + s) * pi/2)^2, Nichol's grid (N = T) ends at f(T) = 0, so
+    the last beta is 1 and must be clamped (to 0.999): alpha_bar then drops 1000-fold in one
+    step and the first reverse step multiplies any error of the noise prediction by
+    sqrt(1000) ~ 32 (they clip x0 in pixel space; latents have no such range). We lay the T
+    steps on a grid of N = T + 1 intervals and drop the last one, so step index t (0..T-1) ends
+    at u = t + 1 and ``alpha_bar_t = f(t+1)/f(0)`` stays positive. This keeps the reference's
+    behaviour (latent-diffusion-mnist.md: alpha_bar first near 1, last near 0) with betas
+    ``1 - alpha_bar_t / alpha_bar_{t-1}`` (alpha_bar_{-1} = 1) clamped to [0, max_beta]; the
+    clamp no longer bites for T >= 2.
 
-    Values: T=100 -> alpha_bars[0] = 0.99937, alpha_bars[-1] = 2.4e-7 (beta clamped to 0.999);
-    T=50 -> alpha_bars[0] = 0.99825, alpha_bars[-1] = 9.7e-7.
+    Values: T=100 -> alpha_bars[0] = 0.99938, alpha_bars[-1] = 2.4e-4, max beta 0.75;
+    T=50 -> alpha_bars[0] = 0.99782, alpha_bars[-1] = 9.3e-4, max beta 0.76.
 
     Args:
         T: number of steps.
         s: small offset that keeps beta_0 away from 0.
-        max_beta: clamp that keeps the last step finite.
+        max_beta: upper clamp of the betas.
 
     Returns:
         The :class:`Schedule`.
@@ -138,7 +140,7 @@ def cosine_schedule(T: int, s: float = 0.008, max_beta: float = 0.999) -> Schedu
     if not 0.0 < s < 1.0 or not 0.0 < max_beta < 1.0:
         raise ValueError(f"cosine_schedule: s={s} and max_beta={max_beta} must both lie in (0, 1).")
     u = torch.arange(T + 1, dtype=torch.float64)
-    f = torch.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2  # (T+1,)
+    f = torch.cos((u / (T + 1) + s) / (1 + s) * math.pi / 2) ** 2  # (T+1,), f[T] > 0
     betas = (1.0 - f[1:] / f[:-1]).clamp(0.0, max_beta)  # (T,)
     return Schedule.from_betas(f"cosine(T={T}, s={s})", betas)
 

@@ -45,8 +45,8 @@ class EMA:
 
         With ``warmup`` the decay ramps as (1 + step) / (10 + step) up to ``decay`` (the
         num_updates rule of TensorFlow's ExponentialMovingAverage): without it a short run's EMA
-        is still mostly the zero-initialised net (0.999^2000 = 14% of it after 2,000 steps), whose
-        near-zero noise predictions the sampler's first cosine step amplifies ~30x.
+        is still mostly the zero-initialised net (0.999^2000 = 14% of it after 2,000 steps), and
+        its shrunken noise predictions make the sampler's states grow step after step.
         """
         if not self.warmup:
             return self.decay

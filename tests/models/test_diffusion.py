@@ -30,14 +30,14 @@ def test_cosine_schedule_values():
     ab = s.alpha_bars
     assert s.T == 100 and ab.dtype == torch.float64
     assert bool((ab[1:] < ab[:-1]).all())
-    assert ab[0].item() == pytest.approx(0.999369, abs=1e-6)  # f(1)/f(0): nearly clean
-    assert ab[-2].item() == pytest.approx(2.4286e-4, rel=1e-3)  # f(99)/f(0)
-    assert ab[-1].item() == pytest.approx(2.4286e-7, rel=1e-3)  # last beta clamped to 0.999
-    assert bool(((s.betas >= 0) & (s.betas <= 0.999)).all()) and s.betas[-1].item() == 0.999
-    # Everything derives from betas; before the clamp, ab[t] = f(t+1)/f(0).
+    assert ab[0].item() == pytest.approx(0.9993773, abs=1e-6)  # f(1)/f(0) on the T+1 grid: nearly clean
+    assert ab[-1].item() == pytest.approx(2.3807e-4, rel=1e-3)  # f(100)/f(0) > 0: no singular last step
+    # No clamp bites: the largest step keeps 1/4 of the signal power, so the first reverse step
+    # amplifies errors ~2x instead of sqrt(1000)x.
+    assert bool(((s.betas >= 0) & (s.betas < 0.76)).all())
     torch.testing.assert_close(ab, torch.cumprod(1 - s.betas, 0))
-    f = torch.cos((torch.arange(101, dtype=torch.float64) / 100 + 0.008) / 1.008 * math.pi / 2) ** 2
-    torch.testing.assert_close(ab[:-1], f[1:-1] / f[0])
+    f = torch.cos((torch.arange(101, dtype=torch.float64) / 101 + 0.008) / 1.008 * math.pi / 2) ** 2
+    torch.testing.assert_close(ab, f[1:] / f[0])
     torch.testing.assert_close(s.alpha_bars_prev, torch.cat((torch.ones(1, dtype=torch.float64), ab[:-1])))
     assert s.posterior_variance[0].item() == 0.0
     # The ODE's piecewise-constant rate reproduces ab on the grid: exp(-int_0^{(t+1)/T} beta) = ab[t].
@@ -147,9 +147,9 @@ def propagate_moments(schedule, sampler):
 DISCRETISATION = {
     # (schedule, sampler): (mean error bound, covariance error bound)
     ("cosine100", "ddpm"): (1e-9, 0.009),  # measured 0 / 0.0066 (sigma^2 = beta is a slight overshoot)
-    ("cosine100", "ddim"): (1e-9, 0.031),  # measured 0 / 0.026
-    ("cosine100", "ode"): (0.039, 0.016),  # measured 0.032 / 0.013: Euler through the stiff last step
-    ("cosine100", "heun"): (0.013, 0.002),  # measured 0.0105 / 0.0007
+    ("cosine100", "ddim"): (1e-9, 0.031),  # measured 0 / 0.025
+    ("cosine100", "ode"): (0.027, 0.016),  # measured 0.022 / 0.013: Euler through the steep last steps
+    ("cosine100", "heun"): (0.0012, 0.0005),  # measured 0.0009 / 0.0003
     ("linear50", "ddpm"): (1e-9, 0.003),  # measured 0 / 0.0021
     ("linear50", "ddim"): (1e-9, 0.011),  # measured 0 / 0.0085
     ("linear50", "ode"): (0.001, 0.002),  # measured 0.0006 / 0.0015
@@ -171,22 +171,22 @@ def test_exact_moments_discretisation_error(schedule_name, sampler):
 def test_gaussian_samples_match_mu_and_sigma(schedule_name, sampler):
     """20k samples through ``sample`` (float32, the dtype of real runs) match MU and SIGMA.
 
-    Tolerance = worst discretisation error over all cases (mean 0.032, Euler on cosine T=100;
-    covariance 0.026, DDIM on cosine T=100; see DISCRETISATION) + a 4-sigma Monte-Carlo band:
+    Tolerance = worst discretisation error over all cases (mean 0.022, Euler on cosine T=100;
+    covariance 0.025, DDIM on cosine T=100; see DISCRETISATION) + a 4-sigma Monte-Carlo band:
     the standard error of a sample mean is sqrt(S_ii / n) <= sqrt(1 / 20000) = 0.0071 and of a
     sample covariance entry sqrt((S_ii S_jj + S_ij^2) / n) <= sqrt(2 / 20000) = 0.010.
-    So mean within 0.032 + 0.028 -> 0.07 and covariance within 0.026 + 0.040 -> 0.07.
+    So mean within 0.022 + 0.028 -> 0.06 and covariance within 0.025 + 0.040 -> 0.07.
     """
     schedule, n = SCHEDULES[schedule_name](), 20_000
     g = torch.Generator().manual_seed(0)
-    if schedule_name == "cosine100":  # ab[-1] = 2.4e-7: N(0, I) is the marginal to within 1e-3
+    if schedule_name == "cosine100":  # ab[-1] = 2.4e-4: N(0, I) is the marginal to within ~0.02 (sqrt(ab) |mu|)
         z_T = torch.randn(n, 3, generator=g)
     else:
         z_T = start_noise(schedule, n, g).float()
     eps_model = gaussian_eps_model(schedule, torch.float32)
     x0 = sample(eps_model, schedule, (n, 3), sampler=sampler, generator=g, noise=z_T).x0
     x0 = x0.double()
-    assert (x0.mean(0) - MU).abs().max() < 0.07
+    assert (x0.mean(0) - MU).abs().max() < 0.06
     assert (torch.cov(x0.T) - SIGMA).abs().max() < 0.07
 
 
