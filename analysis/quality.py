@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -62,6 +61,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from data_pipeline.shards import file_sha256
 
 __all__ = [
     "QualityError",
@@ -208,13 +209,6 @@ def _predict(model: MnistClassifier, images: torch.Tensor, batch_size: int) -> t
     return torch.cat(feats), torch.cat(logits)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def _manifest_sha256(shard_dir: str | Path) -> str:
     from data_pipeline.shards import MANIFEST_NAME
@@ -225,7 +219,7 @@ def _manifest_sha256(shard_dir: str | Path) -> str:
             f"no {MANIFEST_NAME} in shard directory {str(shard_dir)!r}; "
             f"prepare it with: python -m data_pipeline.prepare --out {shard_dir}"
         )
-    return _sha256_file(path)
+    return file_sha256(path)
 
 
 def _load_split(shard_dir: str | Path, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,7 +349,7 @@ def train_classifier(
 
     state = {k: v for k, v in model.state_dict().items()}
     _atomic_save_safetensors(state, out_path, {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    classifier_sha = _sha256_file(out_path)
+    classifier_sha = file_sha256(out_path)
     _save_reference(out_path, ref_mu, ref_sigma, x_test.shape[0], classifier_sha, manifest_sha)
     sidecar = {
         "format": FORMAT,
@@ -478,7 +472,7 @@ def load_reference_stats(
     path: Path | None = getattr(classifier, "source_path", None)
     if path is None:
         raise QualityError("the classifier has no weights file to key the cache on; load it with load_classifier(path)")
-    classifier_sha = _sha256_file(path)
+    classifier_sha = file_sha256(path)
     manifest_sha = _manifest_sha256(shard_dir) if shard_dir is not None else None
     floor = (classifier.sidecar or {}).get("floor")
     trained_on = (classifier.sidecar or {}).get("shards_manifest_sha256")

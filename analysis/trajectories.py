@@ -42,6 +42,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from data_pipeline.shards import file_sha256
 from training.runtime import UserError
 
 MANIFEST_FORMAT = "latent-sindy.trajectories/1"
@@ -123,13 +124,6 @@ def block_is_complete(path: Path, expect: dict) -> bool:
         return False
     return all(meta.get(k) == v for k, v in expect.items())
 
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_manifest(folder: Path, n: int, blocks: list[tuple[int, int]], meta: dict) -> Path:

@@ -214,12 +214,14 @@ def write_shard_bytes(split: str, start: int, images: np.ndarray, labels: np.nda
 # --------------------------------------------------------------------------- files
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file, read in 1 MiB blocks (shards, weights, manifests)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            h.update(chunk)
+        for block in iter(lambda: f.read(_HASH_CHUNK), b""):
+            h.update(block)
     return h.hexdigest()
+
 
 
 def _atomic_write(directory: Path, name: str, payload: bytes) -> None:
@@ -311,7 +313,7 @@ def verify_shards(shard_dir: str | os.PathLike[str], manifest: dict[str, Any] | 
             if size != s["bytes"]:
                 problems.append(f"wrong size: {path} is {size} bytes, manifest says {s['bytes']}")
                 continue
-            digest = _sha256_file(path)
+            digest = file_sha256(path)
             if digest != s["sha256"]:
                 problems.append(f"wrong sha256: {path} is {digest}, manifest says {s['sha256']}")
     return problems

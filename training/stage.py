@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from data_pipeline.shards import file_sha256  # noqa: F401  (re-exported for the stages)
 from models.autoencoder import build_autoencoder
 from training.config import Config, OptimConfig, config_digest
 from training.runtime import UserError
@@ -94,13 +95,6 @@ class LatentData:
     ae_sha256: str
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def load_latent_stats(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     stats = run_dir / "latent_stats.safetensors"
@@ -180,3 +174,26 @@ def load_denoiser(run_dir: Path, device: torch.device | str = "cpu", ema: bool =
         raise UserError(f"{weights} does not match the architecture in {meta_file}: {str(e).splitlines()[0]}") from None
     schedule = schedule_for(meta["kind"], meta["schedule_kind"], meta["timesteps"]).to(device)
     return model.to(device).eval(), schedule, meta
+
+
+def start_stage(acc, cfg: Config, stage: str, digest: str) -> Path:
+    """Check ``resume`` against the stage's checkpoints, then save the config and open TensorBoard.
+
+    Runs before the first training step and before anything is written, so a resume that
+    cannot be honoured (another configuration, a fresh start over old checkpoints) leaves the
+    run folder as it was.
+
+    Returns:
+        The stage's checkpoint folder ``runs/<name>/checkpoints/<stage>``.
+    """
+    from training.config import save_config, to_yaml
+    from training.runtime import preflight_resume
+
+    ckpt_root = cfg.run.dir / "checkpoints" / stage
+    preflight_resume(cfg.resume, ckpt_root, digest)
+    if acc.is_main_process:
+        save_config(cfg, cfg.run.dir)
+    acc.init_trackers(stage)
+    if acc.is_main_process:
+        acc.get_tracker("tensorboard", unwrap=True).add_text("config", f"```\n{to_yaml(cfg)}\n```", 0)
+    return ckpt_root

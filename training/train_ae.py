@@ -23,11 +23,11 @@ from torchvision.utils import make_grid
 
 from models.autoencoder import build_autoencoder
 from training.batches import StreamBatches, TensorBatches
-from training.config import Config, save_config, to_yaml
+from training.config import Config
 from training.loop import Hooks, run_loop
-from training.runtime import (StopFlag, UserError, cosine_with_warmup, make_accelerator, make_optimizer,
-                              parse_cli, preflight_resume, run_cli, save_weights, seed_everything, total_steps)
-from training.stage import load_images, optim_digest, param_digest
+from training.runtime import (StopFlag, cosine_with_warmup, make_accelerator, make_optimizer,
+                              parse_cli, run_cli, save_weights, seed_everything, total_steps)
+from training.stage import load_images, optim_digest, param_digest, start_stage
 
 STAGE = "ae"
 
@@ -80,13 +80,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
     raw = acc.unwrap_model(model)
 
-    ckpt_root, digest = run_dir / "checkpoints" / STAGE, optim_digest(cfg.ae, cfg.run.seed)
-    preflight_resume(cfg.resume, ckpt_root, digest)
-    if acc.is_main_process:
-        save_config(cfg, run_dir)
-    acc.init_trackers(STAGE)
-    if acc.is_main_process:
-        acc.get_tracker("tensorboard", unwrap=True).add_text("config", f"```\n{to_yaml(cfg)}\n```", 0)
+    digest = optim_digest(cfg.ae, cfg.run.seed)
+    ckpt_root = start_stage(acc, cfg, STAGE, digest)
     acc.print(f"ae: {cfg.ae.kind}, {sum(p.numel() for p in raw.parameters()):,} parameters, {total} steps of "
               f"{cfg.ae.batch_size} x {acc.num_processes} processes on {acc.device}")
 

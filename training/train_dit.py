@@ -25,12 +25,12 @@ from torchvision.utils import make_grid
 from models.diffusion import LATENT_SCHEDULES, eps_loss, sample, schedule_for
 from models.dit import DiT, build_dit
 from training.batches import TensorBatches
-from training.config import Config, save_config, to_dict, to_yaml
+from training.config import Config, to_dict
 from training.ema import EMA
 from training.loop import Hooks, run_loop
 from training.runtime import (StopFlag, UserError, cosine_with_warmup, make_accelerator, make_optimizer,
-                              parse_cli, preflight_resume, run_cli, save_weights, seed_everything, total_steps)
-from training.stage import load_autoencoder, load_latent_data, optim_digest
+                              parse_cli, run_cli, save_weights, seed_everything, total_steps)
+from training.stage import load_autoencoder, load_latent_data, optim_digest, start_stage
 
 STAGE = "dit"
 
@@ -120,13 +120,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ema.bind(raw)
     ema.model.to(acc.device)
 
-    ckpt_root, digest = run_dir / "checkpoints" / STAGE, optim_digest(cfg.dit, cfg.run.seed)
-    preflight_resume(cfg.resume, ckpt_root, digest)
-    if acc.is_main_process:
-        save_config(cfg, run_dir)
-    acc.init_trackers(STAGE)
-    if acc.is_main_process:
-        acc.get_tracker("tensorboard", unwrap=True).add_text("config", f"```\n{to_yaml(cfg)}\n```", 0)
+    digest = optim_digest(cfg.dit, cfg.run.seed)
+    ckpt_root = start_stage(acc, cfg, STAGE, digest)
     acc.print(f"dit: {cfg.dit.preset} on {cfg.ae.kind} latents {list(latent_shape)}, "
               f"{sum(p.numel() for p in raw.parameters()):,} parameters, {schedule.name}, {total} steps of "
               f"{cfg.dit.batch_size} x {acc.num_processes} processes on {acc.device}")

@@ -158,7 +158,7 @@ def test_classifier_accuracy_and_sidecar(trained, mnist_shards):
     side = json.loads(path.with_suffix(".json").read_text())
     assert side == json.loads(json.dumps(info))
     assert side["train_config"]["limit"] == TEST_RECIPE["limit"] and side["train_samples"] == 30_000
-    assert side["shards_manifest_sha256"] == q._sha256_file(mnist_shards / "manifest.json")
+    assert side["shards_manifest_sha256"] == q.file_sha256(mnist_shards / "manifest.json")
     assert side["floor"]["n"] == 10_000 and set(side["floor"]["by_n"]) == {str(k) for k in q.FLOOR_NS}
     assert path.with_suffix(".reference.safetensors").is_file()
     assert ref.mu.shape == (128,) and ref.sigma.shape == (128, 128) and ref.n == 10_000
