@@ -19,9 +19,8 @@ import pytest
 from tests.conftest import REPO, run_entry
 
 JOB = str(REPO / "analysis" / "sindy_job.py")
-NPZ = Path("/work/shared/reference/sindy-study-trajectories.npz")
-if not NPZ.is_file():
-    NPZ = REPO.parent / "shared" / "reference" / "sindy-study-trajectories.npz"
+# The reference study's trajectories live in ../shared beside the checkout (as CI lays it out).
+NPZ = REPO.parent / "shared" / "reference" / "sindy-study-trajectories.npz"
 
 
 def smoke(root: Path, *extra: str) -> list[str]:
