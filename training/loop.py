@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from training.config import OptimConfig
-from training.runtime import (StopFlag, TrainState, clean_stale_tmp, load_checkpoint, resolve_resume,
+from training.runtime import (StopFlag, TrainState, clean_stale_tmp, load_checkpoint,
                               save_checkpoint)
 
 LossFn = Callable[[tuple, torch.Generator], tuple[torch.Tensor, dict]]
@@ -65,14 +65,13 @@ def tensorboard_writer(acc: Accelerator):
 
 
 def run_loop(acc: Accelerator, model: torch.nn.Module, optimizer, scheduler, batches, opt: OptimConfig,
-             total: int, loss_fn: LossFn, ckpt_root: Path, resume: str, seed: int, digest: str,
+             total: int, loss_fn: LossFn, ckpt_root: Path, ckpt: Path | None, seed: int, digest: str,
              hooks: Hooks, stop: StopFlag, desc: str) -> LoopResult:
     """Train until ``total`` optimizer steps (or a stop signal), checkpointing on the way."""
     generator = torch.Generator(device=acc.device).manual_seed(seed * 7919 + 1 + acc.process_index)
     state = TrainState(config_digest=digest)
     if acc.is_main_process:
         clean_stale_tmp(ckpt_root)
-    ckpt = resolve_resume(resume, ckpt_root)
     if ckpt is not None:
         state, extra = load_checkpoint(acc, ckpt, generator, digest)
         if hooks.load_extra:

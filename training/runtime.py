@@ -190,11 +190,16 @@ def check_checkpoint(path: Path, expect_digest: str) -> TrainState:
     return state
 
 
-def preflight_resume(resume: str, ckpt_root: Path, expect_digest: str) -> None:
-    """Fail before any output is written if ``resume`` cannot be honoured."""
+def preflight_resume(resume: str, ckpt_root: Path, expect_digest: str) -> Path | None:
+    """The checkpoint to resume from (None: a fresh start), checked before any output is written.
+
+    Raises:
+        UserError: ``resume`` cannot be honoured (see ``resolve_resume`` and ``check_checkpoint``).
+    """
     path = resolve_resume(resume, ckpt_root)
     if path is not None:
         check_checkpoint(path, expect_digest)
+    return path
 
 
 def load_checkpoint(acc: Accelerator, path: Path, generator: torch.Generator,

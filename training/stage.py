@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 
 from data_pipeline.shards import file_sha256  # noqa: F401  (re-exported for the stages)
 from models.autoencoder import build_autoencoder
-from training.config import Config, OptimConfig, config_digest
-from training.runtime import UserError
+from training.config import Config, OptimConfig, config_digest, save_config, to_dict, to_yaml
+from training.runtime import UserError, preflight_resume
 
 # Cadence fields change how often things are written, not what is computed: a run may be
 # resumed with other values for them.
@@ -24,8 +24,6 @@ _CADENCE = ("checkpoint_every", "keep_checkpoints", "log_every", "image_every", 
 
 def optim_digest(section: OptimConfig, seed: int) -> str:
     """Digest of everything that changes the training computation of a stage."""
-    from training.config import to_dict
-
     d = {k: v for k, v in to_dict(section).items() if k not in _CADENCE}
     d["seed"] = seed
     return config_digest(d)
@@ -176,7 +174,7 @@ def load_denoiser(run_dir: Path, device: torch.device | str = "cpu", ema: bool =
     return model.to(device).eval(), schedule, meta
 
 
-def start_stage(acc, cfg: Config, stage: str, digest: str) -> Path:
+def start_stage(acc, cfg: Config, stage: str, digest: str) -> tuple[Path, Path | None]:
     """Check ``resume`` against the stage's checkpoints, then save the config and open TensorBoard.
 
     Runs before the first training step and before anything is written, so a resume that
@@ -184,16 +182,14 @@ def start_stage(acc, cfg: Config, stage: str, digest: str) -> Path:
     run folder as it was.
 
     Returns:
-        The stage's checkpoint folder ``runs/<name>/checkpoints/<stage>``.
+        The stage's checkpoint folder ``runs/<name>/checkpoints/<stage>`` and the checkpoint to
+        resume from (None for a fresh start).
     """
-    from training.config import save_config, to_yaml
-    from training.runtime import preflight_resume
-
     ckpt_root = cfg.run.dir / "checkpoints" / stage
-    preflight_resume(cfg.resume, ckpt_root, digest)
+    ckpt = preflight_resume(cfg.resume, ckpt_root, digest)
     if acc.is_main_process:
         save_config(cfg, cfg.run.dir)
     acc.init_trackers(stage)
     if acc.is_main_process:
         acc.get_tracker("tensorboard", unwrap=True).add_text("config", f"```\n{to_yaml(cfg)}\n```", 0)
-    return ckpt_root
+    return ckpt_root, ckpt

@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     raw = acc.unwrap_model(model)
 
     digest = optim_digest(cfg.ae, cfg.run.seed)
-    ckpt_root = start_stage(acc, cfg, STAGE, digest)
+    ckpt_root, ckpt = start_stage(acc, cfg, STAGE, digest)
     acc.print(f"ae: {cfg.ae.kind}, {sum(p.numel() for p in raw.parameters()):,} parameters, {total} steps of "
               f"{cfg.ae.batch_size} x {acc.num_processes} processes on {acc.device}")
 
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         writer.add_image("ae/reconstruction", recon_grid(raw, probe), step)
 
     result = run_loop(acc, model, optimizer, scheduler, batches, cfg.ae, total, loss_fn,
-                      ckpt_root, cfg.resume, cfg.run.seed, digest,
+                      ckpt_root, ckpt, cfg.run.seed, digest,
                       Hooks(log_images=log_images), StopFlag().install(), desc="ae")
     if result.stopped_early:
         acc.end_training()

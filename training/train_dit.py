@@ -73,7 +73,8 @@ def score_samples(cfg: Config, images_u8: torch.Tensor, acc, step: int) -> dict 
     acc.log({k: v for k, v in scalars.items() if v is not None}, step=step)
     writer = acc.get_tracker("tensorboard", unwrap=True)
     writer.add_text("eval/class_counts", " ".join(str(c) for c in q["class_counts"]), step)
-    acc.print(f"dit: FD-MNIST {q['fd_mnist']:.2f} (floor at this n: {q['fd_floor_at_n']:.2f}), "
+    floor = "n/a" if q["fd_floor_at_n"] is None else f"{q['fd_floor_at_n']:.2f}"
+    acc.print(f"dit: FD-MNIST {q['fd_mnist']:.2f} (floor at this n: {floor}), "
               f"confidence {q['mean_confidence']:.3f}, classes {q['class_counts']}")
     return q
 
@@ -121,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ema.model.to(acc.device)
 
     digest = optim_digest(cfg.dit, cfg.run.seed)
-    ckpt_root = start_stage(acc, cfg, STAGE, digest)
+    ckpt_root, ckpt = start_stage(acc, cfg, STAGE, digest)
     acc.print(f"dit: {cfg.dit.preset} on {cfg.ae.kind} latents {list(latent_shape)}, "
               f"{sum(p.numel() for p in raw.parameters()):,} parameters, {schedule.name}, {total} steps of "
               f"{cfg.dit.batch_size} x {acc.num_processes} processes on {acc.device}")
@@ -138,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     hooks = Hooks(after_step=ema.update, log_images=log_images,
                   extra_state=ema.state_dict, load_extra=ema.load_state_dict)
     result = run_loop(acc, model, optimizer, scheduler, batches, cfg.dit, total, loss_fn,
-                      ckpt_root, cfg.resume, cfg.run.seed, digest,
+                      ckpt_root, ckpt, cfg.run.seed, digest,
                       hooks, StopFlag().install(), desc="dit")
     if result.stopped_early:
         acc.end_training()
