@@ -57,6 +57,7 @@ as 0). Deterministic given ``seed``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import warnings
 from typing import Any, Iterable, Sequence
@@ -79,6 +80,8 @@ __all__ = [
     "group_stats",
     "bagging",
     "bagging_gram",
+    "stepwise_stats",
+    "free_time_r2",
     "r2_score",
     "rmse",
 ]
@@ -605,32 +608,96 @@ def fit_dimension(
 
 
 class SR3:
-    """SR3 through ``pysindy.SR3``, direct path only (Zheng et al. 2019).
+    """SR3 (Zheng et al. 2019) through ``pysindy.SR3``, on in-memory data or on Gram statistics.
 
-    SR3's relaxed variable needs the data matrix at every iteration in pysindy's
-    implementation, so there is no Gram path; use it for moderate n. Keyword arguments
-    go to ``pysindy.SR3`` unchanged (e.g. reg_weight_lam, regularizer, relax_coeff_nu,
-    max_iter, normalize_columns, unbias).
+    Args:
+        threshold: the prox threshold in the units of STLSQ's (normalized ones with
+            normalize_columns): L0 uses reg_weight_lam = threshold^2 / (2 nu)
+            (``pysindy.SR3.calculate_l0_weight``), L1 reg_weight_lam = threshold / nu.
+        relax_coeff_nu: nu, the relaxation between the dense and the sparse coefficients.
+        regularizer: "L0" or "L1".
+        max_iter, tol: pysindy's iteration limit and coefficient-change tolerance.
+        normalize_columns, unbias: as in ``STLSQ``.
+
+    The Gram path (``fit_gram``) is written here because pysindy has none: pysindy's SR3
+    iteration, its least-squares start and its unbiasing refit see the data only through
+    X^T X and X^T y, and ||y - X w||^2 = ||b - R w||^2 + const for any square root
+    R^T R = G, R^T b = c. So pysindy's SR3 run on (R, b), p rows instead of n, is the same
+    optimisation as on (X, y). R = Lambda^(1/2) V^T from G = V Lambda V^T (eigenvalues below
+    a relative 1e-13 dropped; c lies in G's range, so nothing of the fit is lost).
     """
 
-    def __init__(self, **sr3_kwargs: Any):
-        self.sr3_kwargs = sr3_kwargs
+    alpha = 0.0  # no ridge term; threshold_grid scales its grid by the least-squares fit
+
+    def __init__(
+        self,
+        threshold: float = 0.1,
+        relax_coeff_nu: float = 1.0,
+        regularizer: str = "L0",
+        max_iter: int = 100,
+        tol: float = 1e-8,
+        normalize_columns: bool = False,
+        unbias: bool = True,
+    ):
+        _check_hyper(threshold, 0.0, max_iter)
+        if not relax_coeff_nu > 0:
+            raise ValueError(f"relax_coeff_nu must be > 0; got {relax_coeff_nu!r}.")
+        if regularizer not in ("L0", "L1"):
+            raise ValueError(f"regularizer must be 'L0' or 'L1'; got {regularizer!r}.")
+        self.threshold = float(threshold)
+        self.relax_coeff_nu = float(relax_coeff_nu)
+        self.regularizer = regularizer
+        self.max_iter = int(max_iter)
+        self.tol = float(tol)
+        self.normalize_columns = bool(normalize_columns)
+        self.unbias = bool(unbias)
+
+    def get_params(self) -> dict:
+        return dict(threshold=self.threshold, relax_coeff_nu=self.relax_coeff_nu,
+                    regularizer=self.regularizer, max_iter=self.max_iter, tol=self.tol,
+                    normalize_columns=self.normalize_columns, unbias=self.unbias)
+
+    def with_threshold(self, threshold: float) -> "SR3":
+        """A copy with another threshold (for sweeps)."""
+        return SR3(**{**self.get_params(), "threshold": threshold})
+
+    def __repr__(self) -> str:
+        return "SR3(" + ", ".join(f"{k}={v!r}" for k, v in self.get_params().items()) + ")"
+
+    @property
+    def reg_weight_lam(self) -> float:
+        nu = self.relax_coeff_nu
+        return self.threshold**2 / (2 * nu) if self.regularizer == "L0" else self.threshold / nu
+
+    def _pysindy(self):
+        import pysindy
+
+        return pysindy.SR3(reg_weight_lam=self.reg_weight_lam, regularizer=self.regularizer,
+                           relax_coeff_nu=self.relax_coeff_nu, max_iter=self.max_iter, tol=self.tol,
+                           normalize_columns=self.normalize_columns, unbias=self.unbias)
 
     def fit(self, theta: np.ndarray, targets: np.ndarray) -> "SR3":
         """Fit on Theta (n, p) and targets (n, m) or (n,); sets coef_ (m, p)."""
-        import pysindy
-
-        opt = pysindy.SR3(**self.sr3_kwargs)
-        opt.fit(np.asarray(theta, dtype=np.float64), _as_2d_targets(np.asarray(targets)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            opt = self._pysindy().fit(np.asarray(theta, dtype=np.float64),
+                                      _as_2d_targets(np.asarray(targets, dtype=np.float64)))
         self.coef_ = np.asarray(opt.coef_)
         self.ind_ = self.coef_ != 0
         return self
 
     def fit_gram(self, stats: GramStats, dims: Sequence[int] | None = None) -> "SR3":
-        raise NotImplementedError(
-            "SR3 has no Gram path; call SR3.fit(theta, targets) on in-memory data or use "
-            "STLSQ.fit_gram."
-        )
+        """Fit the targets ``dims`` (default all) from statistics; sets coef_ (len(dims), p)."""
+        G, B, _, _ = stats._numpy_parts()
+        dims = list(range(stats.n_targets)) if dims is None else list(dims)
+        lam, V = np.linalg.eigh((G + G.T) / 2)
+        keep = lam > 1e-13 * max(float(lam.max()), 0.0)
+        if not keep.any():
+            raise ValueError("the statistics are empty (Theta^T Theta = 0); nothing to fit.")
+        root = np.sqrt(lam[keep])
+        R = root[:, None] * V[:, keep].T  # (r, p), R^T R = G
+        b = (V[:, keep].T @ B[:, dims]) / root[:, None]  # (r, m'), R^T b = c
+        return self.fit(R, b)
 
 
 # ------------------------------------------------------------------ threshold selection
@@ -798,6 +865,57 @@ def sweep_thresholds(
             "(ties: higher held-out R^2, then larger threshold)"
         ),
     )
+
+
+# ------------------------------------------------------------------ free-time reference fit
+
+
+def stepwise_stats(z: np.ndarray, y: np.ndarray, degree: int) -> list[dict]:
+    """Per-step statistics of a time-free polynomial library, for ``free_time_r2``.
+
+    Args:
+        z: (T, b, d) states of b trajectories at T sampler steps.
+        y: (T, b, m) targets.
+        degree: polynomial degree (with the constant).
+
+    Returns:
+        T ``GramStats.to_numpy()`` dicts, one per step.
+    """
+    from analysis.library import Polynomial
+
+    T, b, d = z.shape
+    theta = Polynomial(degree=degree).transform(z.reshape(T * b, d)).reshape(T, b, -1)
+    return [GramStats.from_arrays(theta[k], y[k], device="cpu").to_numpy() for k in range(T)]
+
+
+def free_time_r2(train_steps: Sequence[GramStats], heldout_steps: Sequence[GramStats],
+                 ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+    """R^2 of a separate ridge fit per sampler step (any time dependence), pooled over steps.
+
+    The global library can only change its coefficients with t through its time terms; this
+    reference fit lets every step have its own polynomial in z. Where it also stays far from 1
+    on held-out trajectories, the state dependence is what limits the equations.
+
+    Args:
+        train_steps, heldout_steps: per-step statistics (same library, same steps).
+        ridge: weight relative to the mean diagonal of each step's Gram matrix.
+
+    Returns:
+        (r2_train, r2_heldout), each (m,), pooled: 1 - sum_k RSS_k / TSS of all rows.
+    """
+    if len(train_steps) != len(heldout_steps) or not train_steps:
+        raise ValueError(f"need the same steps for both splits; got {len(train_steps)} and {len(heldout_steps)}.")
+    rss_tr = rss_ho = 0.0
+    for tr, ho in zip(train_steps, heldout_steps):
+        G, B, _, _ = tr._numpy_parts()
+        lam = ridge * float(np.mean(np.diag(G))) if G.size else 0.0
+        W = _solve_spd(G + lam * np.eye(G.shape[0]), B).T  # (m, q)
+        rss_tr = rss_tr + tr.rss(W)
+        rss_ho = rss_ho + ho.rss(W)
+    tss_tr = functools.reduce(GramStats.merge, train_steps).tss()
+    tss_ho = functools.reduce(GramStats.merge, heldout_steps).tss()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 1.0 - rss_tr / tss_tr, 1.0 - rss_ho / tss_ho
 
 
 # ----------------------------------------------------------------------------- bagging

@@ -137,7 +137,8 @@ def trajectory_actor_class(num_gpus: int):
 
 
 def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tuple[str, ...],
-                     library_spec: dict, n_groups: int, device: str, chunk_size: int) -> dict:
+                     library_spec: dict, n_groups: int, device: str, chunk_size: int,
+                     ceiling_degree: int = 0) -> dict:
     """Gram statistics of one trajectory block: one per bootstrap group (training) and the held-out one.
 
     Args:
@@ -150,11 +151,14 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
         n_groups: G.
         device: where Theta chunks and statistics are computed.
         chunk_size: library rows per evaluation.
+        ceiling_degree: > 0 adds per-step statistics of the main target for the free-time
+            reference fit (analysis.fit.free_time_r2) with a polynomial of this degree.
 
     Returns:
-        {"groups": [G numpy stats dicts or None], "heldout": numpy stats dict or None}.
+        {"groups": [G numpy stats dicts or None], "heldout": numpy stats dict or None,
+        "steps": {"train": [T dicts] or None, "heldout": [T dicts] or None}}.
     """
-    from analysis.fit import GramStats
+    from analysis.fit import GramStats, stepwise_stats
     from analysis.library import Library
     from analysis.targets import regression_samples
 
@@ -172,6 +176,17 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
             out["heldout"] = stats.to_numpy()
         else:
             out["groups"][g] = stats.to_numpy()
+    if ceiling_degree > 0:
+        d = z.shape[2]
+        out["steps"] = {}
+        for name, cols in (("train", np.flatnonzero(labels >= 0)), ("heldout", np.flatnonzero(labels < 0))):
+            if cols.size == 0:
+                out["steps"][name] = None
+                continue
+            zs, _, ys = regression_samples(z[:, cols], blk.t, None if drift is None else drift[:, cols], targets[:1])
+            T = z.shape[0] - 1
+            out["steps"][name] = stepwise_stats(zs.reshape(T, cols.size, d), ys.reshape(T, cols.size, -1)[:, :, :d],
+                                                ceiling_degree)
     return out
 
 
@@ -214,18 +229,21 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
         dim: target dimension j (0..d-1); with ``settings["compare"]`` column d + j is the other target.
         train, heldout: GramStats (p terms, m targets) of training and held-out trajectories.
         groups: per-group training GramStats for bagging (may be empty).
-        settings: alpha, normalize, n_thresholds, tol, n_bootstrap, seed, d, compare, targets, names.
+        settings: optimizer (stlsq | sr3), sr3_nu, term_budget, alpha, normalize, n_thresholds, tol, n_bootstrap, seed, d, compare, targets, names.
         out_path: where the result JSON goes (atomically).
 
     Returns:
         The JSON-able result.
     """
-    from analysis.fit import STLSQ, bagging_gram, sweep_thresholds
+    from analysis.fit import SR3, STLSQ, bagging_gram, sweep_thresholds
 
     out_path = Path(out_path)
     _maybe_fault(dim, out_path.parent)
     t0 = time.time()
-    opt = STLSQ(alpha=settings["alpha"], normalize_columns=settings["normalize"])
+    if settings.get("optimizer", "stlsq") == "sr3":
+        opt = SR3(relax_coeff_nu=settings["sr3_nu"], normalize_columns=settings["normalize"])
+    else:
+        opt = STLSQ(alpha=settings["alpha"], normalize_columns=settings["normalize"])
 
     def one(col: int) -> tuple[dict, Any]:
         sw = sweep_thresholds(train, heldout, col, opt, n_thresholds=settings["n_thresholds"], tol=settings["tol"])
@@ -236,6 +254,11 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
                "r2_train": float(sw.r2_train[sw.chosen]), "r2_heldout": float(sw.r2_heldout[sw.chosen]),
                "rmse_train": (rss_tr / train.n_samples) ** 0.5, "rmse_heldout": (rss_ho / heldout.n_samples) ** 0.5,
                "sweep": sw.table(), "rule": sw.rule}
+        budget = settings.get("term_budget", 50)
+        within = [i for i in range(len(sw.thresholds)) if 0 < sw.n_terms[i] <= budget]
+        best = max(within, key=lambda i: sw.r2_heldout[i]) if within else None
+        res["within_budget"] = {"max_terms": budget, "n_terms": None if best is None else int(sw.n_terms[best]),
+                                "r2_heldout": None if best is None else float(sw.r2_heldout[best])}
         return res, sw
 
     main, sw = one(dim)

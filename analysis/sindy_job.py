@@ -222,7 +222,8 @@ def fit_key(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates) -
     ident = {"data": tset.manifest.get("sha256") or [b["sha256"] for b in tset.manifest["blocks"]],
              "n": tset.n, "split": [s.seed, s.heldout_fraction, plan["n_groups"]], "targets": plan["targets"],
              "coords": coords.kind, "pca": s.pca_components if coords.kind == "pca" else 0,
-             "fit": [s.alpha, s.normalize, s.n_thresholds, s.threshold_tol, s.n_bootstrap]}
+             "fit": [s.alpha, s.normalize, s.n_thresholds, s.threshold_tol, s.n_bootstrap],
+             "optimizer": [s.optimizer, s.sr3_nu if s.optimizer == "sr3" else None]}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -241,9 +242,11 @@ def stage_fits(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates
         device = "cuda" if gpus else "cpu"
         task = ray_utils.accumulate_task(gpus)
         tref = ray.put(tset)
-        refs = [task.remote(tref, i, coords, split, plan["targets"], lib.spec(), plan["n_groups"], device, s.chunk_size)
-                for i in range(tset.n_blocks)]
+        refs = [task.remote(tref, i, coords, split, plan["targets"], lib.spec(), plan["n_groups"], device, s.chunk_size,
+                            s.ceiling_degree) for i in range(tset.n_blocks)]
         parts = ray_utils.wait_all(refs, "statistics (blocks)")
+        if s.ceiling_degree > 0:
+            write_free_time(parts, s.ceiling_degree, fit_dir / "free_time.json")
         groups = [ray_utils.merge_numpy_stats([p["groups"][g] for p in parts]) for g in range(plan["n_groups"])]
         heldout = ray_utils.merge_numpy_stats([p["heldout"] for p in parts])
         train = groups[0]
@@ -257,7 +260,7 @@ def stage_fits(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates
         times["statistics"] = (time.time() - t0, f"{tset.n_blocks} block tasks, {lib.n_terms} terms, "
                                                  f"{int(train.n_samples)} training + {int(heldout.n_samples)} held-out rows")
         t0 = time.time()
-        settings = {"alpha": s.alpha, "normalize": s.normalize, "n_thresholds": s.n_thresholds, "tol": s.threshold_tol,
+        settings = {"optimizer": s.optimizer, "sr3_nu": s.sr3_nu, "term_budget": s.term_budget, "alpha": s.alpha, "normalize": s.normalize, "n_thresholds": s.n_thresholds, "tol": s.threshold_tol,
                     "n_bootstrap": s.n_bootstrap, "seed": s.seed, "d": d, "compare": len(plan["targets"]) > 1,
                     "targets": list(plan["targets"]), "names": lib.get_feature_names("text")}
         train_ref, ho_ref, groups_ref = ray.put(train), ray.put(heldout), ray.put(groups)
@@ -268,7 +271,26 @@ def stage_fits(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates
     else:
         times["statistics"] = (0.0, "skipped: all fits reused")
         times["fits"] = (0.0, f"reused {fit_dir}")
-    return [json.loads(f.read_text()) for f in files]
+    fits = [json.loads(f.read_text()) for f in files]
+    ceiling = fit_dir / "free_time.json"
+    if s.ceiling_degree > 0 and ceiling.is_file():
+        ref = json.loads(ceiling.read_text())
+        for r in fits:
+            r["free_time"] = {"degree": ref["degree"], "r2_train": ref["r2_train"][r["dim"]],
+                              "r2_heldout": ref["r2_heldout"][r["dim"]]}
+    return fits
+
+
+def write_free_time(parts: list[dict], degree: int, path: Path) -> None:
+    """Merge the blocks' per-step statistics and write the free-time reference R^2 per dimension."""
+    from analysis.fit import GramStats, free_time_r2
+
+    def merged(split: str) -> list[GramStats]:
+        blocks = [p["steps"][split] for p in parts if p["steps"][split] is not None]
+        return [ray_utils.merge_numpy_stats([b[k] for b in blocks]) for k in range(len(blocks[0]))]
+
+    r2_tr, r2_ho = free_time_r2(merged("train"), merged("heldout"))
+    path.write_text(json.dumps({"degree": degree, "r2_train": r2_tr.tolist(), "r2_heldout": r2_ho.tolist()}))
 
 
 def stage_report(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates, split: np.ndarray,
@@ -276,6 +298,7 @@ def stage_report(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinat
     """Stage 3: integrate the equations from held-out noise, decode, write everything."""
     from analysis import report
 
+    report_t0 = time.time()
     s, d = cfg.sindy, coords.dim
     lib = Library.reference(d)
     xi = np.zeros((d, lib.n_terms))
@@ -293,6 +316,7 @@ def stage_report(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinat
     ctx = {"run": cfg.run.name, "n": tset.n, "n_train": int((split >= 0).sum()), "n_heldout": int((split < 0).sum()),
            "seed": s.seed, "sampler": tset.manifest.get("sampler"), "T": tset.T, "target": s.target,
            "target_note": TARGET_NOTES[s.target], "t_convention": T_CONVENTION, "coordinates": coords.describe(),
+           "optimizer": s.optimizer, "sr3_nu": s.sr3_nu, "report_t0": report_t0,
            "alpha": s.alpha, "normalize": s.normalize, "n_thresholds": s.n_thresholds, "n_groups": plan["n_groups"],
            "n_bootstrap": s.n_bootstrap, "poor_r2": s.poor_r2, "integrator": s.integrator, "stage_times": times,
            "source": tset.source, "warnings": plan["warnings"],
@@ -358,7 +382,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     fits = stage_fits(cfg, plan, tset, coords, split, fit_dir, times)
     # 5. Stage 3: the report.
     t0 = time.time()
-    times["report"] = (0.0, "integration, plots, TensorBoard")
     path = stage_report(cfg, plan, tset, coords, split, fits, times, ray_how)
     if coords.kind == "pca":
         coords.save(path.parent / "pca.safetensors")

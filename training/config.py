@@ -214,8 +214,20 @@ class SindyConfig:
     """STLSQ thresholds swept per dimension (log grid); the choice is by held-out R^2."""
     threshold_tol: float = 0.01
     """Rule: the sparsest swept model whose held-out R^2 >= best - tol * |best|."""
+    optimizer: str = "stlsq"
+    """stlsq (sequentially thresholded ridge, pysindy.STLSQ semantics) | sr3 (pysindy.SR3 with an L0
+    prox, run on a square root of the Gram statistics; same threshold sweep and rule)."""
     alpha: float = 0.05
     """STLSQ ridge weight."""
+    sr3_nu: float = 1.0
+    """SR3's relaxation nu (pysindy relax_coeff_nu); the L0 weight follows from the threshold: t^2 / (2 nu)."""
+    term_budget: int = 50
+    """The report also gives, per dimension, the best held-out R^2 among the swept models with at
+    most this many terms (the sparsity a reader can still take in)."""
+    ceiling_degree: int = 2
+    """Degree of the free-time reference fit: a separate polynomial in z for every sampler step, fitted
+    on the training and scored on the held-out trajectories (0 disables). It shows how much of the
+    held-out error is the state dependence (not the time terms) of the library."""
     normalize: bool = True
     """STLSQ on L2-normalised library columns (thresholds in normalised units)."""
     n_bootstrap: int = 20
@@ -262,6 +274,9 @@ class SindyConfig:
         _non_negative("sindy", threshold_tol=self.threshold_tol, n_bootstrap=self.n_bootstrap,
                       rollouts=self.rollouts, workers=self.workers, num_cpus=self.num_cpus,
                       max_memory_gb=self.max_memory_gb)
+        _check(self.optimizer in ("stlsq", "sr3"), f"sindy.optimizer must be stlsq | sr3, got {self.optimizer!r}")
+        _positive("sindy", sr3_nu=self.sr3_nu, term_budget=self.term_budget)
+        _check(self.ceiling_degree in (0, 1, 2, 3), f"sindy.ceiling_degree must be 0..3, got {self.ceiling_degree}")
         _check(self.integrator in ("euler", "rk4"), f"sindy.integrator must be euler | rk4, got {self.integrator!r}")
         _check(self.device in ("auto", "cpu", "cuda"), f"sindy.device must be auto | cpu | cuda, got {self.device!r}")
         _check(self.trajectories_order in ("descending", "ascending"),

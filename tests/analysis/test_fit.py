@@ -177,18 +177,39 @@ def test_fail_loudly(planted_stats):
         STLSQ(normalize_columns=True).fit(bad, Y)
     with pytest.raises(ValueError, match="NaN/inf"):
         STLSQ().fit(np.full_like(theta, np.nan), Y)
-    with pytest.raises(NotImplementedError, match="no Gram path"):
-        SR3().fit_gram(stats)
+    with pytest.raises(ValueError, match="regularizer must be"):
+        SR3(regularizer="L2")
+    with pytest.raises(ValueError, match="relax_coeff_nu must be"):
+        SR3(relax_coeff_nu=0)
 
 
-def test_sr3_direct_path_matches_pysindy(planted_stats):
-    theta, Y, _ = planted_stats
-    kw = dict(reg_weight_lam=0.05, relax_coeff_nu=1.0, max_iter=50)
+@pytest.mark.parametrize("regularizer,normalize", [("L0", False), ("L0", True), ("L1", False)])
+def test_sr3_direct_and_gram_paths_match_pysindy(planted_stats, regularizer, normalize):
+    theta, Y, stats = planted_stats
+    ours = SR3(threshold=0.3, relax_coeff_nu=0.5, regularizer=regularizer, normalize_columns=normalize)
+    lam = 0.3**2 / (2 * 0.5) if regularizer == "L0" else 0.3 / 0.5
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ours = SR3(**kw).fit(theta, Y).coef_
-        ref = pysindy.SR3(**kw).fit(theta, Y).coef_
-    np.testing.assert_array_equal(ours, ref)
+        ref = pysindy.SR3(reg_weight_lam=lam, relax_coeff_nu=0.5, regularizer=regularizer, max_iter=100,
+                          tol=1e-8, normalize_columns=normalize, unbias=True).fit(theta, Y).coef_
+    np.testing.assert_array_equal(ours.fit(theta, Y).coef_, ref)
+    gram = ours.fit_gram(stats).coef_  # the square-root reduction: same optimisation, p rows instead of n
+    np.testing.assert_array_equal(gram != 0, ref != 0)
+    np.testing.assert_allclose(gram, ref, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(ours.fit_gram(stats, dims=[2]).coef_[0], ref[2], rtol=0, atol=1e-8)
+
+
+def test_sr3_sweep_and_bagging_use_the_gram_path():
+    theta, Y, W, names, groups = planted(d=3, n=3000, noise=0.1, seed=1, n_groups=20)
+    train = GramStats.from_arrays(theta[:2000], Y[:2000], device="cpu")
+    heldout = GramStats.from_arrays(theta[2000:], Y[2000:], device="cpu")
+    for dim in range(3):
+        sweep = sweep_thresholds(train, heldout, dim, SR3(normalize_columns=True), n_thresholds=20, tol=0.01)
+        np.testing.assert_array_equal(sweep.chosen_coef != 0, W[:, dim] != 0)
+        np.testing.assert_allclose(sweep.chosen_coef[W[:, dim] != 0], W[W[:, dim] != 0, dim], rtol=0.02)
+    _, per_group = group_stats(theta[:2000], Y[:2000], groups[:2000] % 10)
+    bag = bagging_gram(per_group, SR3(threshold=0.3), n_bootstrap=10, seed=3)
+    assert np.all(bag.inclusion_probability[W.T != 0] == 1.0)
 
 
 # ------------------------------------------------------------------ (b) known dynamics

@@ -37,6 +37,16 @@ def trained_run(tmp_path_factory, mnist_shards) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def trained_conv_run(tmp_path_factory, mnist_shards) -> Path:
+    """As ``trained_run`` with the convolutional autoencoder (49 x 6 latent)."""
+    root = tmp_path_factory.mktemp("sindy-conv-run")
+    args = smoke(root, f"data.shards={mnist_shards}", "ae.kind=conv", "dit.schedule=linear", "dit.eval_samples=0")
+    for script in ("train_ae.py", "encode_latents.py", "train_dit.py"):
+        run_entry([sys.executable, str(REPO / "training" / script), *args])
+    return root
+
+
 def copy_run(src_root: Path, dest_root: Path, with_sindy: bool = False) -> Path:
     """A fresh run folder with the trained weights (and optionally the finished stages)."""
     import shutil

@@ -19,19 +19,19 @@ REPORT_FILES = ("report.md", "equations.json", "equations.tex", "pareto.png", "r
                 "rollouts.png", "rollout_error.png")
 
 
-def check_report(run_dir, decoded=True) -> dict:
+def check_report(run_dir, decoded=True, d=16, n_terms=1035) -> dict:
     rep = run_dir / "report"
     for name in REPORT_FILES + (("samples_vs_sindy.png",) if decoded else ()):
         assert (rep / name).is_file(), name
     eq = json.loads((rep / "equations.json").read_text())
-    d = len(eq["dims"])
-    assert d == 16 and eq["n_terms"] == 1035 and eq["library"]["format"] == "latent-sindy.library/1"
+    assert len(eq["dims"]) == d and eq["n_terms"] == n_terms and eq["library"]["format"] == "latent-sindy.library/1"
     for r in eq["dims"]:
         assert np.isfinite(r["r2_train"]) and "r2_heldout" in r and "rmse_heldout" in r
         assert len(r["terms"]) == r["n_terms"]
     md = (rep / "report.md").read_text()
     assert "R^2 held-out" in md and "R^2 train" in md
     assert (rep / "equations.tex").read_text().count(r"\dot z_") == d
+    assert eq["stage_times"]["report"] > 0
     return eq
 
 
@@ -46,6 +46,11 @@ def test_local_job_survives_killed_worker_and_resumes(trained_run, tmp_path):
     eq = check_report(run_dir)
     assert eq["n_trajectories"] == 64 and eq["seed"] == 1234 and eq["sampler"] == "ddim"
     assert eq["digests"]["dit_ema_sha256"] and eq["digests"]["ae_sha256"]
+    assert eq["optimizer"].startswith("STLSQ")
+    # The free-time reference fit (a quadratic per sampler step) is reported next to SINDy's.
+    for r in eq["dims"]:
+        assert r["free_time"]["degree"] == 2 and np.isfinite(r["free_time"]["r2_heldout"])
+    assert "free-time reference" in (run_dir / "report" / "report.md").read_text()
     # The SINDy images decode the rollout's own end state, not the DiT's.
     roll = np.load(run_dir / "report" / "rollouts.npz")
     assert not np.allclose(roll["sindy"][-1], roll["reference"][-1])
@@ -59,6 +64,23 @@ def test_local_job_survives_killed_worker_and_resumes(trained_run, tmp_path):
     eq2 = json.loads((run_dir / "report" / "equations.json").read_text())
     assert eq2["stage_times"]["fits"] == 0.0 and eq2["stage_times"]["trajectories"] < eq["stage_times"]["trajectories"]
     assert [r["terms"] for r in eq2["dims"]] == [r["terms"] for r in eq["dims"]]
+
+
+def test_conv_latent_fits_in_pca_coordinates_with_sr3(trained_conv_run):
+    """The conv latent (49 x 6 = 294-D) is reduced by PCA before the fit; SR3 through the job."""
+    from analysis.library import reference_n_terms
+
+    run_dir = trained_conv_run / "smoke"
+    proc = run_entry([sys.executable, JOB, *smoke(trained_conv_run, "sindy.ray_address=local", "sindy.pca_components=4",
+                                                  "sindy.optimizer=sr3", "sindy.n_bootstrap=0")])
+    assert "4-D fit (conv)" in proc.stdout
+    eq = check_report(run_dir, d=4, n_terms=reference_n_terms(4))
+    assert eq["coordinates"].startswith("the first 4 principal components of the 294-D")
+    assert eq["optimizer"].startswith("SR3")
+    pca = load_file(str(run_dir / "report" / "pca.safetensors"))
+    assert pca["components"].shape == (4, 294) and pca["mean"].shape == (294,)
+    roll = np.load(run_dir / "report" / "rollouts.npz")
+    assert roll["reference"].shape[2] == 4 and roll["images_dit"].shape[1:] == (28, 28)
 
 
 def test_reference_ddpm_file_is_reported_as_poor(tmp_path):
@@ -112,6 +134,9 @@ def test_bad_inputs_fail_before_work(trained_run, tmp_path):
     assert "the fit needs 0." in msg and "GiB" in msg and "sindy.max_memory_gb=0.01" in msg
     # The drift target is not available for an external file.
     assert "sindy.target=central_diff" in _bad(smoke(src, f"sindy.trajectories={NPZ}"))
+    # Unknown optimizer, bad SR3 relaxation.
+    assert "sindy.optimizer must be stlsq | sr3" in _bad(smoke(src, "sindy.optimizer=lasso"))
+    assert "sindy.sr3_nu" in _bad(smoke(src, "sindy.optimizer=sr3", "sindy.sr3_nu=0"))
 
 
 def test_trajectories_do_not_depend_on_workers(trained_run):
