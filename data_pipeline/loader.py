@@ -26,7 +26,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.shards import SPLITS, ShardError, decode_png_gray, read_manifest
+from data_pipeline.shards import SPLITS, ShardError, decode_png_gray, iter_tar_samples, read_manifest
 
 __all__ = ["ShardLoader", "make_loader", "batches_per_epoch", "load_split_in_memory"]
 
@@ -78,23 +78,23 @@ def _consumer_shards(
 
 
 def _read_shard(path: Path, expected: int) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard via webdataset, checking members and the sample count.
+    """Raw samples of one shard (shards.iter_tar_samples), checking members and the sample count.
 
     Raises:
         ShardError: naming ``path``, for unreadable tars, samples missing ``.png``/``.cls``
-            and shards ending early. (tarfile stops *silently* at a corrupt header past the
-            start of an archive, so the count check is what catches garbage mid-shard.)
+            and shards ending early (the reader checks every header's checksum and size; the
+            count check catches whatever else cuts a shard short).
     """
     count = 0
     try:
-        for sample in wds.tarfile_samples([{"url": str(path)}], handler=wds.reraise_exception):
+        for sample in iter_tar_samples(path.read_bytes(), str(path)):
             if "png" not in sample or "cls" not in sample:
                 raise ShardError(f"sample {sample.get('__key__')!r} has members {sorted(k for k in sample if not k.startswith('__'))}, expected png and cls")
             count += 1
             yield sample
     except ShardError as exn:
         raise ShardError(f"corrupt shard {path}: {exn}") from exn
-    except Exception as exn:  # tarfile / gzip / OS errors; wds appends context to args
+    except Exception as exn:  # OS and decode errors
         raise ShardError(f"corrupt or truncated shard {path}: {type(exn).__name__}: {exn.args[0] if exn.args else exn}") from exn
     if count != expected:
         raise ShardError(

@@ -133,6 +133,30 @@ def test_skip_mode_counts_and_keeps_batch_count(
     assert "train-000003.tar" in caplog.text
 
 
+def test_tar_reader_matches_webdataset_and_checks_headers(small_shards: Path, tmp_path: Path) -> None:
+    import tarfile
+
+    import webdataset as wds
+
+    from data_pipeline.shards import iter_tar_samples
+
+    path = small_shards / "train-000003.tar"
+    ours = list(iter_tar_samples(path.read_bytes(), str(path)))
+    theirs = list(wds.tarfile_samples([{"url": str(path)}], handler=wds.reraise_exception))
+    assert len(ours) == len(theirs) > 0
+    for a, b in zip(ours, theirs):
+        assert {k: v for k, v in a.items() if k != "__url__"} == {k: b[k] for k in ("__key__", "png", "cls")}
+    data = bytearray(path.read_bytes())
+    data[5] ^= 0xFF  # a byte of the first member's name: the header checksum no longer matches
+    with pytest.raises(ShardError, match="checksum mismatch"):
+        list(iter_tar_samples(bytes(data), "x.tar"))
+    pax = tmp_path / "pax.tar"
+    with tarfile.open(pax, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(path, arcname="k" * 120 + ".png")  # a long name needs a pax header
+    with pytest.raises(ShardError, match="only plain ustar files"):
+        list(iter_tar_samples(pax.read_bytes(), str(pax)))
+
+
 def test_bad_arguments_name_the_value(small_shards: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="rank must be in"):
         make_loader(small_shards, "train", 8, rank=2, world_size=2)
