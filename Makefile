@@ -17,7 +17,7 @@ ifneq ($(shell command -v nvidia-smi 2>/dev/null),)
 ACCEL  := $(VENV)/bin/accelerate launch --config_file configs/accelerate/single_gpu.yaml
 endif
 
-.PHONY: run test install data clean-runs
+.PHONY: run test install data clean-runs bench
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,3 +58,7 @@ test: $(STAMP)
 
 clean-runs:
 	rm -rf runs
+
+# Every benchmark at full size (meant for a GPU machine; see benchmarks/README.md).
+bench: $(STAMP)
+	$(PY) benchmarks/run_all.py --shards data/mnist

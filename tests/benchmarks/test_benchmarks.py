@@ -1,0 +1,33 @@
+"""The benchmark scripts run end to end (tiny sizes) and write what they claim; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import run_all
+
+
+def _check(payload: dict) -> None:
+    assert payload["rows"] and payload["rows"][0]["ratio"] == 1.0
+    for r in payload["rows"]:
+        assert r["median"] > 0 and r["min"] <= r["median"] <= r["max"]
+        assert "FAILS" not in r["check"] and "DIFFERS" not in r["check"]
+
+
+def test_run_all_quick(mnist_shards, tmp_path):
+    results = run_all.main(["--quick", "--shards", str(mnist_shards), "--out-dir", str(tmp_path)])
+    assert [r["benchmark"] for r in results] == ["data", "train_conv", "sampling_conv", "sampling_vae16", "sindy"]
+    for r in results:
+        _check(json.loads((tmp_path / f"{r['benchmark']}.json").read_text()))
+    assert len(json.loads((tmp_path / "summary.json").read_text())) == 5
+
+
+@pytest.mark.gpu
+def test_gpu_variants_match_plain(tmp_path):
+    """On a GPU: bf16/compile/CUDA-graph variants run and their trajectories match the plain sampler's."""
+    from benchmarks import bench_sampling, bench_train
+
+    _check(bench_sampling.main(["--kind", "vae16", "--repeats", "1", "--out", str(tmp_path / "s.json")]))
+    _check(bench_train.main(["--steps", "2", "--repeats", "1", "--large-batch", "4096", "--out", str(tmp_path / "t.json")]))
