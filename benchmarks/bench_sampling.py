@@ -10,7 +10,6 @@ vae16, 50 steps: >= 150,000 trajectories/s; recorded trajectories equal to bf16 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import LATENTS, bench_model, finish, pick_device, row, time_calls  # noqa: E402
+from benchmarks.common import LATENTS, bench_model, finish, model_parser, pick_device, row, time_calls  # noqa: E402
 from models.diffusion import sample, schedule_for  # noqa: E402
 
 TARGETS = {"conv": 20_000, "vae16": 150_000}
@@ -44,13 +43,8 @@ def make_sampler(model, schedule, shape, device, bf16: bool, compile_mode: str |
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kind", default="conv", choices=sorted(LATENTS))
-    ap.add_argument("--preset", default="reference")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap = model_parser(__doc__)
     ap.add_argument("--large-batch", type=int, default=0, help="default 8192 on CUDA, 1024 on the CPU")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     device = pick_device(a.device)
     cuda = device.type == "cuda"

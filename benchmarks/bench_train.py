@@ -11,7 +11,6 @@ time printed here is steps x the best batch-256 step time, an estimate; the run 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import LATENTS, bench_model, finish, pick_device, row, time_calls  # noqa: E402
+from benchmarks.common import LATENTS, bench_model, finish, model_parser, pick_device, row, time_calls  # noqa: E402
 from models.diffusion import eps_loss, schedule_for  # noqa: E402
 
 RECIPE_STEPS = 47_000
@@ -50,14 +49,9 @@ def make_step(kind: str, preset: str, device: torch.device, batch: int, bf16: bo
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kind", default="conv", choices=sorted(LATENTS))
-    ap.add_argument("--preset", default="reference")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap = model_parser(__doc__)
     ap.add_argument("--large-batch", type=int, default=16384)
     ap.add_argument("--steps", type=int, default=20, help="optimiser steps per timed call")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     device = pick_device(a.device)
     cuda = device.type == "cuda"

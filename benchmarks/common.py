@@ -87,6 +87,19 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body])
 
 
+def model_parser(doc: str):
+    """The arguments the model benchmarks share: --kind, --preset, --device, --repeats, --out."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--kind", default="conv", choices=sorted(LATENTS))
+    ap.add_argument("--preset", default="reference")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=None, help="JSON path (default results/<name>.json)")
+    return ap
+
+
 def pick_device(arg: str) -> torch.device:
     if arg == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
