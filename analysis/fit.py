@@ -908,7 +908,7 @@ def free_time_r2(train_steps: Sequence[GramStats], heldout_steps: Sequence[GramS
     rss_tr = rss_ho = 0.0
     for tr, ho in zip(train_steps, heldout_steps):
         G, B, _, _ = tr._numpy_parts()
-        lam = ridge * float(np.mean(np.diag(G))) if G.size else 0.0
+        lam = ridge * float(np.mean(np.diag(G)))
         W = _solve_spd(G + lam * np.eye(G.shape[0]), B).T  # (m, q)
         rss_tr = rss_tr + tr.rss(W)
         rss_ho = rss_ho + ho.rss(W)

@@ -168,6 +168,8 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
     lib = Library.from_spec(library_spec)
     out: dict[str, Any] = {"groups": [None] * n_groups, "heldout": None}
     labels = split[blk.index]
+    T, d = z.shape[0] - 1, z.shape[2]
+    step_rows: dict[str, list] = {"train": [], "heldout": []}  # (T, b, d) states and main targets per group
     for g in np.unique(labels).tolist():
         cols = np.flatnonzero(labels == g)
         zs, ts, ys = regression_samples(z[:, cols], blk.t, None if drift is None else drift[:, cols], targets)
@@ -176,17 +178,13 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
             out["heldout"] = stats.to_numpy()
         else:
             out["groups"][g] = stats.to_numpy()
+        if ceiling_degree > 0:  # rows are step-major, so (T, b) is a reshape
+            step_rows["heldout" if g < 0 else "train"].append(
+                (zs.reshape(T, cols.size, d), ys.reshape(T, cols.size, -1)[:, :, :d]))
     if ceiling_degree > 0:
-        d = z.shape[2]
-        out["steps"] = {}
-        for name, cols in (("train", np.flatnonzero(labels >= 0)), ("heldout", np.flatnonzero(labels < 0))):
-            if cols.size == 0:
-                out["steps"][name] = None
-                continue
-            zs, _, ys = regression_samples(z[:, cols], blk.t, None if drift is None else drift[:, cols], targets[:1])
-            T = z.shape[0] - 1
-            out["steps"][name] = stepwise_stats(zs.reshape(T, cols.size, d), ys.reshape(T, cols.size, -1)[:, :, :d],
-                                                ceiling_degree)
+        out["steps"] = {name: stepwise_stats(np.concatenate([r[0] for r in rows], axis=1),
+                                             np.concatenate([r[1] for r in rows], axis=1), ceiling_degree)
+                        if rows else None for name, rows in step_rows.items()}
     return out
 
 
@@ -229,7 +227,7 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
         dim: target dimension j (0..d-1); with ``settings["compare"]`` column d + j is the other target.
         train, heldout: GramStats (p terms, m targets) of training and held-out trajectories.
         groups: per-group training GramStats for bagging (may be empty).
-        settings: optimizer (stlsq | sr3), sr3_nu, term_budget, alpha, normalize, n_thresholds, tol, n_bootstrap, seed, d, compare, targets, names.
+        settings: optimizer (stlsq | sr3), sr3_nu, alpha, normalize, n_thresholds, tol, n_bootstrap, seed, d, compare, targets, names.
         out_path: where the result JSON goes (atomically).
 
     Returns:
@@ -254,11 +252,6 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
                "r2_train": float(sw.r2_train[sw.chosen]), "r2_heldout": float(sw.r2_heldout[sw.chosen]),
                "rmse_train": (rss_tr / train.n_samples) ** 0.5, "rmse_heldout": (rss_ho / heldout.n_samples) ** 0.5,
                "sweep": sw.table(), "rule": sw.rule}
-        budget = settings.get("term_budget", 50)
-        within = [i for i in range(len(sw.thresholds)) if 0 < sw.n_terms[i] <= budget]
-        best = max(within, key=lambda i: sw.r2_heldout[i]) if within else None
-        res["within_budget"] = {"max_terms": budget, "n_terms": None if best is None else int(sw.n_terms[best]),
-                                "r2_heldout": None if best is None else float(sw.r2_heldout[best])}
         return res, sw
 
     main, sw = one(dim)

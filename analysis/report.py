@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.library import Polynomial
+
 DIVERGED = 1e4  # |z| beyond this counts as a blown-up rollout (normalised latents are O(1))
 
 
@@ -274,8 +276,12 @@ def optimizer_text(ctx: dict) -> str:
     return f"STLSQ (alpha {ctx['alpha']}, normalised columns {ctx['normalize']})"
 
 
-def library_size(degree: int, d: int) -> int:
-    return math.comb(d + degree, degree)
+def best_within_budget(sweep: list[dict], budget: int) -> dict:
+    """The swept model with the highest held-out R^2 among those with 1..budget terms."""
+    within = [row for row in sweep if 0 < row["n_terms"] <= budget]
+    best = max(within, key=lambda row: row["r2_heldout"]) if within else None
+    return {"max_terms": budget, "n_terms": None if best is None else best["n_terms"],
+            "r2_heldout": None if best is None else best["r2_heldout"]}
 
 
 def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: dict, roll: dict,
@@ -319,7 +325,9 @@ def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: dict, 
           f"- provenance: {ctx['provenance']}", ""]
     for w in ctx.get("warnings", []):
         L += [f"> **Warning:** {w}", ""]
-    budget = (fits[0].get("within_budget") or {}).get("max_terms", 50)
+    budget = ctx["term_budget"]
+    for r in fits:
+        r["within_budget"] = best_within_budget(r["sweep"], budget)
     L += ["## Fit quality per dimension", "",
           f"Held-out trajectories never enter the fit. Flag: held-out R^2 < {ctx['poor_r2']} or more than 0.2 "
           "below training R^2.", "",
@@ -327,17 +335,17 @@ def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: dict, 
           "| dim | terms | R^2 train | R^2 held-out | RMSE train | RMSE held-out | flag | "
           f"R^2 held-out, <= {budget} terms |", "|---|---|---|---|---|---|---|---|"]
     for r in fits:
-        b = r.get("within_budget") or {}
+        b = r["within_budget"]
         L.append(f"| z{r['dim']} | {r['n_terms']} | {r['r2_train']:.4f} | {r['r2_heldout']:.4f} | "
                  f"{fmt(r['rmse_train'])} | {fmt(r['rmse_heldout'])} | {'**POOR** ' + r['flag'] if r['flag'] else 'ok'} | "
-                 + (f"{b['r2_heldout']:.4f} ({b['n_terms']})" if b.get("n_terms") else "none swept") + " |")
+                 + (f"{b['r2_heldout']:.4f} ({b['n_terms']})" if b["n_terms"] else "none swept") + " |")
     L += ["", f"**{len(flagged)} of {d} dimensions do not generalise.**" if flagged else
           f"All {d} dimensions generalise to held-out trajectories.", ""]
     if all("free_time" in r for r in fits):
         deg = fits[0]["free_time"]["degree"]
         L += ["### What limits the fit: a free-time reference", "",
               f"A separate degree-{deg} polynomial in z for every sampler step (ridge; any time dependence, "
-              f"{library_size(deg, d)} terms per step), fitted on the same training and scored on the same held-out "
+              f"{Polynomial(degree=deg).n_output_features(d)} terms per step), fitted on the same training and scored on the same held-out "
               "trajectories. If it also stays far below 1, the time terms are not the bottleneck: the velocity is not "
               "a low-degree polynomial of the state (for a trained DiT, the denoiser's nonlinearity). Where SINDy beats "
               "it, its cubic and exponential terms capture state dependence that a quadratic cannot.", "",

@@ -223,7 +223,8 @@ def fit_key(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates) -
              "n": tset.n, "split": [s.seed, s.heldout_fraction, plan["n_groups"]], "targets": plan["targets"],
              "coords": coords.kind, "pca": s.pca_components if coords.kind == "pca" else 0,
              "fit": [s.alpha, s.normalize, s.n_thresholds, s.threshold_tol, s.n_bootstrap],
-             "optimizer": [s.optimizer, s.sr3_nu if s.optimizer == "sr3" else None]}
+             "optimizer": [s.optimizer, s.sr3_nu if s.optimizer == "sr3" else None],
+             "free_time_degree": s.ceiling_degree}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -260,7 +261,7 @@ def stage_fits(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates
         times["statistics"] = (time.time() - t0, f"{tset.n_blocks} block tasks, {lib.n_terms} terms, "
                                                  f"{int(train.n_samples)} training + {int(heldout.n_samples)} held-out rows")
         t0 = time.time()
-        settings = {"optimizer": s.optimizer, "sr3_nu": s.sr3_nu, "term_budget": s.term_budget, "alpha": s.alpha, "normalize": s.normalize, "n_thresholds": s.n_thresholds, "tol": s.threshold_tol,
+        settings = {"optimizer": s.optimizer, "sr3_nu": s.sr3_nu, "alpha": s.alpha, "normalize": s.normalize, "n_thresholds": s.n_thresholds, "tol": s.threshold_tol,
                     "n_bootstrap": s.n_bootstrap, "seed": s.seed, "d": d, "compare": len(plan["targets"]) > 1,
                     "targets": list(plan["targets"]), "names": lib.get_feature_names("text")}
         train_ref, ho_ref, groups_ref = ray.put(train), ray.put(heldout), ray.put(groups)
@@ -316,7 +317,7 @@ def stage_report(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinat
     ctx = {"run": cfg.run.name, "n": tset.n, "n_train": int((split >= 0).sum()), "n_heldout": int((split < 0).sum()),
            "seed": s.seed, "sampler": tset.manifest.get("sampler"), "T": tset.T, "target": s.target,
            "target_note": TARGET_NOTES[s.target], "t_convention": T_CONVENTION, "coordinates": coords.describe(),
-           "optimizer": s.optimizer, "sr3_nu": s.sr3_nu, "report_t0": report_t0,
+           "optimizer": s.optimizer, "sr3_nu": s.sr3_nu, "term_budget": s.term_budget, "report_t0": report_t0,
            "alpha": s.alpha, "normalize": s.normalize, "n_thresholds": s.n_thresholds, "n_groups": plan["n_groups"],
            "n_bootstrap": s.n_bootstrap, "poor_r2": s.poor_r2, "integrator": s.integrator, "stage_times": times,
            "source": tset.source, "warnings": plan["warnings"],

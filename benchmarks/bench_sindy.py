@@ -39,9 +39,7 @@ def planted(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def gram_fit(lib: Library, z, t, y, device: torch.device, chunk: int) -> np.ndarray:
     """Our path: stream the library in chunks into float64 statistics on ``device``, then 16 STLSQ fits."""
-    stats = GramStats.zeros(lib.n_terms, D, device)
-    for i in range(0, z.shape[0], chunk):
-        stats.update(lib.transform(z[i : i + chunk], t[i : i + chunk]), y[i : i + chunk])
+    stats = GramStats.from_library(lib, [(z, t, y)], device=device, chunk_size=chunk)
     sync(device)
     return STLSQ(threshold=THRESHOLD, alpha=ALPHA).fit_gram(stats).coef_
 
