@@ -12,9 +12,13 @@ ARGS   ?=
 CLASSIFIER_EPOCHS ?= 2
 # Stamp changes when the dependency list changes, so edits to setup.cfg reinstall.
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
-ACCEL  := $(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu.yaml
+# training.launch wraps `accelerate launch`: it forwards SIGTERM/SIGUSR1/SIGINT to the workers
+# (checkpoint and stop) and exits 75 when a stage stopped before it finished (README, "Exit codes").
+# The thread count is explicit so that accelerate does not warn about choosing it.
+CPU_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
+ACCEL  := $(PY) -m training.launch --config_file configs/accelerate/cpu.yaml --num_cpu_threads_per_process $(CPU_THREADS)
 ifneq ($(shell command -v nvidia-smi 2>/dev/null),)
-ACCEL  := $(VENV)/bin/accelerate launch --config_file configs/accelerate/single_gpu.yaml
+ACCEL  := $(PY) -m training.launch --config_file configs/accelerate/single_gpu.yaml
 endif
 
 .PHONY: run test install data clean-runs bench
@@ -37,17 +41,21 @@ data: $(STAMP)
 
 run: $(STAMP)
 	@set -e; \
+	stage() { name=$$1; shift; rc=0; "$$@" || rc=$$?; \
+	  if [ $$rc = 75 ]; then echo "make run: the $$name stage stopped at a checkpoint before it finished (exit 75);" \
+	    "run the same make command again to resume it" >&2; exit 75; fi; \
+	  [ $$rc = 0 ] || exit $$rc; }; \
 	eval "$$($(PY) -c "from training.config import load_config as L; c = L('$(CONFIG)', '$(ARGS)'.split()); print(f'shards={c.data.shards} rundir={c.run.dir} classifier={c.dit.classifier}')")"; \
 	echo "== 1/5 data -> $$shards"; \
 	$(PY) -m data_pipeline.prepare --out $$shards; \
 	echo "== 2/5 autoencoder -> $$rundir"; \
-	$(ACCEL) training/train_ae.py --config $(CONFIG) resume=auto $(ARGS); \
+	stage autoencoder $(ACCEL) training/train_ae.py --config $(CONFIG) resume=auto $(ARGS); \
 	echo "== 3/5 latents"; \
 	$(PY) training/encode_latents.py --config $(CONFIG) $(ARGS); \
 	if [ ! -f $$classifier ]; then echo "== classifier for FD-MNIST -> $$classifier"; mkdir -p $$(dirname $$classifier); \
 	  $(PY) -m analysis.quality train --shards $$shards --out $$classifier --epochs $(CLASSIFIER_EPOCHS); fi; \
 	echo "== 4/5 DiT"; \
-	$(ACCEL) training/train_dit.py --config $(CONFIG) resume=auto $(ARGS); \
+	stage DiT $(ACCEL) training/train_dit.py --config $(CONFIG) resume=auto $(ARGS); \
 	echo "== 5/5 equation discovery (Ray)"; \
 	$(PY) analysis/sindy_job.py --config $(CONFIG) $(ARGS); \
 	echo; echo "Outputs in $$rundir:"; ls $$rundir; \

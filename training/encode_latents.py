@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -30,9 +31,16 @@ from training.stage import file_sha256, load_autoencoder, load_split
 
 
 @torch.no_grad()
-def encode_split(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """(N, 1, 28, 28) -> (N, T, C) float32 on the CPU."""
-    out = [model.encode(images[i:i + batch_size]).float().cpu() for i in range(0, images.shape[0], batch_size)]
+def encode_split(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
+                 progress_s: float = 10.0, label: str = "") -> torch.Tensor:
+    """(N, 1, 28, 28) -> (N, T, C) float32 on the CPU, printing a progress line every ``progress_s``."""
+    out, n = [], images.shape[0]
+    t_last = time.perf_counter()
+    for i in range(0, n, batch_size):
+        out.append(model.encode(images[i:i + batch_size]).float().cpu())
+        if label and time.perf_counter() - t_last >= progress_s:
+            print(f"latents: {label}: encoded {min(i + batch_size, n)}/{n}", flush=True)
+            t_last = time.perf_counter()
     return torch.cat(out)
 
 
@@ -60,9 +68,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     shapes = {}
     for split in ("train", "test"):
+        t0 = time.perf_counter()
+        print(f"latents: {split}: reading {cfg.data.shards}", flush=True)
         images, labels = load_split(cfg, split, device)
-        z = encode_split(model, images, cfg.latents.batch_size)
+        print(f"latents: {split}: encoding {images.shape[0]} images with the {meta['kind']} autoencoder on "
+              f"{device}", flush=True)
+        z = encode_split(model, images, cfg.latents.batch_size, label=split)
         shapes[split] = list(z.shape)
+        print(f"latents: {split}: {list(z.shape)} in {time.perf_counter() - t0:.1f} s", flush=True)
         _save_atomic({"latents": z, "labels": labels.cpu().long()}, out / f"{split}.safetensors",
                      {"ae_sha256": ae_digest, "kind": meta["kind"]})
         if split == "train":

@@ -2,14 +2,20 @@
 
 Checkpoints are Accelerate ``save_state`` folders written under a temporary name and renamed
 into place once every rank has written its part, so a run killed mid-save never leaves a
-folder that ``resume=auto`` would pick up. Our own state (step counters, per-rank noise
-generators, EMA) is stored as JSON and safetensors beside Accelerate's files rather than
-through ``register_for_checkpointing``, which pickles and loads with ``weights_only=False``.
+folder that ``resume=auto`` would pick up. The last file written into a checkpoint is
+``checkpoint.sha256`` (``sha256sum -c`` format) over every other file, all fsynced first: a
+folder without it, or whose files no longer match it (a truncated copy, a disk error), is
+skipped by ``resume=auto`` in favour of the previous intact one. Our own state (step
+counters, per-rank noise generators, EMA) is stored as JSON and safetensors beside
+Accelerate's files rather than through ``register_for_checkpointing``, which pickles and
+loads with ``weights_only=False``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import hashlib
 import json
 import math
 import os
@@ -17,6 +23,7 @@ import re
 import shutil
 import signal
 import sys
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +36,18 @@ from safetensors.torch import load_file, save_file
 from training.config import Config, ConfigError, OptimConfig, load_config
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
+MANIFEST = "checkpoint.sha256"
+"""Written last into every checkpoint: ``<sha256>  <relative path>`` per file."""
+
+PREEMPTED_EXIT = 75
+"""Exit code of a stage that checkpointed and stopped for a signal (preemption, time limit)
+before it finished: its final outputs are not written; rerun with ``resume=auto`` to continue.
+75 is EX_TEMPFAIL of sysexits.h ("temporary failure, retry"), distinct from success (0),
+a crash (1) and bad input (2)."""
+
+LAUNCH_DIR_ENV = "LATENT_SINDY_LAUNCH_DIR"
+"""Set by ``python -m training.launch`` for its workers: a folder where a ``stop`` file asks
+them to checkpoint and stop, and where a stopped worker leaves ``preempted`` (see launch.py)."""
 
 
 class UserError(RuntimeError):
@@ -87,7 +106,13 @@ def make_optimizer(params, opt: OptimConfig, device: torch.device) -> torch.opti
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float):
-    """Linear warmup to the peak LR, then cosine annealing to ``peak * min_ratio`` at ``total``."""
+    """Linear warmup to the peak LR, then cosine annealing to ``peak * min_ratio`` at ``total``.
+
+    ``total`` and ``warmup`` count optimizer steps, and the training loop steps the scheduler
+    once per optimizer step itself. Do not pass it through ``Accelerator.prepare``: Accelerate's
+    wrapper steps it once per *process* per optimizer step (it assumes the schedule was sized
+    for one process), which on N processes ran the schedule N times too fast.
+    """
 
     def factor(step: int) -> float:
         if warmup > 0 and step < warmup:
@@ -96,6 +121,20 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def restore_scheduler(scheduler, step: int) -> None:
+    """Put ``scheduler`` (and its optimizer's LR) where it is after ``step`` optimizer steps.
+
+    The schedule is a pure function of the step (LambdaLR has no other state), so checkpoints
+    do not store it; this also makes the LR of a resumed run independent of how it was saved.
+    """
+    with warnings.catch_warnings():
+        # torch warns that the scheduler steps before the optimizer: here that is the point.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`",
+                                category=UserWarning)
+        scheduler.last_epoch = step - 1
+        scheduler.step()
 
 
 @dataclass
@@ -109,33 +148,138 @@ class TrainState:
 
 
 class StopFlag:
-    """Set by SIGUSR1/SIGTERM (Slurm's preemption warning); the loop checkpoints and exits."""
+    """Set by SIGUSR1/SIGTERM (Slurm's preemption warning) or the launcher's stop file; the loop
+    checkpoints and exits."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        launch_dir = os.environ.get(LAUNCH_DIR_ENV)
+        self._stop_file = Path(launch_dir) / "stop" if launch_dir else None
 
     def install(self) -> "StopFlag":
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handler)
+        _stop_when_parent_dies()
         return self
 
     def _handler(self, signum, frame) -> None:  # noqa: ARG002
         self.signum = signum
 
     def __bool__(self) -> bool:
+        if self.signum is None and self._stop_file is not None and self._stop_file.exists():
+            self.signum = signal.SIGUSR1
         return self.signum is not None
 
 
+def _stop_when_parent_dies() -> None:
+    """Ask Linux for SIGUSR1 when the launcher that started this worker dies.
+
+    A signal that kills ``accelerate launch`` (its simple launcher does not handle SIGUSR1 or
+    SIGTERM; torchrun's workers run in their own session) would otherwise orphan this worker,
+    which would train on unseen. With PR_SET_PDEATHSIG it checkpoints and exits instead. The
+    standard library has no binding for prctl, hence ctypes; elsewhere this is a no-op.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGUSR1), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before the request was in place
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def exit_preempted() -> None:
+    """Leave a stage that checkpointed for a stop request without its final outputs.
+
+    Under ``python -m training.launch`` the worker records the preemption in the launch folder
+    and exits 0, because ``accelerate launch`` turns any nonzero worker exit into a traceback and
+    exit 1; the wrapper then exits with PREEMPTED_EXIT. Run directly, it exits PREEMPTED_EXIT.
+    """
+    launch_dir = os.environ.get(LAUNCH_DIR_ENV)
+    if launch_dir and Path(launch_dir).is_dir():
+        (Path(launch_dir) / f"preempted.{os.getpid()}").touch()
+        sys.exit(0)
+    sys.exit(PREEMPTED_EXIT)
+
+
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary folders of killed saves are ignored)."""
+    """Checkpoint folders, oldest first (temporary folders of killed saves are ignored).
+
+    Whether one is intact is ``verify_checkpoint``'s business.
+    """
     if not ckpt_root.is_dir():
         return []
-    done = [p for p in ckpt_root.iterdir() if CKPT_RE.match(p.name) and (p / "train_state.json").is_file()]
-    return sorted(done, key=lambda p: p.name)
+    return sorted((p for p in ckpt_root.iterdir() if CKPT_RE.match(p.name) and p.is_dir()), key=lambda p: p.name)
 
 
-def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
-    """Map the ``resume`` setting to a checkpoint folder (or None for a fresh start)."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(folder: Path) -> None:
+    """fsync every file of ``folder``, then write and fsync MANIFEST over them (last)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    lines = []
+    for p in files:
+        _fsync(p)
+        lines.append(f"{_sha256(p)}  {p.relative_to(folder).as_posix()}\n")
+    for d in {p.parent for p in files} | {folder}:
+        _fsync(d)
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text("".join(lines))
+    _fsync(tmp)
+    os.replace(tmp, folder / MANIFEST)
+    _fsync(folder)
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if ``path`` is a complete checkpoint whose files match its MANIFEST, else why not."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST} (incomplete or written by an older version)"
+    try:
+        entries = [line.split("  ", 1) for line in manifest.read_text().splitlines()]
+    except (OSError, UnicodeDecodeError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    if not entries or any(len(e) != 2 for e in entries):
+        return f"malformed {MANIFEST}"
+    for digest, rel in entries:
+        f = path / rel
+        if ".." in Path(rel).parts or not f.is_file():
+            return f"{rel} is missing"
+        if _sha256(f) != digest:
+            return f"{rel} does not match its recorded sha256 (truncated or corrupted)"
+    if not (path / "train_state.json").is_file():
+        return "no train_state.json"
+    return None
+
+
+def resolve_resume(resume: str, ckpt_root: Path,
+                   warn: Callable[[str], None] | None = None) -> Path | None:
+    """Map the ``resume`` setting to a checkpoint folder (or None for a fresh start).
+
+    ``resume=auto`` takes the newest intact checkpoint; each broken one newer than it is
+    reported through ``warn`` (one line each) and skipped.
+
+    Raises:
+        UserError: ``resume=none`` over existing checkpoints, or ``resume=PATH`` to a folder that
+            is not an intact checkpoint.
+    """
     found = list_checkpoints(ckpt_root)
     if resume == "none":
         if found:
@@ -143,18 +287,28 @@ def resolve_resume(resume: str, ckpt_root: Path) -> Path | None:
                             "continue, or pick another run.name")
         return None
     if resume == "auto":
-        return found[-1] if found else None
+        for path in reversed(found):
+            problem = verify_checkpoint(path)
+            if problem is None:
+                return path
+            if warn is not None:
+                warn(f"warning: resume=auto: skipping checkpoint {path}: {problem}")
+        return None
     path = Path(resume)
-    if not (path / "train_state.json").is_file():
-        raise UserError(f"resume={resume}: not a complete checkpoint folder (no train_state.json)")
+    if not path.is_dir():
+        raise UserError(f"resume={resume}: no such checkpoint folder")
+    problem = verify_checkpoint(path)
+    if problem is not None:
+        raise UserError(f"resume={resume}: not an intact checkpoint: {problem}")
     return path
 
 
 def save_checkpoint(acc: Accelerator, ckpt_root: Path, state: TrainState, keep: int,
                     generator: torch.Generator, extra: dict[str, torch.Tensor] | None = None) -> Path:
-    """Save model/optimizer/scheduler (Accelerate), our counters, this rank's generator and ``extra``.
+    """Save model/optimizer (Accelerate), our counters, this rank's generator and ``extra``.
 
-    All ranks must call this (Accelerate's save_state is collective under DeepSpeed).
+    All ranks must call this (Accelerate's save_state is collective under DeepSpeed). The LR
+    scheduler is not saved: it is a function of ``state.step`` (see ``restore_scheduler``).
     """
     final = ckpt_root / f"step_{state.step:08d}"
     tmp = ckpt_root / f".tmp-step_{state.step:08d}"
@@ -171,18 +325,36 @@ def save_checkpoint(acc: Accelerator, ckpt_root: Path, state: TrainState, keep: 
             save_file({k: v.detach().float().cpu().contiguous() for k, v in extra.items()},
                       str(tmp / "extra.safetensors"))
         (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=1))
+        write_manifest(tmp)
         if final.exists():  # re-saving the same step (e.g. end of a resumed run)
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync(ckpt_root)
         for old in list_checkpoints(ckpt_root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
     return final
 
 
+def set_aside_newer(ckpt_root: Path, step: int) -> list[Path]:
+    """Rename broken checkpoints newer than ``step`` (those resume=auto skipped) to
+    ``corrupt-step_*``, so that pruning old checkpoints never keeps them over intact ones."""
+    moved = []
+    for p in list_checkpoints(ckpt_root):
+        if int(CKPT_RE.match(p.name).group(1)) > step and verify_checkpoint(p) is not None:
+            dest = p.with_name("corrupt-" + p.name)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(p, dest)
+            moved.append(dest)
+    return moved
+
+
 def check_checkpoint(path: Path, expect_digest: str) -> TrainState:
     """Read a checkpoint's counters; refuse one written with another model/optimizer configuration."""
-    state = TrainState(**json.loads((path / "train_state.json").read_text()))
+    try:
+        state = TrainState(**json.loads((path / "train_state.json").read_text()))
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"checkpoint {path}: unreadable train_state.json ({e})") from None
     if state.config_digest and state.config_digest != expect_digest:
         raise UserError(f"checkpoint {path} was written with a different model/optimizer configuration "
                         f"(digest {state.config_digest} != {expect_digest}); resume it with its own "
@@ -190,16 +362,18 @@ def check_checkpoint(path: Path, expect_digest: str) -> TrainState:
     return state
 
 
-def preflight_resume(resume: str, ckpt_root: Path, expect_digest: str) -> Path | None:
-    """The checkpoint to resume from (None: a fresh start), checked before any output is written.
+def preflight_resume(resume: str, ckpt_root: Path, expect_digest: str,
+                     warn: Callable[[str], None] | None = None) -> tuple[Path | None, int]:
+    """The checkpoint to resume from (None: a fresh start) and its step, checked before any
+    output is written.
 
     Raises:
         UserError: ``resume`` cannot be honoured (see ``resolve_resume`` and ``check_checkpoint``).
     """
-    path = resolve_resume(resume, ckpt_root)
-    if path is not None:
-        check_checkpoint(path, expect_digest)
-    return path
+    path = resolve_resume(resume, ckpt_root, warn)
+    if path is None:
+        return None, 0
+    return path, check_checkpoint(path, expect_digest).step
 
 
 def load_checkpoint(acc: Accelerator, path: Path, generator: torch.Generator,
@@ -211,6 +385,8 @@ def load_checkpoint(acc: Accelerator, path: Path, generator: torch.Generator,
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"checkpoint {path} does not fit this model: {first}") from None
+    except (OSError, EOFError, ValueError) as e:  # changed on disk after it was verified
+        raise UserError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from None
     gfile = path / f"generator_rank{acc.process_index}.safetensors"
     if not gfile.is_file():
         raise UserError(f"{gfile} is missing: the checkpoint was written with fewer processes than this run")

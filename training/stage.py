@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,17 +180,24 @@ def start_stage(acc, cfg: Config, stage: str, digest: str) -> tuple[Path, Path |
 
     Runs before the first training step and before anything is written, so a resume that
     cannot be honoured (another configuration, a fresh start over old checkpoints) leaves the
-    run folder as it was.
+    run folder as it was. TensorBoard events past the resumed step (logged by the interrupted
+    run after its last checkpoint) are purged, so each step reads back once.
 
     Returns:
         The stage's checkpoint folder ``runs/<name>/checkpoints/<stage>`` and the checkpoint to
         resume from (None for a fresh start).
     """
     ckpt_root = cfg.run.dir / "checkpoints" / stage
-    ckpt = preflight_resume(cfg.resume, ckpt_root, digest)
+    def warn(line: str) -> None:
+        if acc.is_main_process:
+            print(line, file=sys.stderr, flush=True)
+
+    ckpt, step = preflight_resume(cfg.resume, ckpt_root, digest, warn)
     if acc.is_main_process:
         save_config(cfg, cfg.run.dir)
-    acc.init_trackers(stage)
+    # purge_step: readers drop this stage's earlier events from that step on (all of them on a
+    # fresh start, which may reuse a folder whose checkpoints were deleted).
+    acc.init_trackers(stage, init_kwargs={"tensorboard": {"purge_step": step + 1 if ckpt else 0}})
     if acc.is_main_process:
         acc.get_tracker("tensorboard", unwrap=True).add_text("config", f"```\n{to_yaml(cfg)}\n```", 0)
     return ckpt_root, ckpt

@@ -25,8 +25,8 @@ from models.autoencoder import build_autoencoder
 from training.batches import StreamBatches, TensorBatches
 from training.config import Config
 from training.loop import Hooks, run_loop
-from training.runtime import (StopFlag, cosine_with_warmup, make_accelerator, make_optimizer,
-                              parse_cli, run_cli, save_weights, seed_everything, total_steps)
+from training.runtime import (StopFlag, cosine_with_warmup, exit_preempted, make_accelerator,
+                              make_optimizer, parse_cli, run_cli, save_weights, seed_everything, total_steps)
 from training.stage import load_images, optim_digest, param_digest, start_stage
 
 STAGE = "ae"
@@ -77,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     optimizer = make_optimizer(model.parameters(), cfg.ae, acc.device)
     total = total_steps(cfg.ae, batches.batches_per_epoch)
     scheduler = cosine_with_warmup(optimizer, cfg.ae.warmup_steps, total, cfg.ae.min_lr_ratio)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    # Not the scheduler: prepare() would step it once per process (see cosine_with_warmup).
+    model, optimizer = acc.prepare(model, optimizer)
     raw = acc.unwrap_model(model)
 
     digest = optim_digest(cfg.ae, cfg.run.seed)
@@ -99,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       Hooks(log_images=log_images), StopFlag().install(), desc="ae")
     if result.stopped_early:
         acc.end_training()
-        return
+        exit_preempted()
 
     # 4. Evaluate and export (main process). Every rank reports a digest of its parameters so a
     # multi-process run shows that data parallelism kept the replicas identical.

@@ -28,8 +28,8 @@ from training.batches import TensorBatches
 from training.config import Config, to_dict
 from training.ema import EMA
 from training.loop import Hooks, run_loop
-from training.runtime import (StopFlag, UserError, cosine_with_warmup, make_accelerator, make_optimizer,
-                              parse_cli, run_cli, save_weights, seed_everything, total_steps)
+from training.runtime import (StopFlag, UserError, cosine_with_warmup, exit_preempted, make_accelerator,
+                              make_optimizer, parse_cli, run_cli, save_weights, seed_everything, total_steps)
 from training.stage import load_autoencoder, load_latent_data, optim_digest, start_stage
 
 STAGE = "dit"
@@ -116,7 +116,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     scheduler = cosine_with_warmup(optimizer, cfg.dit.warmup_steps, total, cfg.dit.min_lr_ratio)
     if cfg.dit.compile:
         model = torch.compile(model)
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    # Not the scheduler: prepare() would step it once per process (see cosine_with_warmup).
+    model, optimizer = acc.prepare(model, optimizer)
     raw = acc.unwrap_model(model, keep_torch_compile=False)
     ema.bind(raw)
     ema.model.to(acc.device)
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                       hooks, StopFlag().install(), desc="dit")
     if result.stopped_early:
         acc.end_training()
-        return
+        exit_preempted()
 
     # 4. Export (main process): weights, EMA weights, metadata, final EMA samples.
     if acc.is_main_process:
