@@ -46,7 +46,7 @@ def test_gpu_job_on_a_cpu_partition_fails_before_sbatch(slurm, tmp_path, mnist_s
 
 
 def _steps_done(run_dir, total: int) -> int:
-    found = re.findall(rf"(\d+)/{total} \[", log_text(run_dir))
+    found = re.findall(rf"step (\d+)/{total} ", log_text(run_dir))  # plain progress lines (no TTY)
     return max(map(int, found), default=0)
 
 

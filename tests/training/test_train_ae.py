@@ -103,7 +103,7 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, mnist_shards):
 
 
 def test_stop_signal_checkpoints_and_resumes(tmp_path, mnist_shards):
-    """SIGUSR1 (Slurm's preemption warning) -> checkpoint at the next step and exit 0."""
+    """SIGUSR1 (Slurm's preemption warning) -> checkpoint at the next step and exit 75 (preempted)."""
     extra = ("ae.max_steps=2000", "ae.checkpoint_every=1000", "ae.kind=conv")
     proc = subprocess.Popen([sys.executable, TRAIN_AE, *smoke_args(tmp_path, mnist_shards, *extra)], cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
@@ -116,7 +116,7 @@ def test_stop_signal_checkpoints_and_resumes(tmp_path, mnist_shards):
     time.sleep(1.0)
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 75, out
     assert "exiting for requeue" in out
     ckpts = list((tmp_path / "smoke" / "checkpoints" / "ae").glob("step_*"))
     assert len(ckpts) == 1 and not (tmp_path / "smoke" / "ae.safetensors").exists()
