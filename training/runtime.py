@@ -176,10 +176,18 @@ def _stop_when_parent_dies() -> None:
 
     A signal that kills ``accelerate launch`` (its simple launcher does not handle SIGUSR1 or
     SIGTERM; torchrun's workers run in their own session) would otherwise orphan this worker,
-    which would train on unseen. With PR_SET_PDEATHSIG it checkpoints and exits instead. The
+    which would train on unseen. With PR_SET_PDEATHSIG it checkpoints and exits instead. Only
+    under a launcher: a worker started from a shell (``nohup``, ``setsid``) must outlive it. The
     standard library has no binding for prctl, hence ctypes; elsewhere this is a no-op.
     """
     if not sys.platform.startswith("linux"):
+        return
+    ppid = os.getppid()
+    try:
+        parent = Path(f"/proc/{ppid}/cmdline").read_bytes().replace(b"\0", b" ")
+    except OSError:
+        return
+    if b"accelerate" not in parent and b"torch.distributed" not in parent and b"torchrun" not in parent:
         return
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -187,7 +195,7 @@ def _stop_when_parent_dies() -> None:
         libc.prctl(pr_set_pdeathsig, int(signal.SIGUSR1), 0, 0, 0)
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the launcher died before the request was in place
+    if os.getppid() != ppid:  # the launcher died before the request was in place
         os.kill(os.getpid(), signal.SIGUSR1)
 
 

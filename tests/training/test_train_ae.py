@@ -100,6 +100,10 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, mnist_shards):
     resumed = run_entry([sys.executable, TRAIN_AE, *smoke_args(cut_root, mnist_shards, *extra, "resume=auto")])
     assert "resumed from" in resumed.stdout
     assert_same_weights(ref_root / "smoke" / "ae.safetensors", cut_root / "smoke" / "ae.safetensors")
+    # What the killed run logged after its checkpoint is purged: every step reads back once.
+    ea = EventAccumulator(str(cut_root / "smoke" / "tb" / "ae"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("train/loss")] == list(range(5, 301, 5))
 
 
 def test_stop_signal_checkpoints_and_resumes(tmp_path, mnist_shards):
