@@ -13,6 +13,7 @@ the same global batch. The device is synchronised only at log, checkpoint and st
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -165,7 +166,7 @@ def run_loop(acc: Accelerator, model: torch.nn.Module, optimizer, scheduler, bat
             extra = hooks.extra_state() if hooks.extra_state else None
             save_checkpoint(acc, ckpt_root, state, opt.keep_checkpoints, generator, extra)
         if stopping and not last:
-            acc.print(f"signal {stop.signum}: checkpointed at step {state.step}, exiting for requeue")
+            acc.print(f"{signal.Signals(stop.signum).name}: checkpointed at step {state.step}, exiting for requeue")
             result.stopped_early = True
             break
     bar.close()
