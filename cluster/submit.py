@@ -162,12 +162,13 @@ def _accelerate_launch(cfg: Config, stage: Stage, args: list[str]) -> tuple[str,
         srun_cpus = ['--cpus-per-task="$SLURM_CPUS_ON_NODE"']
         env = "export ACCELERATE_USE_CPU=true"
     # One task per node runs `accelerate launch` for that node; the machine rank is the node's
-    # index, known only inside the task. The launcher ignores USR1 (inherited as ignored), so the
-    # preemption signal leaves it running while its workers, which install their own handler,
-    # checkpoint and exit; it then exits with their status.
+    # index, known only inside the task. training.launch (accelerate launch that keeps the stage's
+    # exit code) installs its own handler and the accelerate launcher it starts ignores USR1, so
+    # the preemption signal leaves them running while the workers checkpoint and exit; the task
+    # then exits 75 (preempted), which train.sh.in requeues.
     lines = ['srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 '
              + " ".join(srun_cpus + ["--kill-on-bad-exit=1"]),
-             """  bash -c 'trap "" USR1; exec "$PY" -m accelerate.commands.launch --machine_rank "$SLURM_NODEID" "$@"' accelerate-launch""",
+             """  bash -c 'trap "" USR1; exec "$PY" -m training.launch --machine_rank "$SLURM_NODEID" "$@"' accelerate-launch""",
              "  " + " ".join(accel[:2]),
              "  " + " ".join(accel[2:5]),
              "  " + " ".join(accel[5:]),

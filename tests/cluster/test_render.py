@@ -32,7 +32,7 @@ def test_multinode_training_script(tmp_path):
     # One `accelerate launch` per node: rank = node index, rank 0's address = the first node.
     assert 'srun --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1' in text
     assert 'MAIN_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)' in text
-    assert '-m accelerate.commands.launch --machine_rank "$SLURM_NODEID"' in text
+    assert '-m training.launch --machine_rank "$SLURM_NODEID"' in text
     for arg in ('--num_machines "$SLURM_NNODES"', '--num_processes "$((SLURM_NNODES * 8))"',
                 '--main_process_ip "$MAIN_ADDR"', '--main_process_port "$MAIN_PORT"',
                 "--config_file configs/accelerate/multi_gpu.yaml", "--mixed_precision bf16"):

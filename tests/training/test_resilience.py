@@ -62,6 +62,7 @@ def ae_runs(tmp_path_factory, mnist_shards) -> dict[int, Path]:
     return {1: root / "p1" / "smoke", 2: root / "p2" / "smoke", "accum": root / "ga" / "smoke"}
 
 
+@pytest.mark.slow
 def test_ae_lr_sequence_is_the_same_on_two_ranks(ae_runs):
     lr1, lr2, lr_accum = (scalars(ae_runs[n] / "tb" / "ae", "train/lr") for n in (1, 2, "accum"))
     assert [s for s, _ in lr1] == list(range(1, 13))
@@ -140,6 +141,7 @@ def _interrupted_copy(reference_run: Path, dest: Path) -> Path:
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CORRUPTIONS))
 def test_resume_auto_skips_a_corrupt_checkpoint(reference_run, tmp_path, mnist_shards, name):
     run = _interrupted_copy(reference_run, tmp_path / "cut")
