@@ -12,7 +12,8 @@ child and
   ``stop`` file they poll (torchrun starts workers in sessions of their own, so a signal to the
   launcher's process group would miss them) and sends SIGUSR1 to the launcher's process group,
   in which ``accelerate launch`` ignores it (SIG_IGN is inherited; the workers install their own
-  handler). A second signal kills the launcher's process group outright;
+  handler). A second Ctrl-C (SIGINT) kills the launcher's process group outright; repeated
+  SIGUSR1/SIGTERM only repeat the request (Slurm's job script re-sends USR1 while it waits);
 * exits with ``runtime.PREEMPTED_EXIT`` (75) when a worker stopped early (it leaves a
   ``preempted.*`` file in the launch folder), else with the launcher's exit code.
 """
@@ -47,19 +48,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args else 2
     launch_dir = Path(tempfile.mkdtemp(prefix="latent-sindy-launch-"))
     env = {**os.environ, LAUNCH_DIR_ENV: str(launch_dir)}
-    requests = 0
+    interrupts = 0
     child: subprocess.Popen | None = None
 
     def on_signal(signum, frame) -> None:  # noqa: ARG001
-        nonlocal requests
-        requests += 1
-        if requests == 1:
-            print(f"launch: got {signal.Signals(signum).name}: asking the stage to checkpoint and stop "
-                  "(send it again to kill)", file=sys.stderr, flush=True)
+        nonlocal interrupts
+        # Only a second Ctrl-C kills: Slurm's job script re-sends USR1 every 30 s, and Slurm
+        # follows its TERM with KILL by itself, so neither may cut a checkpoint short here.
+        if signum == signal.SIGINT:
+            interrupts += 1
+            if interrupts > 1:
+                _signal_group(child, signal.SIGKILL)
+                return
+        if not (launch_dir / "stop").exists():
+            hint = " (Ctrl-C again to kill)" if signum == signal.SIGINT else ""
+            print(f"launch: got {signal.Signals(signum).name}: asking the stage to checkpoint and stop{hint}",
+                  file=sys.stderr, flush=True)
             (launch_dir / "stop").touch()
-            _signal_group(child, signal.SIGUSR1)
-        else:
-            _signal_group(child, signal.SIGKILL)
+        _signal_group(child, signal.SIGUSR1)
 
     # Handlers first, so a signal arriving while the child starts is not lost (it waits in the
     # stop file); the child restores the defaults for SIGTERM/SIGINT itself (Python does).
