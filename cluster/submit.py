@@ -168,7 +168,7 @@ def _accelerate_launch(cfg: Config, stage: Stage, args: list[str]) -> tuple[str,
         env = ""
     else:
         # CPU: the ACCELERATE_USE_CPU + --multi_gpu recipe is the one that forms a real gloo group
-        # (`--cpu --num_processes N` runs one process; see ../shared/INFRA.md). The node's task
+        # (`--cpu --num_processes N` runs one process; see docs/REFERENCES.md). The node's task
         # runs all its processes, so it takes all the cores the job holds there.
         if s.nodes * s.cpu_processes_per_node > 1:
             accel = ["--multi_gpu", f'--num_processes "$((SLURM_NNODES * {s.cpu_processes_per_node}))"', *common]

@@ -233,7 +233,7 @@ class DiTConfig(OptimConfig):
 
 @dataclass
 class SindyConfig:
-    """Equation discovery (analysis/sindy_job.py); see ../shared/reference/sindy-diffusion-interpretability.md."""
+    """Equation discovery (analysis/sindy_job.py); the SINDy study it checks: docs/REFERENCES.md."""
 
     n_trajectories: int = 1000
     """Trajectories generated from the run's EMA DiT."""
