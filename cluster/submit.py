@@ -444,8 +444,14 @@ def cmd_submit(cfg: Config, stage_names: list[str], config_path: Path, overrides
 # CLI
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse prints the whole usage block first; the house rule is one line naming the problem.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cluster.submit", description=__doc__.split("\n")[0],
+    p = _OneLineParser(prog="python -m cluster.submit", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[1:]))
     p.add_argument("command", choices=[*STAGES, "pipeline", "status", "cancel"])

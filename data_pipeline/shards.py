@@ -289,8 +289,9 @@ def _atomic_write(directory: Path, name: str, payload: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, directory / name)
-    except BaseException:
-        # Disk full, permission denied, Ctrl-C: leave no half-written temp file behind.
+    except Exception:
+        # Disk full, permission denied: leave no half-written temp file behind. (A kill or Ctrl-C
+        # may leave one; the next run removes stale temp files before writing.)
         with suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
