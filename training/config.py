@@ -74,7 +74,8 @@ def _one_line(key: str, value: str) -> None:
 @dataclass
 class RunConfig:
     name: str = "local"
-    """Run name: outputs go to ``<root>/<name>/``."""
+    """Run name: outputs go to ``<root>/<name>/`` and Slurm jobs are named after it; 1-100 letters,
+    digits, '.', '_' or '-', starting with a letter or digit, no '..'."""
     root: str = "runs"
     """Folder that holds all runs."""
     seed: int = 0
