@@ -30,8 +30,8 @@ Reference library (``Library.reference(d)``), per target dimension:
 
     n_terms(d) = C(d + 3, 3) + 2 + 4 d  ->  d = 16: 969 + 2 + 64 = 1035.
 
-About "1,259 terms": the reference study (shared/reference/sindy-diffusion-
-interpretability.md) states 1,259 candidates for d = 16 but lists only the families above.
+About "1,259 terms": the reference study (the SINDy study in docs/REFERENCES.md, phase 4)
+states 1,259 candidates for d = 16 but lists only the families above.
 No combination of those families and of their natural extensions reproduces 1,259 (1259
 is prime): the families exactly as listed (1, z_i, z_i^2, z_i^3, z_i z_j with i < j, t,
 t^2, t z_i, t^2 z_i, exp(-t z_i), exp(-z_i^2)) give 1 + 3d + C(d, 2) + 2 + 4d = 235;

@@ -3,8 +3,8 @@
 References:
     S. L. Brunton, J. L. Proctor, J. N. Kutz, PNAS 113(15):3932, 2016 (a SINDy model is judged by
     simulating it, not only by its regression fit); U. Fasel et al., Proc. R. Soc. A 478:20210904,
-    2022 (inclusion probabilities from bagging). The study whose honesty we check:
-    ../shared/reference/sindy-diffusion-interpretability.md.
+    2022 (inclusion probabilities from bagging). The study whose honesty we check: the SINDy
+    study in docs/REFERENCES.md.
 
 Validation by integration: the discovered system dz/dt = Xi Theta(z, t) is integrated from the
 held-out trajectories' initial noise z(t=1) down to t = 0 on the sampler's grid t_k = 1 - k/T

@@ -5,7 +5,7 @@
     ray submit cluster/ray/local.yaml analysis/sindy_job.py --config ...
 
 Method: SINDy (Brunton, Proctor & Kutz, PNAS 2016) on denoising trajectories, as in
-../shared/reference/sindy-diffusion-interpretability.md, with held-out validation, the sampler's
+the SINDy study (docs/REFERENCES.md), with held-out validation, the sampler's
 drift as the default target and bagging (Fasel et al. 2022) for uncertainties.
 
 Stages (each reused on rerun when its outputs exist, so a preempted job resumes):

@@ -3,7 +3,7 @@
 References:
     S. L. Brunton, J. L. Proctor, J. N. Kutz, PNAS 113(15):3932, 2016 (SINDy needs the state
     derivative; finite differences are its usual estimate). The reference study
-    (../shared/reference/sindy-diffusion-interpretability.md, phase 3) uses
+    (docs/REFERENCES.md, the SINDy study, phase 3) uses
     z' ~ (z_{k+1} - z_{k-1}) / (2 dt) on DDPM trajectories.
 
 Why the drift is the default target: along a stochastic DDPM trajectory

@@ -6,7 +6,7 @@ References:
     Implicit Models", ICLR 2021 (DDIM, eta = 0: deterministic); Y. Song et al., "Score-Based
     Generative Modeling through Stochastic Differential Equations", ICLR 2021 (probability-flow
     ODE). The samplers themselves live in models/diffusion.py; this module only records them.
-    The study reproduced: ../shared/reference/sindy-diffusion-interpretability.md (phase 3).
+    The study reproduced: the SINDy study, phase 3 (docs/REFERENCES.md).
 
 Time convention (the one of models/diffusion.py, used everywhere in analysis/): state k of a
 trajectory sits at t = 1 - k/T (z_T first at t = 1, the sample z_0 last at t = 0), dt = 1/T, and

@@ -36,6 +36,12 @@ if __package__ in (None, ""):  # run as a file: make the repository importable
 from training.config import Config, ConfigError, load_config  # noqa: E402
 
 TEMPLATES = REPO / "cluster" / "slurm"
+_UNSAFE_SBATCH = re.compile(r"[\s'\"`$\\\x00-\x1f\x7f]")
+# Placeholders substituted without quoting must be plain words (the schema guarantees it; render
+# checks again so that a looser schema can never turn into a shell injection).
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9._-]*")
+_RAW_PLACEHOLDERS = ("stage", "run_name", "requeue", "signal_seconds", "main_process_port", "ray_port",
+                     "gpus_per_node")
 
 
 class SubmitError(RuntimeError):
@@ -137,6 +143,15 @@ def _sbatch_header(cfg: Config, stage: Stage) -> list[str]:
         opts.append(f"--signal=B:USR1@{s.signal_seconds}")
     opts.append("--requeue" if s.requeue else "--no-requeue")
     opts += list(s.sbatch_args)
+    for o in opts:
+        # sbatch splits #SBATCH lines on whitespace and interprets quotes, and a newline would end the
+        # comment and run the rest as shell. The config schema already refuses such names and
+        # options; this catches the paths (run.root, slurm.log_dir, the checkout) that end up here.
+        bad = _UNSAFE_SBATCH.search(o)
+        if bad:
+            raise SubmitError(f"#SBATCH {o!r} would contain {bad.group()!r}: job options cannot hold whitespace, "
+                              "quotes, '$', backticks, backslashes or control characters; use a run.root / "
+                              "slurm.log_dir / checkout path without them")
     return [f"#SBATCH {o}" for o in opts]
 
 
@@ -153,7 +168,7 @@ def _accelerate_launch(cfg: Config, stage: Stage, args: list[str]) -> tuple[str,
         env = ""
     else:
         # CPU: the ACCELERATE_USE_CPU + --multi_gpu recipe is the one that forms a real gloo group
-        # (`--cpu --num_processes N` runs one process; see ../shared/INFRA.md). The node's task
+        # (`--cpu --num_processes N` runs one process; see docs/REFERENCES.md). The node's task
         # runs all its processes, so it takes all the cores the job holds there.
         if s.nodes * s.cpu_processes_per_node > 1:
             accel = ["--multi_gpu", f'--num_processes "$((SLURM_NNODES * {s.cpu_processes_per_node}))"', *common]
@@ -215,12 +230,29 @@ def render(cfg: Config, stage_name: str, config_path: Path, overrides: Sequence[
         values["launch"], values["env"] = _accelerate_launch(cfg, stage, args)
     elif stage.launch == "single":
         values["launch"] = "srun --nodes=1 --ntasks=1 \"$PY\" " + " ".join([stage.script, *map(shlex.quote, args)])
+    for key in _RAW_PLACEHOLDERS:
+        if not _PLAIN_WORD.fullmatch(values[key]):
+            raise SubmitError(f"{key}={values[key]!r} is not a plain word and cannot go into a job script unquoted")
     template = (TEMPLATES / ("ray.sh.in" if stage.launch == "ray" else "train.sh.in")).read_text()
     text = re.sub(r"\{\{(\w+)\}\}", lambda m: values.get(m.group(1), m.group(0)), template)
     left = re.findall(r"\{\{\w+\}\}", text)
     if left:
         raise SubmitError(f"template placeholders without a value: {sorted(set(left))} (cluster/slurm/)")
+    check_syntax(text, stage.name)
     return text
+
+
+def check_syntax(text: str, stage_name: str) -> None:
+    """``bash -n`` on a rendered script: a slurm.setup line with an unclosed quote or bracket would
+    otherwise be found only when the job runs (and swallow the lines after it).
+
+    Raises:
+        SubmitError: bash's first complaint.
+    """
+    proc = subprocess.run(["bash", "-n"], input=text, capture_output=True, text=True)
+    if proc.returncode != 0:
+        first = (proc.stderr.strip().splitlines() or ["syntax error"])[0]
+        raise SubmitError(f"the {stage_name} job script is not valid bash ({first}); check slurm.setup")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,8 +445,14 @@ def cmd_submit(cfg: Config, stage_names: list[str], config_path: Path, overrides
 # CLI
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse prints the whole usage block first; the house rule is one line naming the problem.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m cluster.submit", description=__doc__.split("\n")[0],
+    p = _OneLineParser(prog="python -m cluster.submit", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[1:]))
     p.add_argument("command", choices=[*STAGES, "pipeline", "status", "cancel"])

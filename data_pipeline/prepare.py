@@ -4,8 +4,9 @@
     python -m data_pipeline.prepare --out DIR --verify
 
 Exit codes: 0 success (including "already up to date"), 1 ``--verify`` found mismatches,
-2 an expected error (bad argument, missing source, unwritable directory, ...), reported as
-one line on stderr without a traceback.
+2 an expected error (bad argument, missing source, unwritable directory, disk full, permission
+denied, ...), reported as one line on stderr without a traceback; a failed write removes its
+temporary file and leaves no manifest.
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = prepare_shards(args.out, shard_size=args.shard_size, source=args.source, progress=_progress)
     except (DataPipelineError, ValueError) as exn:
         print(f"error: {exn}", file=sys.stderr)
+        return 2
+    except OSError as exn:  # disk full, permission denied, read-only file system: the temp file is gone
+        where = f" ({exn.filename})" if exn.filename else ""
+        print(f"error: cannot write the shards to {args.out}: {exn.strerror or exn}{where}; free space, fix the "
+              "permissions or choose another --out", file=sys.stderr)
         return 2
     print(_summary(result))
     return 0

@@ -31,7 +31,7 @@ import re
 import struct
 import tarfile
 import zlib
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -283,11 +283,18 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 def _atomic_write(directory: Path, name: str, payload: bytes) -> None:
     """Write ``directory/name`` via a temp file in the same directory + fsync + os.replace."""
     tmp = directory / f"{TMP_PREFIX}{name}.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / name)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, directory / name)
+    except Exception:
+        # Disk full, permission denied: leave no half-written temp file behind. (A kill or Ctrl-C
+        # may leave one; the next run removes stale temp files before writing.)
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextmanager

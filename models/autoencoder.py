@@ -1,10 +1,10 @@
 """Autoencoders that give the diffusion model its latent space.
 
-- ``ConvAE``: the reference plain autoencoder (../shared/reference/latent-diffusion-mnist.md,
+- ``ConvAE``: the reference plain autoencoder (docs/REFERENCES.md, "Latent diffusion for MNIST",
   section 1): Conv(1->32, stride 2) -> ReLU -> Conv(32->6, stride 2) gives (B, 6, 7, 7), read as
   49 tokens of 6; a mirrored transposed-conv decoder produces logits; BCE-with-logits.
 - ``VAE16``: a 16-D variational autoencoder (Kingma & Welling 2014) as in the SINDy study
-  (../shared/reference/sindy-diffusion-interpretability.md); its latent is 16 tokens of 1.
+  (docs/REFERENCES.md); its latent is 16 tokens of 1.
 
 Both share one interface: ``encode(x) -> (B, N, C)`` latent tokens, ``decode(z) -> (B, 1, 28, 28)``
 logits, ``forward(x, generator) -> (loss, metrics)``, and ``latent_shape == (N, C)``.

@@ -1,6 +1,6 @@
 """DiT: a diffusion transformer with AdaLN-Zero conditioning and rotary position embeddings.
 
-Implements the denoiser of ../shared/reference/latent-diffusion-mnist.md, section 3:
+Implements the denoiser of the reference recipe (docs/REFERENCES.md, "Latent diffusion for MNIST", section 3):
 
 - DiT blocks with AdaLN-Zero (Peebles & Xie 2023, "Scalable Diffusion Models with Transformers",
   section 3.2): each block regresses (shift, scale, gate) x 2 from the time embedding ``c``;

@@ -58,7 +58,7 @@ def free_port() -> int:
 def accelerate_cmd(*, two_procs: bool = False) -> list[str]:
     """``accelerate launch`` for one CPU process, or for a real two-rank gloo group.
 
-    Two ranks need ACCELERATE_USE_CPU=true in the environment (see ../shared/INFRA.md).
+    Two ranks need ACCELERATE_USE_CPU=true in the environment (see docs/REFERENCES.md).
     """
     exe = str(Path(sys.executable).parent / "accelerate")
     if two_procs:

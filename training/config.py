@@ -10,10 +10,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -39,17 +41,51 @@ def _non_negative(section: str, **values: float) -> None:
         _check(v >= 0, f"{section}.{k} must be >= 0, got {v}")
 
 
+def _at_most(section: str, bound: float, **values: float) -> None:
+    for k, v in values.items():
+        _check(v <= bound, f"{section}.{k} must be <= {bound}, got {v}")
+
+
+# Names become folder names, Slurm job names and words of generated shell scripts: a strict
+# pattern (no shell metacharacters, whitespace, quotes or path separators) keeps all three safe.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _name(key: str, value: str) -> None:
+    _check(NAME_RE.fullmatch(value) is not None and ".." not in value,
+           f"{key} must be 1-100 characters of letters, digits, '.', '_' or '-', starting with a letter or "
+           f"digit and without '..', got {value!r}")
+
+
+# Slurm partition/account/qos names, constraint expressions and single sbatch options as #SBATCH
+# values (sbatch splits #SBATCH lines on whitespace and interprets quotes).
+SLURM_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}")
+SLURM_NAMES_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,127}(,[A-Za-z0-9_][A-Za-z0-9._+-]{0,127})*")
+CONSTRAINT_RE = re.compile(r"[A-Za-z0-9_.:*&|,!\[\]()-]{1,512}")
+SBATCH_ARG_RE = re.compile(r"--?[A-Za-z][A-Za-z0-9-]*(=[^\s'\"`$\\\x00-\x1f\x7f]+)?")
+
+
+def _one_line(key: str, value: str) -> None:
+    """Paths and shell lines: a newline or other control character would split a generated script line."""
+    _check(_CONTROL_RE.search(value) is None, f"{key} must not contain newlines or control characters, got {value!r}")
+
+
 @dataclass
 class RunConfig:
     name: str = "local"
-    """Run name: outputs go to ``<root>/<name>/``."""
+    """Run name: outputs go to ``<root>/<name>/`` and Slurm jobs are named after it; 1-100 letters,
+    digits, '.', '_' or '-', starting with a letter or digit, no '..'."""
     root: str = "runs"
     """Folder that holds all runs."""
     seed: int = 0
     """Seed for model init, data order and noise; a run is a pure function of config + seed."""
 
     def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, f"run.name must be a plain folder name, got {self.name!r}")
+        _name("run.name", self.name)
+        _check(bool(self.root), "run.root must be a folder, got ''")
+        _one_line("run.root", self.root)
+        _check(0 <= self.seed < 2**32, f"run.seed must be in [0, 2**32), got {self.seed}")
 
     @property
     def dir(self) -> Path:
@@ -78,6 +114,12 @@ class DataConfig:
         _check(self.on_error in ("raise", "skip"), f"data.on_error must be 'raise' or 'skip', got {self.on_error!r}")
         _positive("data", shard_size=self.shard_size, shuffle_buffer=self.shuffle_buffer)
         _non_negative("data", num_workers=self.num_workers)
+        # MNIST's training split is 60,000 images: a larger shard or buffer only costs memory.
+        _at_most("data", 60000, shard_size=self.shard_size, shuffle_buffer=self.shuffle_buffer)
+        _at_most("data", 64, num_workers=self.num_workers)
+        _check(bool(self.shards), "data.shards must be a folder, got ''")
+        _one_line("data.shards", self.shards)
+        _one_line("data.source", self.source)
 
 
 @dataclass
@@ -192,7 +234,7 @@ class DiTConfig(OptimConfig):
 
 @dataclass
 class SindyConfig:
-    """Equation discovery (analysis/sindy_job.py); see ../shared/reference/sindy-diffusion-interpretability.md."""
+    """Equation discovery (analysis/sindy_job.py); the SINDy study it checks: docs/REFERENCES.md."""
 
     n_trajectories: int = 1000
     """Trajectories generated from the run's EMA DiT."""
@@ -333,8 +375,6 @@ class SlurmConfig:
     """Stages `python -m cluster.submit pipeline` chains with --dependency=afterok, in this order."""
 
     def __post_init__(self) -> None:
-        import re
-
         _positive("slurm", nodes=self.nodes, cpu_processes_per_node=self.cpu_processes_per_node)
         _non_negative("slurm", gpus_per_node=self.gpus_per_node, cpus_per_task=self.cpus_per_task,
                       signal_seconds=self.signal_seconds, main_process_port=self.main_process_port,
@@ -342,23 +382,42 @@ class SlurmConfig:
         _check(self.main_process_port < 65536 and self.ray_port < 65536,
                f"slurm ports must be < 65536, got main_process_port={self.main_process_port} "
                f"ray_port={self.ray_port}")
+        # Generous bounds that still catch a slipped digit before sbatch queues an impossible job.
+        _at_most("slurm", 4096, nodes=self.nodes)
+        _at_most("slurm", 64, gpus_per_node=self.gpus_per_node)
+        _at_most("slurm", 1024, cpu_processes_per_node=self.cpu_processes_per_node, cpus_per_task=self.cpus_per_task)
+        _at_most("slurm", 65535, signal_seconds=self.signal_seconds)  # sbatch --signal's own limit
         time_re = r"(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)"
         _check(self.time == "" or re.fullmatch(time_re, self.time) is not None,
                f"slurm.time must be a Slurm time limit like 04:00:00 or 1-12:00:00, got {self.time!r}")
         _check(self.mem == "" or re.fullmatch(r"\d+[KMGT]?", self.mem) is not None,
                f"slurm.mem must be a size like 64G or 0 (all of the node), got {self.mem!r}")
+        # These go into #SBATCH lines: a newline there would end the comment and run the rest as
+        # shell, and sbatch stops reading #SBATCH lines after it. Slurm's own names are plain words.
+        for key, value, pattern, example in (
+                ("partition", self.partition, SLURM_NAMES_RE, "gpu or gpu,cpu"),
+                ("account", self.account, SLURM_NAME_RE, "proj123"),
+                ("qos", self.qos, SLURM_NAME_RE, "normal"),
+                ("constraint", self.constraint, CONSTRAINT_RE, "a100|h100 or [rack1*2&rack2*4]")):
+            _check(value == "" or pattern.fullmatch(value) is not None,
+                   f"slurm.{key} must look like {example} (letters, digits and Slurm's operators only), "
+                   f"got {value!r}")
         _check(self.python == "" or self.python.startswith("/"),
                f"slurm.python must be an absolute path (jobs start in other shells), got {self.python!r}")
+        for key, value in (("python", self.python), ("log_dir", self.log_dir),
+                           ("accelerate_config", self.accelerate_config)):
+            _one_line(f"slurm.{key}", value)
         stages = ("train-ae", "encode", "train-dit", "sindy")
         _check(len(self.pipeline) > 0 and all(s in stages for s in self.pipeline),
                f"slurm.pipeline must be a non-empty list of {stages}, got {list(self.pipeline)}")
         _check(len(set(self.pipeline)) == len(self.pipeline),
                f"slurm.pipeline lists a stage twice: {list(self.pipeline)}")
         for arg in self.sbatch_args:
-            _check(arg.startswith("-") and "\n" not in arg,
-                   f"slurm.sbatch_args items must be single sbatch options like --exclusive, got {arg!r}")
+            _check(SBATCH_ARG_RE.fullmatch(arg) is not None,
+                   f"slurm.sbatch_args items must be single sbatch options like --exclusive or --mail-type=END "
+                   f"(no spaces, quotes, '$', backticks, backslashes or control characters), got {arg!r}")
         for line in self.setup:
-            _check("\n" not in line, f"slurm.setup items must be single shell lines, got {line!r}")
+            _one_line("slurm.setup items", line)
 
 
 @dataclass
@@ -388,6 +447,15 @@ def _format_omegaconf_error(e: OmegaConfBaseException) -> str:
     return msg
 
 
+def _format_yaml_error(path: Path, e: yaml.YAMLError) -> str:
+    """``configs/x.yaml:3:9: YAML syntax error: did not find expected ',' or ']'`` (one line)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    return f"{where}: YAML syntax error: {problem}" + (f" ({context})" if context else "")
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
     """Merge defaults <- YAML file <- dotted overrides and validate.
 
@@ -403,15 +471,24 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if path is not None:
             path = Path(path)
             _check(path.is_file(), f"config file not found: {path}")
-            loaded = OmegaConf.load(path)
+            try:
+                loaded = OmegaConf.load(path)
+            except yaml.YAMLError as e:
+                raise ConfigError(_format_yaml_error(path, e)) from None
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
             _check(loaded is None or OmegaConf.is_dict(loaded), f"{path}: the top level must be a mapping")
             if loaded is not None:
                 schema = OmegaConf.merge(schema, loaded)
         for item in overrides:
             _check("=" in item and not item.startswith("="),
                    f"override {item!r} is not of the form key=value (e.g. ae.lr=1e-3)")
-        if overrides:
-            schema = OmegaConf.merge(schema, OmegaConf.from_dotlist(list(overrides)))
+        for item in overrides:  # one at a time, so that a parse error names its override
+            try:
+                schema = OmegaConf.merge(schema, OmegaConf.from_dotlist([item]))
+            except yaml.YAMLError as e:
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
         cfg = OmegaConf.to_object(schema)
     except OmegaConfBaseException as e:
         raise ConfigError(_format_omegaconf_error(e)) from None

@@ -54,9 +54,15 @@ class UserError(RuntimeError):
     """An expected failure caused by input (missing files, mismatched runs): one-line message, exit 2."""
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        # argparse prints the whole usage block first; the house rule is one line naming the problem.
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_cli(argv: Sequence[str] | None, description: str) -> Config:
     """``--config X.yaml key=value ...`` -> validated Config."""
-    p = argparse.ArgumentParser(description=description)
+    p = _OneLineParser(description=description)
     p.add_argument("--config", required=True, help="YAML config (configs/smoke.yaml, local.yaml, gpu.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ae.lr=1e-3 resume=auto")
     args = p.parse_args(argv)
@@ -64,12 +70,23 @@ def parse_cli(argv: Sequence[str] | None, description: str) -> Config:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run an entry point, turning expected errors into one line on stderr and exit code 2."""
+    """Run an entry point, turning expected errors into one line on stderr and exit code 2.
+
+    Expected: bad config (including YAML syntax), UserError, a missing file, and the data
+    pipeline's errors (a corrupt shard met by the streaming loader mid-training names the shard).
+    """
+    from data_pipeline.sources import DataPipelineError  # light: no torch, no webdataset
+
     try:
         main(argv)
-    except (ConfigError, UserError, FileNotFoundError) as e:
+    except (ConfigError, UserError, FileNotFoundError, DataPipelineError) as e:
+        # A live progress bar has no newline yet: close it so the error gets a line of its own.
+        bars = getattr(sys.modules.get("tqdm"), "tqdm", None)
+        for bar in list(getattr(bars, "_instances", ())):
+            bar.close()
         prog = Path(sys.argv[0]).name
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split("\n"))  # one line even when a library's message has several
+        print(f"{prog}: error: {msg}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -2,7 +2,7 @@
 
     accelerate launch training/train_dit.py --config configs/X.yaml [key=value ...]
 
-Recipe (../shared/reference/latent-diffusion-mnist.md, section 4): AdamW lr 5e-4, cosine
+Recipe (docs/REFERENCES.md, "Latent diffusion for MNIST", section 4): AdamW lr 5e-4, cosine
 annealing, gradient clipping 1.0, batch 256, EMA 0.999 used for sampling and export.
 Writes into ``runs/<name>/``: dit.safetensors, dit_ema.safetensors, dit.json, tb/dit,
 checkpoints/dit, samples/ema_samples.safetensors (the final EMA samples, decoded, uint8).

@@ -19,8 +19,8 @@ import pytest
 from tests.conftest import REPO, run_entry
 
 JOB = str(REPO / "analysis" / "sindy_job.py")
-# The reference study's trajectories live in ../shared beside the checkout (as CI lays it out).
-NPZ = REPO.parent / "shared" / "reference" / "sindy-study-trajectories.npz"
+# The reference study's trajectories (provenance: analysis/reference/README.md).
+NPZ = REPO / "analysis" / "reference" / "sindy-study-trajectories.npz"
 
 
 def smoke(root: Path, *extra: str) -> list[str]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -225,3 +227,56 @@ def test_cli_unwritable_out_and_unknown_source(tmp_path: Path, capsys: pytest.Ca
     assert "unknown MNIST source 'ftp://nope'" in capsys.readouterr().err
     assert prepare.main(["--out", str(tmp_path / "empty"), "--verify"]) == 2
     assert "python -m data_pipeline.prepare --out" in capsys.readouterr().err
+
+
+def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path: Path):
+    """A real 256 KiB file system (tmpfs) that the first 10,000-image shard (~10 MB) overflows."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_disk_full_is_one_line_exit_2_and_leaves_no_temp_file(tiny_tmpfs: Path) -> None:
+    out = tiny_tmpfs / "shards"
+    line = _one_error_line(_cli("--out", str(out)))
+    assert f"cannot write the shards to {out}: No space left on device" in line, line
+    # No half-written .tmp-* file, no manifest: only the lock file of the failed run.
+    assert sorted(p.name for p in out.iterdir()) == [shards.LOCK_NAME]
+
+
+def test_permission_denied_is_one_line_exit_2(tmp_path: Path) -> None:
+    """A shard folder shared with another user whose prepare left its lock file: EACCES on open."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("root ignores file permissions, so the test drops to user nobody with setpriv (needs root)")
+    # tmp_path lies under root's private 0700 folder, which nobody cannot enter.
+    base = Path(tempfile.mkdtemp(prefix="ls-eacces-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        out = base / "shards"
+        out.mkdir(mode=0o777)
+        out.chmod(0o777)
+        (out / shards.LOCK_NAME).write_text("")  # root's, mode 0644: nobody cannot open it to write
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
+                               sys.executable, "-m", "data_pipeline.prepare", "--out", str(out)],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        line = _one_error_line(proc)
+        assert f"cannot write the shards to {out}: Permission denied ({out / shards.LOCK_NAME})" in line, line
+        assert sorted(p.name for p in out.iterdir()) == [shards.LOCK_NAME]
+    finally:
+        shutil.rmtree(base)

@@ -6,6 +6,8 @@ import dataclasses
 import gzip
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,8 @@ from data_pipeline.sources import (
     write_idx,
 )
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 class _Exploit:
     def __init__(self, marker: Path) -> None:
@@ -44,9 +48,25 @@ def test_restricted_unpickler_blocks_os_system(tmp_path: Path) -> None:
     bad = tmp_path / "mnist.pkl.gz"
     with gzip.open(bad, "wb") as f:
         f.write(payload)
-    with pytest.raises(pickle.UnpicklingError, match="system"):
+    with pytest.raises(SourceCorrupt, match=f"refusing MNIST pickle {bad}: refusing to load global .*system"):
         load_pickle_source(bad)
     assert not marker.exists(), "the malicious pickle ran a command"
+
+
+def test_refused_pickle_is_one_line_exit_2_naming_the_file(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "mnist.pkl.gz"
+    with gzip.open(bad, "wb") as f:
+        f.write(pickle.dumps(_Exploit(marker), protocol=2))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "data_pipeline.prepare", "--out", str(out), "--source", f"pickle:{bad}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"refusing MNIST pickle {bad}" in lines[0] and "system" in lines[0], lines[0]
+    assert not marker.exists()
+    assert not out.exists() or not any(out.iterdir()), "a refused source must fail before any shard is written"
 
 
 def test_restricted_unpickler_still_reads_numpy_arrays() -> None:
