@@ -366,8 +366,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     plan = check_inputs(cfg)
     print(f"sindy: {plan['n']} trajectories, {plan['d']}-D fit ({plan['kind']}), targets {plan['targets']}, "
           f"~{plan['memory_gib']:.2f} GiB for the statistics", flush=True)
-    # 2. Ray: join a running cluster or start a private one.
-    ray_how = ray_utils.connect(cfg.sindy.ray_address, cfg.sindy.num_cpus)
+    # 2. Ray: join the cluster the user named or start a private one (a lone copy of this script
+    # outside the repository is one `ray submit` put on a head: that head's cluster is named).
+    ray_how = ray_utils.connect(cfg.sindy.ray_address, cfg.sindy.num_cpus,
+                                submitted=REPO != Path(__file__).resolve().parents[1])
     print(f"sindy: Ray {ray_how}", flush=True)
     # 3. Stage 1: trajectories.
     t0 = time.time()
