@@ -148,6 +148,11 @@ def connect(address: str, num_cpus: int, submitted: bool = False) -> str:
     Raises:
         UserError: an unparsable or unreachable address, or no ``ray start`` head for "auto".
     """
+    target, source = choose_address(address, os.environ.get("RAY_ADDRESS", ""), submitted)
+    if target != "local" and "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
+        # Ray 2.60 starts clusters with token auth once ~/.ray/auth_token exists, but a client
+        # given an explicit address does not pick the token up by itself (read at import).
+        os.environ["RAY_AUTH_MODE"] = "token"
     ray = _ray()
     if ray.is_initialized():
         return "already connected"
@@ -156,7 +161,6 @@ def connect(address: str, num_cpus: int, submitted: bool = False) -> str:
     if os.environ.get(FAULT_ENV):
         env[FAULT_ENV] = os.environ[FAULT_ENV]
     runtime_env = {"env_vars": env}
-    target, source = choose_address(address, os.environ.get("RAY_ADDRESS", ""), submitted)
     if target == "local":
         # $RAY_ADDRESS names another cluster: drop it from this process (the instance's raylet and
         # workers inherit the environment, and Ray APIs read it) so that nothing here talks to it.
@@ -166,10 +170,6 @@ def connect(address: str, num_cpus: int, submitted: bool = False) -> str:
         return f"started a private Ray instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
     resolved = _auto_address(source) if target == "auto" else target
     _probe(resolved, source)
-    if "RAY_AUTH_MODE" not in os.environ and (Path.home() / ".ray" / "auth_token").is_file():
-        # Ray 2.60 starts clusters with token auth once ~/.ray/auth_token exists, but a client
-        # given an explicit address does not pick the token up by itself (read at import).
-        os.environ["RAY_AUTH_MODE"] = "token"
     import threading
 
     timer = threading.Timer(JOIN_TIMEOUT_S, _give_up, args=(

@@ -101,6 +101,7 @@ def check_inputs(cfg: Config) -> dict:
                                 f"({ema_sha[:12]}, {ae_sha[:12]}); use that model's run or drop sindy.trajectories")
             if s.target == "drift" and not tset.has_drift:
                 raise UserError(f"{path} has no drift; set sindy.target=central_diff")
+            plan["meta"] = {"latent_shape": m["latent_shape"]}  # decode_end_states reshapes with it
         plan["external"] = tset
         plan["n"], plan["T"], plan["D"] = tset.n, tset.T, tset.dim
         plan["kind"] = run_meta["kind"] if (run_meta and tset.source == "generated") else "external"
