@@ -51,7 +51,8 @@ import numpy as np  # noqa: E402
 from analysis import ray_utils  # noqa: E402
 from analysis.library import Library, estimate_memory  # noqa: E402
 from analysis.trajectories import (T_CONVENTION, Coordinates, TrajectorySet, file_sha256, plan_blocks,  # noqa: E402
-                                   trajectory_dir, write_manifest, block_is_complete, block_name)
+                                   trajectory_dir, write_manifest, block_is_complete, block_name, block_problems,
+                                   read_trajectory_manifest)
 from training.config import Config, to_dict  # noqa: E402
 from training.runtime import UserError, parse_cli, run_cli  # noqa: E402
 
@@ -100,6 +101,7 @@ def check_inputs(cfg: Config) -> dict:
                                 f"({ema_sha[:12]}, {ae_sha[:12]}); use that model's run or drop sindy.trajectories")
             if s.target == "drift" and not tset.has_drift:
                 raise UserError(f"{path} has no drift; set sindy.target=central_diff")
+            plan["meta"] = {"latent_shape": m["latent_shape"]}  # decode_end_states reshapes with it
         plan["external"] = tset
         plan["n"], plan["T"], plan["D"] = tset.n, tset.T, tset.dim
         plan["kind"] = run_meta["kind"] if (run_meta and tset.source == "generated") else "external"
@@ -172,10 +174,25 @@ def stage_trajectories(cfg: Config, plan: dict) -> tuple[TrajectorySet, str]:
         return plan["external"], f"external file {cfg.sindy.trajectories}"
     s, meta = cfg.sindy, plan["meta"]
     folder = trajectory_dir(plan["run_dir"], s.sampler, s.seed, s.block_size, plan["digests"]["dit_ema_sha256"])
-    if (folder / "manifest.json").is_file():
-        tset = TrajectorySet.from_manifest(folder / "manifest.json")
-        if tset.n == s.n_trajectories:
-            return tset, "reused"
+    manifest_path, regenerated = folder / "manifest.json", ""
+    if manifest_path.is_file():
+        # Reuse only blocks that still match their recorded sha256 and metadata; a bad one is deleted
+        # (with the manifest first, so an interrupted rerun never finds a manifest over a missing block)
+        # and generated again below like any missing block.
+        try:
+            bad = block_problems(manifest_path, read_trajectory_manifest(manifest_path))
+        except UserError as e:  # a torn manifest: its blocks are checked by their metadata below
+            print(f"sindy: warning: {e}; rewriting it", file=sys.stderr, flush=True)
+            bad = []
+        else:
+            tset = TrajectorySet.from_manifest(manifest_path, verify=False)
+            if not bad and tset.n == s.n_trajectories:
+                return tset, "reused"
+        manifest_path.unlink()
+        for f, why in bad:
+            print(f"sindy: warning: trajectory block {f} {why}; regenerating it", file=sys.stderr, flush=True)
+            f.unlink(missing_ok=True)
+        regenerated = f" ({len(bad)} failed their check on reuse)" if bad else ""
     blocks = plan_blocks(s.n_trajectories, s.block_size)
     bmeta = {"seed": s.seed, "sampler": s.sampler, **plan["digests"]}
     todo = [(b, c) for b, c in blocks if not block_is_complete(folder / block_name(b, c), {**bmeta, "block": b, "count": c})]
@@ -197,7 +214,8 @@ def stage_trajectories(cfg: Config, plan: dict) -> tuple[TrajectorySet, str]:
     write_manifest(folder, s.n_trajectories, blocks, {
         **bmeta, "block_size": s.block_size, "timesteps": plan["T"], "latent_shape": meta["latent_shape"],
         "kind": meta["kind"], "schedule": meta["schedule"]})
-    return TrajectorySet.from_manifest(folder / "manifest.json"), f"generated {len(todo)} of {len(blocks)} blocks"
+    return (TrajectorySet.from_manifest(manifest_path, verify=False),
+            f"generated {len(todo)} of {len(blocks)} blocks{regenerated}")
 
 
 def split_trajectories(n: int, n_heldout: int, n_groups: int, seed: int) -> np.ndarray:
@@ -366,8 +384,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     plan = check_inputs(cfg)
     print(f"sindy: {plan['n']} trajectories, {plan['d']}-D fit ({plan['kind']}), targets {plan['targets']}, "
           f"~{plan['memory_gib']:.2f} GiB for the statistics", flush=True)
-    # 2. Ray: join a running cluster or start a private one.
-    ray_how = ray_utils.connect(cfg.sindy.ray_address, cfg.sindy.num_cpus)
+    # 2. Ray: join the cluster the user named or start a private one (a lone copy of this script
+    # outside the repository is one `ray submit` put on a head: that head's cluster is named).
+    ray_how = ray_utils.connect(cfg.sindy.ray_address, cfg.sindy.num_cpus,
+                                submitted=REPO != Path(__file__).resolve().parents[1])
     print(f"sindy: Ray {ray_how}", flush=True)
     # 3. Stage 1: trajectories.
     t0 = time.time()

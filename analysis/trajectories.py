@@ -21,7 +21,8 @@ one device type; CPU and CUDA kernels differ in the last bits).
 On disk (``<run>/sindy/trajectories/<sampler>-seed<S>-bs<B>-<dit digest>/``):
     block-000000.safetensors   z (T+1, b, D), eps (T, b, D), drift (T, b, D) float32 and
                                t (T+1,) float64, D = N*C the flattened latent; metadata: block,
-                               count, seed, sampler, digests
+                               count, seed, sampler, digests (one JSON object, so the file's bytes
+                               are a function of its contents: a regenerated block has the same sha256)
     manifest.json              written last, once every block is there: N, T, sampler, seed,
                                block list with sha256, dit_ema / ae sha256, latent shape, t convention
 A folder without manifest.json is an unfinished stage; finished blocks are reused on rerun.
@@ -46,6 +47,7 @@ from data_pipeline.shards import file_sha256
 from training.runtime import UserError
 
 MANIFEST_FORMAT = "latent-sindy.trajectories/1"
+BLOCK_META_KEY = "latent_sindy_block"  # the block's safetensors metadata: one sorted JSON object
 T_CONVENTION = "state k at t = 1 - k/T (z_T first, t = 1; z_0 last, t = 0); dt = 1/T; velocities are dz/dt"
 
 
@@ -108,21 +110,91 @@ def write_block(folder: Path, block: int, tensors: dict[str, torch.Tensor], meta
     count = int(tensors["z"].shape[1])
     path = folder / block_name(block, count)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in {**meta, "block": block, "count": count}.items()})
+    # One metadata key: safetensors stores the metadata as a Rust HashMap, written in a per-process
+    # random order, so several keys would make a regenerated block differ in bytes (and sha256) from
+    # the original although every tensor is equal, and invalidate the fits keyed by the blocks' digests.
+    record = json.dumps({**meta, "block": block, "count": count}, sort_keys=True)
+    save_file(tensors, str(tmp), metadata={BLOCK_META_KEY: record})
     os.replace(tmp, path)
     return path
 
 
 def block_is_complete(path: Path, expect: dict) -> bool:
-    """Whether ``path`` is a readable block written with the metadata ``expect`` (seed, digests, ...)."""
+    """Whether ``path`` is a readable block written with the metadata ``expect`` (seed, digests, ...).
+
+    safetensors refuses a file its header does not exactly cover, so a truncated block is not
+    complete; changed tensor bytes are only caught by the manifest's sha256 (:func:`block_problems`).
+    """
     if not path.is_file():
         return False
     try:
         with safe_open(str(path), "pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            raw = f.metadata() or {}
+        # Blocks written before BLOCK_META_KEY hold one JSON value per metadata key.
+        meta = json.loads(raw[BLOCK_META_KEY]) if BLOCK_META_KEY in raw else {k: json.loads(v) for k, v in raw.items()}
     except Exception:  # a torn or foreign file: regenerate it
         return False
     return all(meta.get(k) == v for k, v in expect.items())
+
+
+# Per-block metadata that write_block records and the manifest repeats (block and count come per entry).
+_BLOCK_META_KEYS = ("seed", "sampler", "dit_ema_sha256", "ae_sha256")
+
+
+def read_trajectory_manifest(path: Path) -> dict:
+    """A trajectory manifest, checked for the fields the readers use.
+
+    Raises:
+        UserError: missing, unreadable, of another format or malformed (names the file).
+    """
+    if not path.is_file():
+        raise UserError(f"trajectory manifest {path} not found")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"trajectory manifest {path} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise UserError(f"{path} is not a trajectory manifest of this project (format {got!r}, "
+                        f"expected {MANIFEST_FORMAT!r})")
+    try:
+        for b in manifest["blocks"]:
+            int(b["block"]), int(b["count"]), str(b["file"]), str(b["sha256"])
+        int(manifest["block_size"]), int(manifest["timesteps"]), list(manifest["latent_shape"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"trajectory manifest {path} is missing or has a malformed field ({e!r})") from None
+    return manifest
+
+
+def block_problems(path: Path, manifest: dict) -> list[tuple[Path, str]]:
+    """The blocks of a manifest that cannot be used, each with the reason.
+
+    A block must exist, have the sha256 the manifest recorded when it was written (so a truncated
+    or modified file is caught, not only a torn header) and carry the per-block metadata of its
+    entry (block index, count, seed, sampler, digests), so a file swapped in from another job is
+    caught too. Reads every block once (sha256 at disk speed).
+
+    Args:
+        path: the manifest.json (blocks are beside it).
+        manifest: its contents (:func:`read_trajectory_manifest`).
+
+    Returns:
+        [(block file, why)], empty when every block is intact.
+    """
+    folder, bad = path.parent, []
+    common = {k: manifest[k] for k in _BLOCK_META_KEYS if k in manifest}
+    for entry in manifest["blocks"]:
+        f = folder / entry["file"]
+        if not f.is_file():
+            bad.append((f, "is missing"))
+            continue
+        digest = file_sha256(f)
+        if digest != entry["sha256"]:
+            bad.append((f, f"has sha256 {digest[:12]}, the manifest recorded {entry['sha256'][:12]} "
+                           f"({f.stat().st_size} bytes: truncated or modified)"))
+        elif not block_is_complete(f, {**common, "block": entry["block"], "count": entry["count"]}):
+            bad.append((f, "has metadata (block, count, seed, sampler, digests) that differ from its manifest entry"))
+    return bad
 
 
 
@@ -205,17 +277,30 @@ class TrajectorySet:
         return TrajectoryBlock(index=idx, z=z, t=t, drift=drift)
 
     @classmethod
-    def from_manifest(cls, path: Path) -> "TrajectorySet":
-        """Open a finished generation stage (``manifest.json`` or its folder)."""
+    def from_manifest(cls, path: Path, verify: bool = True) -> "TrajectorySet":
+        """Open a finished generation stage (``manifest.json`` or its folder).
+
+        Args:
+            path: the manifest or its folder.
+            verify: check every block against the manifest first (:func:`block_problems`); False
+                only where the caller has just written or checked them.
+
+        Raises:
+            UserError: a missing or malformed manifest, or (``verify``) a missing, truncated or
+                modified block, naming the first one.
+        """
         path = Path(path)
         if path.is_dir():
             path = path / "manifest.json"
-        if not path.is_file():
-            raise UserError(f"trajectory manifest {path} not found")
-        manifest = json.loads(path.read_text())
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise UserError(f"{path} is not a trajectory manifest of this project (format "
-                            f"{manifest.get('format')!r}, expected {MANIFEST_FORMAT!r})")
+        manifest = read_trajectory_manifest(path)
+        if verify:
+            bad = block_problems(path, manifest)
+            if bad:
+                f, why = bad[0]
+                more = f" (and {len(bad) - 1} more bad blocks)" if len(bad) > 1 else ""
+                raise UserError(f"trajectory block {f} listed in {path} {why}{more}; it cannot be used or "
+                                "regenerated from here: rerun the job that wrote it without sindy.trajectories "
+                                "(it regenerates bad blocks), or delete the folder")
         folder = path.parent
         starts = np.cumsum([0] + [b["count"] for b in manifest["blocks"]])
         bs = manifest["block_size"]

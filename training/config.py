@@ -291,8 +291,11 @@ class SindyConfig:
     num_cpus: int = 0
     """CPUs of the Ray instance the job starts itself (0: all); ignored when joining a running cluster."""
     ray_address: str = ""
-    """Ray to use: "" = $RAY_ADDRESS, else a running local cluster, else start one; "local" = always start
-    a private one; anything else is passed to ray.init(address=...)."""
+    """Ray to use; only a cluster the user named is joined, never one that merely runs on this machine.
+    "" = $RAY_ADDRESS if set (``ray job submit`` sets it), else the head's own cluster when the script runs
+    under ``ray submit``, else a private instance; "local" = a private instance even with $RAY_ADDRESS set;
+    "auto" = the cluster the last ``ray start --head`` on this node recorded; HOST:PORT (the head's GCS port)
+    or ray://HOST:PORT = that cluster. An address nothing answers at is one line and exit 2 within seconds."""
     max_memory_gb: float = 0.0
     """Memory budget for the fit statistics; 0: the machine's available memory."""
     chunk_size: int = 16384

@@ -168,3 +168,74 @@ def test_bad_arguments_name_the_value(small_shards: Path, tmp_path: Path) -> Non
         make_loader(small_shards, "train", 8, on_error="ignore")
     with pytest.raises(Exception, match="python -m data_pipeline.prepare --out"):
         make_loader(tmp_path, "train", 8)
+
+
+def _flip_first_label(path: Path) -> tuple[int, int]:
+    """Change the first sample's ``.cls`` digit in place; returns (old, new) label.
+
+    Only member data changes, so every tar header (and its checksum) stays valid: the tar
+    reader alone cannot tell, only the manifest's sha256 can.
+    """
+    import tarfile
+
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith(".cls"))
+    data = bytearray(path.read_bytes())
+    old = int(chr(data[member.offset_data]))
+    new = (old + 1) % 10
+    data[member.offset_data] = ord(str(new))
+    path.write_bytes(bytes(data))
+    return old, new
+
+
+def test_flipped_label_is_caught_by_both_loaders(small_shards: Path, copy_shards: Callable[[Path], Path]) -> None:
+    from data_pipeline.shards import iter_tar_samples
+
+    d = copy_shards(small_shards)
+    bad = d / "train-000003.tar"
+    old, new = _flip_first_label(bad)
+    # The tar itself still reads cleanly, with the changed label: only the digest reveals it.
+    first = next(iter_tar_samples(bad.read_bytes(), str(bad)))
+    assert int(first["cls"]) == new != old
+    with pytest.raises(ShardError, match=r"train-000003\.tar: sha256 .* differs from the manifest"):
+        list(make_loader(d, "train", 25, shuffle_buffer=0))
+    with pytest.raises(ShardError, match=r"train-000003\.tar: sha256 .* differs from the manifest"):
+        load_split_in_memory(d, "train")
+    # The test split's shards are untouched and still load.
+    assert load_split_in_memory(d, "test")[0].shape[0] == SMALL_LIMIT
+
+
+def test_skip_mode_drops_a_modified_shard_whole(
+    small_shards: Path, copy_shards: Callable[[Path], Path], mnist_arrays: MnistArrays, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = copy_shards(small_shards)
+    _flip_first_label(d / "train-000003.tar")
+    loader = make_loader(d, "train", 25, shuffle_buffer=0, on_error="skip", drop_last=False)
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.loader"):
+        x, y = _collect(loader)
+    assert loader.stats == {"skipped": 1, "skipped_shards": 1, "skipped_samples": 0}
+    assert "train-000003.tar" in caplog.text and "sha256" in caplog.text
+    # Exactly the other shards' samples, in order: nothing of shard 3 (samples 300..399) got through.
+    keep = np.r_[0:300, 400:SMALL_LIMIT]
+    assert torch.equal((x[:, 0] * 255).round().to(torch.uint8), torch.from_numpy(mnist_arrays.train_images[keep]))
+    assert torch.equal(y, torch.from_numpy(mnist_arrays.train_labels[keep]).long())
+
+
+def test_classifier_training_refuses_a_modified_shard(
+    small_shards: Path, copy_shards: Callable[[Path], Path], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    d = copy_shards(small_shards)
+    _flip_first_label(d / "train-000003.tar")
+    out = tmp_path / "clf.safetensors"
+    proc = subprocess.run(
+        [sys.executable, "-m", "analysis.quality", "train", "--shards", str(d), "--out", str(out), "--epochs", "1",
+         "--device", "cpu"],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train-000003.tar" in lines[0] and "sha256" in lines[0], proc.stderr
+    assert not out.exists()
