@@ -123,7 +123,7 @@ class GaussianMixtureEps:
 
 
 def fit_mixture(train: np.ndarray, heldout: np.ndarray, ks: Sequence[int] = DEFAULT_GRID, seed: int = 0,
-                max_iter: int = 200) -> tuple[GaussianMixtureEps, list[dict]]:
+                max_iter: int = 200) -> tuple[GaussianMixtureEps, list[dict], list[GaussianMixtureEps]]:
     """Fit full-covariance mixtures for every K in ``ks`` (EM, scikit-learn) and keep the best held-out one.
 
     Args:
@@ -135,7 +135,7 @@ def fit_mixture(train: np.ndarray, heldout: np.ndarray, ks: Sequence[int] = DEFA
 
     Returns:
         (the mixture with the highest mean held-out log-likelihood, one row per K: k,
-        loglik_train, loglik_heldout (per sample, nats), seconds, converged, chosen).
+        loglik_train, loglik_heldout (per sample, nats), seconds, converged, chosen; every K's mixture).
     """
     from sklearn.mixture import GaussianMixture
 
@@ -150,7 +150,8 @@ def fit_mixture(train: np.ndarray, heldout: np.ndarray, ks: Sequence[int] = DEFA
     best = int(np.argmax([r["loglik_heldout"] for r in rows]))
     for i, r in enumerate(rows):
         r["chosen"] = i == best
-    return GaussianMixtureEps.from_sklearn(models[best]), rows
+    mixtures = [GaussianMixtureEps.from_sklearn(m) for m in models]
+    return mixtures[best], rows, mixtures
 
 
 # ----------------------------------------------------------------------------- library family

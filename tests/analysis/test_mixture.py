@@ -58,10 +58,11 @@ def test_fit_mixture_prefers_the_true_number_of_modes():
     rng = np.random.default_rng(2)
     centres = np.array([[-4, 0, 0], [4, 0, 0], [0, 4, 0]], dtype=float)
     x = centres[rng.integers(0, 3, 3000)] + rng.normal(size=(3000, 3)) * 0.5
-    mix, rows = fit_mixture(x[:2000], x[2000:], ks=(1, 3, 12), seed=0)
+    mix, rows, mixtures = fit_mixture(x[:2000], x[2000:], ks=(1, 3, 12), seed=0)
     assert [r["k"] for r in rows] == [1, 3, 12] and sum(r["chosen"] for r in rows) == 1
     assert rows[0]["loglik_heldout"] < rows[1]["loglik_heldout"]
     assert mix.K in (3, 12) and all(r["seconds"] >= 0 for r in rows)
+    assert [m.K for m in mixtures] == [1, 3, 12] and mixtures[[r["chosen"] for r in rows].index(True)] is mix
 
 
 def test_mixture_term_family_roundtrips_and_matches_the_closed_form():
