@@ -96,3 +96,16 @@ def test_external_npz_gets_latent_error_without_images(tmp_path):
     assert "skipped" in eq["mixture"] and "skipped" in eq["fit_space"]
     md = (root / "smoke" / "report" / "report.md").read_text()
     assert _sections(md)[0] == "## What the equations generate" and "No image metrics: external trajectories" in md
+
+
+def test_bad_fit_space_inputs_fail_before_work(tmp_path):
+    def bad(*extra: str) -> str:
+        proc = run_entry([sys.executable, JOB, *smoke(tmp_path / "r", *extra)], check=False, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "Ray" not in proc.stdout, (proc.stdout, proc.stderr)
+        return lines[0]
+
+    assert "sindy.fit_space must be drift | eps" in bad("sindy.fit_space=x0")
+    assert "cannot be combined with sindy.target=central_diff" in bad("sindy.fit_space=eps", "sindy.target=central_diff")
+    assert "sindy.mixture_components must be a list of ints >= 1" in bad("sindy.mixture_components=[0,2]")
+    assert "sindy.validation_noises" in bad("sindy.validation_noises=-1")
