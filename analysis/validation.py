@@ -71,14 +71,16 @@ def rollout(rhs: Callable, reference: np.ndarray, t: np.ndarray, integrator: str
         integrator: "euler" | "rk4" (analysis.report.integrate).
 
     Returns:
-        {"states": (T+1, b, d), "rmse_per_step": (T+1,) over the finite rollouts, "diverged": int,
+        {"states": (T+1, b, d), "rmse_per_step": (T+1,) over the rollouts that never diverge (a diverging
+        one would dominate every step before it blows up; they are counted in "diverged"), "diverged": int,
         "end_rmse": float}.
     """
     from analysis.report import integrate
 
     sim, diverged_at = integrate(rhs, reference[0], t, integrator)
+    ok = diverged_at < 0
     with np.errstate(invalid="ignore"):
-        rmse = np.sqrt(np.nanmean((sim - reference) ** 2, axis=(1, 2)))
+        rmse = np.sqrt(np.mean((sim[:, ok] - reference[:, ok]) ** 2, axis=(1, 2))) if ok.any() else np.full(len(t), np.nan)
     return {"states": sim, "rmse_per_step": rmse, "diverged": int((diverged_at >= 0).sum()),
             "end_rmse": float(rmse[-1])}
 

@@ -37,3 +37,13 @@ def test_rollout_of_the_generating_rhs_has_zero_error():
     assert out["diverged"] == 0 and np.max(out["rmse_per_step"]) < 1e-12
     out = rollout(lambda z, tt: f(z, tt) * 1.1, ref, t, "euler")
     assert out["end_rmse"] > 1e-3 and out["rmse_per_step"][0] == 0.0
+
+
+def test_rollout_error_leaves_out_diverging_rollouts():
+    T, d = 20, 2
+    t = 1 - np.arange(T + 1) / T
+    ref = np.zeros((T + 1, 3, d))
+    ref[0] = [[1.0, 0.0], [0.0, 1.0], [1e3, 1e3]]
+    ref[1:] = ref[0]
+    out = rollout(lambda z, tt: -50.0 * z * (np.abs(z) > 100), ref, t, "euler")  # only the third one blows up
+    assert out["diverged"] == 1 and np.max(out["rmse_per_step"]) == 0.0
