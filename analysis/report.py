@@ -490,7 +490,7 @@ def validation_section(views: dict | None, ctx: dict) -> list[str]:
     L.append("| latent RMSE vs the DiT at t = 0.5 | " + " | ".join(fmt(m["latent_rmse_mid"]) for _, m in cols) + " | 0 |")
     L.append("| latent RMSE vs the DiT at t = 0 | " + " | ".join(fmt(m["latent_rmse_end"]) for _, m in cols)
              + f" | 0 (RMS of its samples: {fmt(eq['latent_scale_end'])}) |")
-    L.append(f"| diverged rollouts (|z| > {DIVERGED:g}; grey images, left out of the RMSE) | "
+    L.append(f"| diverged rollouts (a coordinate beyond {DIVERGED:g}: grey images, left out of the RMSE) | "
              + " | ".join(str(m["diverged"]) for _, m in cols) + " | |")
     L.append("")
     if all(img):
