@@ -272,6 +272,7 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
     blk = tset.block(block_i)
     z = coords.states(blk.z)  # (T+1, b, d)
     drift = None if blk.drift is None else coords.velocities(blk.drift)
+    eps = None if blk.eps is None else coords.velocities(blk.eps)  # linear like a velocity: no centring
     lib = Library.from_spec(library_spec)
     out: dict[str, Any] = {"groups": [None] * n_groups, "heldout": None}
     labels = split[blk.index]
@@ -279,7 +280,8 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
     step_rows: dict[str, list] = {"train": [], "heldout": []}  # (T, b, d) states and main targets per group
     for g in np.unique(labels).tolist():
         cols = np.flatnonzero(labels == g)
-        zs, ts, ys = regression_samples(z[:, cols], blk.t, None if drift is None else drift[:, cols], targets)
+        zs, ts, ys = regression_samples(z[:, cols], blk.t, None if drift is None else drift[:, cols], targets,
+                                        eps=None if eps is None else eps[:, cols])
         stats = GramStats.from_library(lib, [(zs, ts, ys)], device=device, chunk_size=chunk_size)
         if g < 0:
             out["heldout"] = stats.to_numpy()

@@ -56,9 +56,11 @@ from analysis.trajectories import (T_CONVENTION, Coordinates, TrajectorySet, fil
 from training.config import Config, to_dict  # noqa: E402
 from training.runtime import UserError, parse_cli, run_cli  # noqa: E402
 
-OTHER = {"drift": "central_diff", "central_diff": "drift"}
+OTHER = {"drift": "central_diff", "central_diff": "drift", "eps": "drift"}
 TARGET_NOTES = {"drift": "the sampler's deterministic mean step as dz/dt, free of injected noise",
-                "central_diff": "(z[k+1] - z[k-1]) / (2 dt), one-sided at the ends (the reference method)"}
+                "central_diff": "(z[k+1] - z[k-1]) / (2 dt), one-sided at the ends (the reference method)",
+                "eps": "the DiT's own output eps_theta(z, t); the drift is composed exactly as p(t) z + q(t) eps_fit "
+                       "(sindy.fit_space=eps, analysis/theory.py)"}
 
 
 # ----------------------------------------------------------------------------- checks (before any work)
@@ -134,7 +136,11 @@ def check_inputs(cfg: Config) -> dict:
                         f"{n_ho} held-out and {plan['n'] - n_ho} training; raise sindy.n_trajectories")
     plan["n_heldout"] = n_ho
     plan["n_groups"] = min(s.bootstrap_groups, plan["n"] - n_ho)
-    plan["targets"] = (s.target, OTHER[s.target]) if (s.compare_targets and _has_drift(plan)) else (s.target,)
+    if s.fit_space == "eps" and not _has_drift(plan):
+        raise UserError(f"sindy.fit_space=eps needs the DiT's recorded eps, which {s.trajectories} does not hold; "
+                        "use sindy.fit_space=drift for external trajectories")
+    main_target = "eps" if s.fit_space == "eps" else s.target
+    plan["targets"] = (main_target, OTHER[main_target]) if (s.compare_targets and _has_drift(plan)) else (main_target,)
     check_memory(cfg, plan)
     return plan
 
@@ -327,21 +333,27 @@ def stage_report(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinat
     heldout = np.flatnonzero(split < 0)[: max(1, s.rollouts)]
     blk = tset.select(heldout)
     ref = coords.states(blk.z)  # (T+1, r, d)
-    sim, diverged = report.integrate(report.sindy_rhs(lib, xi), ref[0], blk.t, s.integrator)
+    rhs = report.sindy_rhs(lib, xi)
+    views = theory_views(cfg, plan, tset, coords, split, lib, xi)  # issue 10 items 2-4, see below
+    if s.fit_space == "eps":  # the library models eps; the drift adds the sampler's exact linear part
+        rhs = views["linear_part"].composed_rhs(rhs)
+    views["validation"] = validate_equations(cfg, plan, tset, coords, split, rhs, views)
+    sim, diverged = report.integrate(rhs, ref[0], blk.t, s.integrator)
     with np.errstate(invalid="ignore"):
         rmse_step = np.sqrt(np.nanmean((sim - ref) ** 2, axis=(1, 2)))
     roll = {"t": blk.t, "index": heldout, "reference": ref, "sindy": sim, "rmse_per_step": rmse_step, "diverged": diverged}
     images = decode_end_states(plan, coords, ref[-1], sim[-1]) if tset.source == "generated" else None
     ctx = {"run": cfg.run.name, "n": tset.n, "n_train": int((split >= 0).sum()), "n_heldout": int((split < 0).sum()),
-           "seed": s.seed, "sampler": tset.manifest.get("sampler"), "T": tset.T, "target": s.target,
-           "target_note": TARGET_NOTES[s.target], "t_convention": T_CONVENTION, "coordinates": coords.describe(),
+           "seed": s.seed, "sampler": tset.manifest.get("sampler"), "T": tset.T, "target": plan["targets"][0],
+           "target_note": TARGET_NOTES[plan["targets"][0]], "t_convention": T_CONVENTION, "coordinates": coords.describe(),
            "optimizer": s.optimizer, "sr3_nu": s.sr3_nu, "term_budget": s.term_budget, "report_t0": report_t0,
            "alpha": s.alpha, "normalize": s.normalize, "n_thresholds": s.n_thresholds, "n_groups": plan["n_groups"],
            "n_bootstrap": s.n_bootstrap, "poor_r2": s.poor_r2, "integrator": s.integrator, "stage_times": times,
            "source": tset.source, "warnings": plan["warnings"],
            "digests": plan.get("digests") or {"external_sha256": tset.manifest.get("sha256")},
            "provenance": provenance(plan, tset, ray_how)}
-    return report.write_report(plan["run_dir"] / "report", plan["run_dir"] / "tb" / "sindy", fits, lib, ctx, roll, images)
+    return report.write_report(plan["run_dir"] / "report", plan["run_dir"] / "tb" / "sindy", fits, lib, ctx, roll, images,
+                               views=views)
 
 
 def provenance(plan: dict, tset: TrajectorySet, ray_how: str) -> str:
@@ -354,13 +366,27 @@ def provenance(plan: dict, tset: TrajectorySet, ray_how: str) -> str:
 
 def decode_end_states(plan: dict, coords: Coordinates, dit_end: np.ndarray, sindy_end: np.ndarray) -> dict:
     """Images (r, 28, 28) of the DiT's end states and of the rollouts' own end states."""
+    dec = make_decoder(plan, coords)
+    a, b = dec(dit_end), dec(sindy_end)
+    return {"dit": a, "sindy": b, "pixel_diff": float(np.mean(np.abs(a - b)))}
+
+
+# ----------------------------------------------------------------------------- issue 10 items 2-4: theory, mixture, validation
+# The sampler's known linear part (analysis/theory.py), the Gaussian-mixture view of the denoiser
+# (analysis/mixture.py) and the validation by what the equations generate (analysis/validation.py);
+# this is only their glue to the run folder (weights, latents, classifier).
+
+
+def make_decoder(plan: dict, coords: Coordinates):
+    """c (r, d) fit coordinates -> (r, 28, 28) images in [0, 1] through the run's autoencoder; grey for non-finite rows."""
     import torch
 
     from training.stage import load_autoencoder, load_latent_stats
 
     ae, _ = load_autoencoder(plan["run_dir"], "cpu")
     mean, std = load_latent_stats(plan["run_dir"])
-    shape = tuple(plan["meta"]["latent_shape"])
+    shape = tuple(plan["meta"]["latent_shape"]) if "meta" in plan else tuple(json.loads(
+        (plan["run_dir"] / "dit.json").read_text())["latent_shape"])
 
     def dec(c: np.ndarray) -> np.ndarray:
         ok = np.all(np.isfinite(c), axis=1)
@@ -370,8 +396,159 @@ def decode_end_states(plan: dict, coords: Coordinates, dit_end: np.ndarray, sind
         img[~ok] = 0.5  # a diverged rollout has no image: grey
         return img
 
-    a, b = dec(dit_end), dec(sindy_end)
-    return {"dit": a, "sindy": b, "pixel_diff": float(np.mean(np.abs(a - b)))}
+    return dec
+
+
+def _run_schedule(plan: dict):
+    from models.diffusion import schedule_for
+
+    meta = json.loads((plan["run_dir"] / "dit.json").read_text())
+    return schedule_for(meta["kind"], meta["schedule_kind"], meta["timesteps"])
+
+
+def _heldout_block(plan: dict, tset: TrajectorySet, coords: Coordinates, split: np.ndarray, n: int) -> dict:
+    """The first n held-out trajectories in fit coordinates: z (T+1, n, d), eps and drift (T, n, d) or None.
+
+    Read once per job (``plan["heldout_cache"]``) and sliced: trajectory axis 1 in every array.
+    """
+    idx = np.flatnonzero(split < 0)[:n]
+    cache = plan.get("heldout_cache")
+    if cache is None or len(cache["index"]) < len(idx):
+        blk = tset.select(idx)
+        cache = plan["heldout_cache"] = {
+            "index": idx, "t": blk.t, "z": coords.states(blk.z),
+            "eps": None if blk.eps is None else coords.velocities(blk.eps),
+            "drift": None if blk.drift is None else coords.velocities(blk.drift)}
+    m = len(idx)
+    return {"index": cache["index"][:m], "t": cache["t"],
+            **{k: None if cache[k] is None else cache[k][:, :m] for k in ("z", "eps", "drift")}}
+
+
+def theory_views(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates, split: np.ndarray,
+                 lib: Library, xi: np.ndarray) -> dict:
+    """Held-out R^2 of the chosen model in eps and drift space, and the Gaussian-mixture view.
+
+    Returns:
+        {"linear_part": LinearPart or None, "fit_space": dict (JSON-able) or {"skipped": reason},
+        "mixture": dict or {"skipped": reason}, "_mixture": (GaussianMixtureEps, rhs) for the rollouts}.
+    """
+    from analysis.theory import SAMPLERS_WITH_THEORY, LinearPart, linear_part
+    from analysis.validation import windowed_r2
+
+    s = cfg.sindy
+    views: dict = {"linear_part": None}
+    sampler = tset.manifest.get("sampler")
+    if tset.source != "generated" or sampler not in SAMPLERS_WITH_THEORY:
+        reason = (f"these trajectories ({tset.source}, sampler {sampler}) carry no recorded eps and no known schedule"
+                  if tset.source != "generated" else f"sampler {sampler} has no closed-form linear part")
+        views["fit_space"] = views["mixture"] = {"skipped": reason}
+        return views
+    t0 = time.time()
+    schedule = _run_schedule(plan)
+    p, q = linear_part(schedule, sampler)
+    offset = coords.components @ coords.mean if coords.kind == "pca" else None  # C z = c + C m
+    lp = views["linear_part"] = LinearPart(p, q, offset)
+    # R^2 on up to 2,000 held-out trajectories (100k rows at T = 50): enough for 4 digits, bounded cost.
+    ho = _heldout_block(plan, tset, coords, split, min(int((split < 0).sum()), 2000))
+    T, n, d = ho["eps"].shape
+    zs, ts = ho["z"][:-1].reshape(-1, d), np.repeat(ho["t"][:-1], n)
+    pred = np.concatenate([lib.transform(zs[i:i + 8192], ts[i:i + 8192]) @ xi.T for i in range(0, len(zs), 8192)])
+    if s.fit_space == "eps":
+        eps_pred, drift_pred = pred, lp.drift(zs, ts, pred)
+    else:
+        eps_pred, drift_pred = lp.eps(zs, ts, pred), pred
+    shape = (T, n, d)
+    views["fit_space"] = {
+        "fit_space": s.fit_space, "sampler": sampler, "n_heldout": n, "theory": lp.describe(sampler),
+        "p": p.tolist(), "q": q.tolist(),
+        "eps": windowed_r2(ho["eps"], eps_pred.reshape(shape), ho["t"][:-1]),
+        "drift": windowed_r2(ho["drift"], drift_pred.reshape(shape), ho["t"][:-1]),
+        "seconds": round(time.time() - t0, 2)}
+    if not s.mixture_components:
+        views["mixture"] = {"skipped": "sindy.mixture_components is empty"}
+    elif coords.kind != "latent":
+        views["mixture"] = {"skipped": f"the mixture view works in the latent's own coordinates; this fit uses "
+                                       f"{coords.kind} coordinates of a {coords.components.shape[1]}-D latent"}
+    elif not (plan["run_dir"] / "latents" / "train.safetensors").is_file():
+        views["mixture"] = {"skipped": f"{plan['run_dir'] / 'latents' / 'train.safetensors'} not found (the mixture is "
+                                       "fitted to the training latents; run training/encode_latents.py for this run)"}
+    else:
+        views["mixture"], views["_mixture"] = mixture_view(cfg, plan, ho, lp, schedule)
+    return views
+
+
+def mixture_view(cfg: Config, plan: dict, ho: dict, lp, schedule) -> tuple[dict, tuple]:
+    """Fit the mixtures (K by held-out likelihood) and score their closed-form eps* against the DiT, no fitting."""
+    from safetensors.torch import load_file
+
+    from analysis.mixture import fit_mixture
+    from analysis.theory import noise_levels, state_index
+    from analysis.validation import windowed_r2
+    from training.stage import load_latent_data
+
+    s, t0 = cfg.sindy, time.time()
+    data = load_latent_data(plan["run_dir"], plan["kind"])
+    train = data.train.reshape(data.train.shape[0], -1).double().numpy()
+    rng = np.random.default_rng(s.seed)
+    train = train[rng.permutation(len(train))[: s.mixture_samples]]
+    test_file = plan["run_dir"] / "latents" / "test.safetensors"
+    if test_file.is_file():
+        test = ((load_file(str(test_file))["latents"] - data.mean) / data.std).reshape(-1, train.shape[1]).double().numpy()
+        held_what = f"the encoded test split ({len(test)} latents)"
+    else:  # keep a tenth of the training subset aside
+        cut = len(train) // 10
+        test, train = train[:cut], train[cut:]
+        held_what = f"{cut} training latents kept out of EM"
+    mix, rows, mixtures = fit_mixture(train, test, s.mixture_components, seed=s.seed, max_iter=100)
+    T, n, d = ho["eps"].shape
+    a, sg = noise_levels(schedule)
+    zs, ts = ho["z"][:-1].reshape(-1, d), np.repeat(ho["t"][:-1], n)
+    k_state = state_index(ts, T)
+    for row, m in zip(rows, mixtures):  # every K's no-fit R^2, so a reader sees whether K matters
+        eps_m = m.eps(zs, a[k_state], sg[k_state]).reshape(T, n, d)
+        drift_m = lp.drift(zs, ts, eps_m.reshape(-1, d)).reshape(T, n, d)
+        row["eps"] = windowed_r2(ho["eps"], eps_m, ho["t"][:-1])
+        row["drift"] = windowed_r2(ho["drift"], drift_m, ho["t"][:-1])
+    best = next(r for r in rows if r["chosen"])
+
+    def rhs(z: np.ndarray, t: float) -> np.ndarray:
+        k = int(state_index(t, T))
+        return lp.drift(z, t, mix.eps(z, a[k], sg[k]))
+
+    out = {"n_train": len(train), "heldout": held_what, "grid": rows,
+           "k": mix.K, "eps": best["eps"], "drift": best["drift"], "weights": mix.weights.tolist(),
+           "means": mix.means.tolist(), "seconds": round(time.time() - t0, 2)}
+    return out, (mix, rhs)
+
+
+def validate_equations(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates, split: np.ndarray,
+                       rhs, views: dict) -> dict:
+    """Integrate the equations (and the mixture's ODE) from held-out noise; decode, classify, compare with the DiT.
+
+    Also decodes the mixture's component means into ``views["mixture"]["_mean_images"]`` for the report.
+    """
+    from analysis.validation import validate
+
+    mixture = views.get("_mixture")
+    s = cfg.sindy
+    n_ho = int((split < 0).sum())
+    n = min(s.validation_noises, n_ho)
+    if n == 0:
+        return {"skipped": "sindy.validation_noises=0"}
+    ho = _heldout_block(plan, tset, coords, split, n)
+    decode, why = None, ""
+    if tset.source == "generated":
+        decode = make_decoder(plan, coords)
+    else:
+        why = f"external trajectories ({tset.manifest.get('path')}): no decoder of theirs, so no images to classify"
+    out = {"equations": validate(rhs, ho["z"], ho["t"], s.integrator, decode, cfg.dit.classifier, cfg.data.shards, why),
+           "heldout_available": n_ho, "classifier": str(cfg.dit.classifier)}
+    if mixture is not None and decode is not None:
+        views["mixture"]["_mean_images"] = decode(mixture[0].means)
+    if mixture is not None:
+        out["mixture"] = validate(mixture[1], ho["z"], ho["t"], "euler", decode, cfg.dit.classifier,
+                                  cfg.data.shards, why)
+    return out
 
 
 # ----------------------------------------------------------------------------- main

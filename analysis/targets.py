@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-TARGETS = ("drift", "central_diff")
+TARGETS = ("drift", "central_diff", "eps")
 
 
 def central_diff(z: np.ndarray, t: np.ndarray) -> np.ndarray:
@@ -51,14 +51,16 @@ def central_diff(z: np.ndarray, t: np.ndarray) -> np.ndarray:
 
 
 def regression_samples(z: np.ndarray, t: np.ndarray, drift: np.ndarray | None,
-                       targets: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       targets: tuple[str, ...], eps: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Flatten a block of trajectories into regression rows.
 
     Args:
         z: (T+1, b, d) states in fit coordinates, z_T first.
         t: (T+1,) times 1 -> 0.
         drift: (T, b, d) drift in fit coordinates, or None.
-        targets: which velocity estimates to stack as targets, e.g. ("drift", "central_diff").
+        targets: which velocity estimates to stack as targets, e.g. ("drift", "central_diff"); "eps" is the
+            DiT's own output (the drift's unknown part, analysis/theory.py: drift = p z + q eps).
+        eps: (T, b, d) the DiT's eps in fit coordinates, or None.
 
     Returns:
         zs (T*b, d), ts (T*b,), ys (T*b, len(targets)*d), rows ordered step-major
@@ -76,6 +78,10 @@ def regression_samples(z: np.ndarray, t: np.ndarray, drift: np.ndarray | None,
             cols.append(np.asarray(drift, dtype=np.float64))
         elif name == "central_diff":
             cols.append(central_diff(z, t)[:-1])
+        elif name == "eps":
+            if eps is None:
+                raise ValueError("target 'eps' needs the DiT's recorded eps, which these trajectories do not have")
+            cols.append(np.asarray(eps, dtype=np.float64))
         else:
             raise ValueError(f"unknown target {name!r}; choose from {TARGETS}")
     zs = np.asarray(z[:-1], dtype=np.float64).reshape(-1, d)

@@ -225,12 +225,14 @@ class TrajectoryBlock:
         z: (T+1, b, D) float32 states, z_T first.
         t: (T+1,) float64, 1 -> 0.
         drift: (T, b, D) sampler drift dz/dt at states 0..T-1, or None (external files).
+        eps: (T, b, D) the DiT's eps_theta at states 0..T-1, or None (external files).
     """
 
     index: np.ndarray
     z: np.ndarray
     t: np.ndarray
     drift: np.ndarray | None
+    eps: np.ndarray | None = None
 
 
 class TrajectorySet:
@@ -267,14 +269,16 @@ class TrajectorySet:
         for blk in self.blocks():
             for p, g in enumerate(blk.index.tolist()):
                 if g in want:
-                    cols[g] = (blk.z[:, p], None if blk.drift is None else blk.drift[:, p])
+                    cols[g] = (blk.z[:, p], None if blk.drift is None else blk.drift[:, p],
+                               None if blk.eps is None else blk.eps[:, p])
                     t = blk.t
         missing = sorted(want - set(cols))
         if missing:
             raise ValueError(f"trajectories {missing[:5]} are not in this set of {self.n}")
         z = np.stack([cols[i][0] for i in idx.tolist()], axis=1)  # (T+1, b, D)
         drift = None if not self.has_drift else np.stack([cols[i][1] for i in idx.tolist()], axis=1)
-        return TrajectoryBlock(index=idx, z=z, t=t, drift=drift)
+        eps = None if not self.has_drift else np.stack([cols[i][2] for i in idx.tolist()], axis=1)
+        return TrajectoryBlock(index=idx, z=z, t=t, drift=drift, eps=eps)
 
     @classmethod
     def from_manifest(cls, path: Path, verify: bool = True) -> "TrajectorySet":
@@ -312,7 +316,8 @@ class TrajectorySet:
                 raise UserError(f"{f} listed in {path} is missing; delete {folder} to regenerate")
             d = load_file(str(f))
             index = entry["block"] * bs + np.arange(entry["count"])
-            return TrajectoryBlock(index=index, z=d["z"].numpy(), t=d["t"].numpy(), drift=d["drift"].numpy())
+            return TrajectoryBlock(index=index, z=d["z"].numpy(), t=d["t"].numpy(), drift=d["drift"].numpy(),
+                                   eps=d["eps"].numpy())
 
         dim = int(np.prod(manifest["latent_shape"]))
         return cls(int(starts[-1]), int(manifest["timesteps"]), dim, "generated", manifest, load,

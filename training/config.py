@@ -305,6 +305,20 @@ class SindyConfig:
     'num_timesteps'; targets by central differences only) or a manifest.json written by this job."""
     trajectories_order: str = "descending"
     """Time order of the states in an external .npz: descending (z_T first, state k at t = 1 - k/T) | ascending."""
+    fit_space: str = "drift"
+    """drift: fit the velocity target itself | eps: fit the DiT's recorded eps_theta(z, t) and compose the drift
+    exactly as p(t) z + q(t) eps_fit, p and q known from the schedule and sampler (analysis/theory.py); the
+    report gives the held-out R^2 of both eps and drift and the rollouts either way."""
+    validation_noises: int = 400
+    """Held-out noises the chosen equations are integrated from, decoded and classified against the DiT's
+    samples from the same noise (class agreement, FD-MNIST, confidence; analysis/validation.py); at most the
+    held-out trajectories. 0 disables the validation."""
+    mixture_components: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20])
+    """Gaussian-mixture view of the denoiser (analysis/mixture.py): component counts tried by EM on the
+    training latents, the best by held-out (test split) log-likelihood is kept; empty disables the view."""
+    mixture_samples: int = 10000
+    """Training latents (a seeded random subset) the mixtures are fitted to; EM costs grow with it (local run,
+    K up to 20: about 25 s of EM for 20,000 latents on 2 busy cores, half that for 10,000)."""
 
     def __post_init__(self) -> None:
         _check(self.sampler in ("ddim", "ode", "ddpm"), f"sindy.sampler must be ddim | ode | ddpm, got {self.sampler!r}")
@@ -326,6 +340,14 @@ class SindyConfig:
         _check(self.device in ("auto", "cpu", "cuda"), f"sindy.device must be auto | cpu | cuda, got {self.device!r}")
         _check(self.trajectories_order in ("descending", "ascending"),
                f"sindy.trajectories_order must be descending | ascending, got {self.trajectories_order!r}")
+        _check(self.fit_space in ("drift", "eps"), f"sindy.fit_space must be drift | eps, got {self.fit_space!r}")
+        _check(self.fit_space == "drift" or self.target == "drift",
+               f"sindy.fit_space=eps fits the recorded eps and composes the drift; it cannot be combined with "
+               f"sindy.target={self.target} (set sindy.target=drift or sindy.fit_space=drift)")
+        _non_negative("sindy", validation_noises=self.validation_noises)
+        _check(all(isinstance(k, int) and k >= 1 for k in self.mixture_components),
+               f"sindy.mixture_components must be a list of ints >= 1, got {list(self.mixture_components)}")
+        _positive("sindy", mixture_samples=self.mixture_samples)
 
 
 @dataclass

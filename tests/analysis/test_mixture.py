@@ -1,0 +1,83 @@
+"""analysis.mixture: the closed-form eps* of a Gaussian mixture on known cases, EM model choice, the term family."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from analysis.library import Library, Polynomial
+from analysis.mixture import GaussianMixtureEps, MixtureEps, fit_mixture
+
+
+def _spd(rng, d):
+    A = rng.normal(size=(d, d))
+    return A @ A.T / d + 0.1 * np.eye(d)
+
+
+@pytest.mark.parametrize("ab", [0.999, 0.5, 1e-3])
+def test_single_gaussian_gives_the_affine_formula(ab):
+    rng = np.random.default_rng(0)
+    d = 6
+    mu, S = rng.normal(size=d), _spd(rng, d)
+    a, s = np.sqrt(ab), np.sqrt(1 - ab)
+    z = rng.normal(size=(50, d)) * 2
+    mix = GaussianMixtureEps(np.ones(1), mu[None], S[None])
+    r, eps = mix.posterior_and_eps(z, a, s)
+    want = s * np.linalg.solve(a**2 * S + s**2 * np.eye(d), (z - a * mu).T).T
+    np.testing.assert_allclose(eps, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(r, 1.0)
+
+
+@pytest.mark.parametrize("ab", [0.99, 0.3, 1e-3])
+def test_two_mode_isotropic_mixture_gives_the_tanh_form(ab):
+    """x0 ~ (N(m u, sig2 I) + N(-m u, sig2 I)) / 2: eps* = s (z - a m u tanh(a m u.z / v)) / v, v = a^2 sig2 + s^2."""
+    rng = np.random.default_rng(1)
+    d, m, sig2 = 5, 1.7, 0.2
+    u = rng.normal(size=d)
+    u /= np.linalg.norm(u)
+    a, s = np.sqrt(ab), np.sqrt(1 - ab)
+    mix = GaussianMixtureEps(np.array([0.5, 0.5]), np.stack([m * u, -m * u]), np.stack([sig2 * np.eye(d)] * 2))
+    z = rng.normal(size=(200, d)) * 1.5
+    v = a**2 * sig2 + s**2
+    want = s * (z - a * m * u * np.tanh(a * m * (z @ u) / v)[:, None]) / v
+    np.testing.assert_allclose(mix.eps(z, a, s), want, rtol=1e-9, atol=1e-12)
+
+
+def test_sharp_components_do_not_underflow():
+    """Near t = 0 the components are sharp: densities underflow unless normalised in log space."""
+    mix = GaussianMixtureEps(np.array([0.3, 0.7]), np.array([[-3.0, 0.0], [3.0, 0.0]]), np.stack([1e-4 * np.eye(2)] * 2))
+    r, eps = mix.posterior_and_eps(np.array([[0.1, 0.0], [30.0, 1.0]]), 0.9999, 0.01)
+    assert np.all(np.isfinite(r)) and np.all(np.isfinite(eps))
+    np.testing.assert_allclose(r.sum(axis=1), 1.0)
+    assert r[0, 1] > 0.99 and r[1, 1] > 0.99
+
+
+def test_fit_mixture_prefers_the_true_number_of_modes():
+    rng = np.random.default_rng(2)
+    centres = np.array([[-4, 0, 0], [4, 0, 0], [0, 4, 0]], dtype=float)
+    x = centres[rng.integers(0, 3, 3000)] + rng.normal(size=(3000, 3)) * 0.5
+    mix, rows, mixtures = fit_mixture(x[:2000], x[2000:], ks=(1, 3, 12), seed=0)
+    assert [r["k"] for r in rows] == [1, 3, 12] and sum(r["chosen"] for r in rows) == 1
+    assert rows[0]["loglik_heldout"] < rows[1]["loglik_heldout"]
+    assert mix.K in (3, 12) and all(r["seconds"] >= 0 for r in rows)
+    assert [m.K for m in mixtures] == [1, 3, 12] and mixtures[[r["chosen"] for r in rows].index(True)] is mix
+
+
+def test_mixture_term_family_roundtrips_and_matches_the_closed_form():
+    rng = np.random.default_rng(3)
+    d, T = 3, 10
+    mix = GaussianMixtureEps(np.array([0.4, 0.6]), rng.normal(size=(2, d)), np.stack([_spd(rng, d)] * 2))
+    ab = np.linspace(0.01, 0.99, T)  # state order: noise first
+    fam = MixtureEps.from_mixture(mix, ab, features=("eps", "posterior"))
+    lib = Library([Polynomial(1), fam], n_state=d)
+    assert lib.n_terms == 4 + d + 2
+    assert lib.get_feature_names()[4:] == ["eps_mix0", "eps_mix1", "eps_mix2", "r_mix0", "r_mix1"]
+    back = Library.from_spec(json.loads(json.dumps(lib.spec())))
+    assert back == lib
+    z = rng.normal(size=(7, d))
+    k = 3
+    t = 1 - k / T
+    r, eps = mix.posterior_and_eps(z, np.sqrt(ab[k]), np.sqrt(1 - ab[k]))
+    np.testing.assert_allclose(back.transform(z, t)[:, 4:], np.concatenate([eps, r], axis=1), rtol=1e-12)

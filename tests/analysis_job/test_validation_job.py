@@ -1,0 +1,111 @@
+"""The job's validation by generation, eps fit space and mixture view, end to end on the smoke run (CPU).
+
+One job run with fit_space=eps, a small mixture grid and a quickly trained classifier; a rerun of the
+report stage without the classifier; and an external .npz (no decoder): latent error only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from tests.analysis_job.conftest import JOB, copy_run, smoke
+from tests.conftest import run_entry
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory, mnist_shards):
+    """A classifier trained for one epoch on 2,000 images: enough to classify and to compute FD."""
+    from analysis.quality import train_classifier
+
+    out = tmp_path_factory.mktemp("clf") / "mnist_cnn.safetensors"
+    train_classifier(mnist_shards, out, epochs=1, limit=2000, device="cpu")
+    return out
+
+
+def _sections(md: str) -> list[str]:
+    return [line for line in md.splitlines() if line.startswith("## ")]
+
+
+def test_validation_on_top_eps_fit_and_mixture(trained_run, tiny_classifier, mnist_shards, tmp_path):
+    root = copy_run(trained_run, tmp_path)
+    run_dir = root / "smoke"
+    shutil.copytree(trained_run / "smoke" / "latents", run_dir / "latents")  # the mixture is fitted to them
+    common = smoke(root, "sindy.ray_address=local", f"data.shards={mnist_shards}", "sindy.fit_space=eps",
+                   "sindy.mixture_components=[1,2]", "sindy.mixture_samples=3000", "sindy.n_bootstrap=0")
+    run_entry([sys.executable, JOB, *common, f"dit.classifier={tiny_classifier}"])
+    md = (run_dir / "report" / "report.md").read_text()
+    eq = json.loads((run_dir / "report" / "equations.json").read_text())
+    assert _sections(md)[0] == "## What the equations generate"
+    val = eq["validation"]
+    n_ho = eq["n_heldout"]
+    ev, mv = val["equations"], val["mixture"]
+    assert ev["n_noises"] == mv["n_noises"] == min(400, n_ho) == val["heldout_available"]
+    for v in (ev, mv):
+        im = v["images"]
+        assert 0.0 <= im["class_agreement"] <= 1.0 and im["n"] == n_ho
+        assert np.isfinite(im["fd_mnist"]["generated"]) and np.isfinite(im["fd_mnist"]["dit"])
+        assert 0.1 <= im["mean_confidence"]["dit"] <= 1.0
+        assert len(v["latent_rmse_per_step"]) == eq["timesteps"] + 1 and v["latent_rmse_per_step"][0] == 0.0
+    top = md.split("## ", 2)[1]
+    assert f"{100 * ev['images']['class_agreement']:.1f}%" in top
+    assert f"{ev['images']['fd_mnist']['dit']:.2f}" in top and f"{mv['images']['fd_mnist']['generated']:.2f}" in top
+    # fit_space=eps: the library's target is eps, the drift is composed, both R^2 reported.
+    assert eq["target"] == "eps" and eq["fit_space"]["fit_space"] == "eps"
+    for space in ("eps", "drift"):
+        assert len(eq["fit_space"][space]["pooled"]) == 16 and len(eq["fit_space"][space]["windows"]) == 5
+    assert "The sampler's linear part: eps and drift" in md
+    # The mixture view: both K scored with no fitting, the chosen one by held-out likelihood, means decoded.
+    mx = eq["mixture"]
+    assert [r["k"] for r in mx["grid"]] == [1, 2] and sum(r["chosen"] for r in mx["grid"]) == 1
+    assert len(mx["eps"]["pooled"]) == 16 and "the encoded test split" in mx["heldout"]
+    for name in ("validation_rmse.png", "mixture_means.png"):
+        assert (run_dir / "report" / name).is_file()
+
+    # No classifier: the report says so, nothing crashes; only the report stage runs again.
+    run_entry([sys.executable, JOB, *common, f"dit.classifier={tmp_path / 'none.safetensors'}"])
+    md = (run_dir / "report" / "report.md").read_text()
+    eq = json.loads((run_dir / "report" / "equations.json").read_text())
+    assert _sections(md)[0] == "## What the equations generate"
+    assert "No image metrics: no MNIST classifier at" in md
+    assert "images" not in eq["validation"]["equations"] and eq["validation"]["equations"]["images_skipped"]
+    assert eq["stage_times"]["fits"] == 0.0
+
+
+def test_external_npz_gets_latent_error_without_images(tmp_path):
+    """External trajectories have no decoder: no image metrics (and the reason), still the per-step error."""
+    rng = np.random.default_rng(0)
+    T, n, d = 20, 40, 3
+    t = 1 - np.arange(T + 1) / T
+    A = np.array([[-1.0, 0.5, 0.0], [-0.5, -1.0, 0.0], [0.0, 0.0, -0.3]])
+    z0 = rng.normal(size=(n, d))
+    traj = np.stack([z0 @ np.linalg.matrix_power(np.eye(d) + A / T, k).T for k in range(T + 1)], axis=1)
+    path = tmp_path / "lin.npz"
+    np.savez(path, trajectories=traj, num_timesteps=T)
+    root = tmp_path / "r"
+    run_entry([sys.executable, JOB, *smoke(root, "sindy.ray_address=local", f"sindy.trajectories={path}",
+                                           "sindy.target=central_diff", "sindy.n_bootstrap=0")])
+    eq = json.loads((root / "smoke" / "report" / "equations.json").read_text())
+    ev = eq["validation"]["equations"]
+    assert "images" not in ev and "no decoder" in ev["images_skipped"]
+    assert len(ev["latent_rmse_per_step"]) == T + 1 and np.isfinite(ev["latent_rmse_end"])
+    assert "skipped" in eq["mixture"] and "skipped" in eq["fit_space"]
+    md = (root / "smoke" / "report" / "report.md").read_text()
+    assert _sections(md)[0] == "## What the equations generate" and "No image metrics: external trajectories" in md
+
+
+def test_bad_fit_space_inputs_fail_before_work(tmp_path):
+    def bad(*extra: str) -> str:
+        proc = run_entry([sys.executable, JOB, *smoke(tmp_path / "r", *extra)], check=False, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and "Ray" not in proc.stdout, (proc.stdout, proc.stderr)
+        return lines[0]
+
+    assert "sindy.fit_space must be drift | eps" in bad("sindy.fit_space=x0")
+    assert "cannot be combined with sindy.target=central_diff" in bad("sindy.fit_space=eps", "sindy.target=central_diff")
+    assert "sindy.mixture_components must be a list of ints >= 1" in bad("sindy.mixture_components=[0,2]")
+    assert "sindy.validation_noises" in bad("sindy.validation_noises=-1")
