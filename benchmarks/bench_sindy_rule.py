@@ -1,0 +1,118 @@
+"""Choose the SINDy defaults (library, ridge alpha, threshold grid, selection tolerance, term budget)
+by measurement on systems whose equations are known (benchmarks/known_systems.py):
+
+    python benchmarks/bench_sindy_rule.py [--quick]
+
+For each setting and system it splits trajectories 80/20 (held out by trajectory, as the job), streams
+the library into Gram statistics, sweeps STLSQ thresholds per dimension and applies the rule
+(analysis.fit.choose_model). Printed per row: terms per dimension (median, max), held-out R^2 (min,
+median), and the system's own check: Lorenz exact support (7 terms) and worst relative coefficient
+error; Gaussian DDIM whether every chosen term is z-linear (times a time function); mixture the
+fraction of dimensions with R^2 >= 0.99 within the budget. Writes results/sindy_rule.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analysis.fit import STLSQ, GramStats, sweep_thresholds  # noqa: E402
+from analysis.library import build_library, principal_directions  # noqa: E402
+from benchmarks import known_systems as ks  # noqa: E402
+from benchmarks.common import RESULTS  # noqa: E402
+
+DEFAULT_LIB = dict(preset="standard", families=["polynomial", "time", "time_state", "tanh"], poly_degree=2,
+                   time_basis="poly", time_degree=4, spline_basis=6, time_state_degree=1, tanh_on="principal",
+                   tanh_projections=2, tanh_scales=[0.5, 1.0, 2.0], tanh_time_degree=4, terms=[])
+
+
+def split_stats(data: dict, lib_cfg: dict, seed: int = 0):
+    z = np.asarray(data["trajectories"], dtype=np.float64)  # (n, T+1, d)
+    v = np.asarray(data["velocities"], dtype=np.float64)
+    n, T1, d = z.shape
+    t = np.asarray(data["t"]) if "t" in data else 1.0 - np.arange(T1) / (T1 - 1)
+    perm = np.random.default_rng(seed).permutation(n)
+    ho, tr = perm[: max(1, n // 5)], perm[max(1, n // 5):]
+    proj = principal_directions(z[tr, -1], lib_cfg["tanh_projections"])
+    lib = build_library(SimpleNamespace(**lib_cfg), d, (float(t.min()), float(t.max())), proj)
+
+    def stats(idx):
+        zs = z[idx, :-1].reshape(-1, d)
+        ts = np.tile(t[:-1], len(idx))
+        return GramStats.from_library(lib, [(zs, ts, v[idx, :-1].reshape(-1, d))], device="cpu")
+
+    return lib, stats(tr), stats(ho)
+
+
+def run(system: str, data: dict, lib_cfg: dict, alpha: float, tol: float, n_thr: int, budget: int | None) -> dict:
+    t0 = time.time()
+    lib, tr, ho = split_stats(data, lib_cfg)
+    names = lib.get_feature_names()
+    opt = STLSQ(alpha=alpha, normalize_columns=True)
+    rows = [sweep_thresholds(tr, ho, j, opt, n_thresholds=n_thr, tol=tol, max_terms=budget) for j in range(tr.n_targets)]
+    coefs = [sw.chosen_coef for sw in rows]
+    r2 = np.array([sw.r2_heldout[sw.chosen] for sw in rows])
+    best = np.array([sw.r2_heldout[sw.unrestricted] for sw in rows])
+    terms = np.array([np.count_nonzero(c) for c in coefs])
+    out = {"system": system, "alpha": alpha, "tol": tol, "n_thresholds": n_thr, "budget": budget,
+           "library_terms": lib.n_terms, "terms_median": float(np.median(terms)), "terms_max": int(terms.max()),
+           "r2_min": float(r2.min()), "r2_median": float(np.median(r2)), "r2_unrestricted_min": float(best.min()),
+           "seconds": round(time.time() - t0, 2)}
+    if system == "lorenz":
+        err, exact = 0.0, True
+        for j, truth in enumerate(ks.LORENZ_TERMS):
+            got = {names[k]: coefs[j][k] for k in np.flatnonzero(coefs[j])}
+            exact &= set(got) == set(truth)
+            err = max([err] + [abs(got[k] / truth[k] - 1) for k in truth if k in got])
+        out["check"] = f"exact support {exact}, max rel coef err {err:.1e}"
+        out["ok"] = bool(exact and err < 1e-3)
+    elif system == "gaussian":
+        linear = all(names[k].split()[0].startswith("z") and "^" not in names[k].split()[0] and
+                     len([w for w in names[k].split() if w.startswith("z")]) == 1 or names[k] == "1" or
+                     names[k].startswith("t")
+                     for c in coefs for k in np.flatnonzero(c))
+        out["check"] = f"z-linear only {linear}"
+        out["ok"] = bool(linear and r2.min() >= 0.999)
+    else:
+        frac = float(np.mean(r2 >= 0.99))
+        out["check"] = f"{100 * frac:.0f}% dims R^2 >= 0.99"
+        out["ok"] = bool(frac == 1.0 and terms.max() <= 30)
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer settings")
+    ap.add_argument("--out", default=str(RESULTS / "sindy_rule.json"))
+    args = ap.parse_args(argv)
+    systems = {"lorenz": ks.lorenz(), "gaussian": ks.gaussian_ddim(n=200), "mixture": ks.mixture_ddim(n=200)}
+    grid = [(0.05, 0.01, 20, 50, "reference rule: alpha 0.05"), (0.0, 0.01, 20, None, "alpha 0")]
+    grid += [(a, tol, 30, b, "") for a in (0.0, 1e-5, 1e-3) for tol in (0.05, 0.2) for b in (None, 30)]
+    if args.quick:
+        grid = grid[:3]
+    rows = []
+    print(f"{'system':9} {'alpha':>6} {'tol':>5} {'thr':>4} {'budget':>6} {'terms med/max':>14} "
+          f"{'R2 min':>8} {'R2 med':>8} {'R2 unres':>8}  check")
+    for alpha, tol, n_thr, budget, _ in grid:
+        for name, data in systems.items():
+            r = run(name, data, DEFAULT_LIB, alpha, tol, n_thr, budget)
+            rows.append(r)
+            print(f"{name:9} {alpha:6g} {tol:5g} {n_thr:4d} {str(budget):>6} {r['terms_median']:>7g}/{r['terms_max']:<6d} "
+                  f"{r['r2_min']:8.5f} {r['r2_median']:8.5f} {r['r2_unrestricted_min']:8.5f}  {r['check']}"
+                  f"{'' if r['ok'] else '  FAIL'}", flush=True)
+    res = {"library": DEFAULT_LIB, "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()
