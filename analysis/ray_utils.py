@@ -138,7 +138,7 @@ def trajectory_actor_class(num_gpus: int):
 
 def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tuple[str, ...],
                      library_spec: dict, n_groups: int, device: str, chunk_size: int,
-                     ceiling_degree: int = 0) -> dict:
+                     ceiling_degree: int = 0, window_edges: list[float] | None = None) -> dict:
     """Gram statistics of one trajectory block: one per bootstrap group (training) and the held-out one.
 
     Args:
@@ -153,10 +153,12 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
         chunk_size: library rows per evaluation.
         ceiling_degree: > 0 adds per-step statistics of the main target for the free-time
             reference fit (analysis.fit.free_time_r2) with a polynomial of this degree.
+        window_edges: W + 1 increasing times: held-out statistics are also kept per window of t
+            (a row at t belongs to the window [e_w, e_{w+1}), the last one closed).
 
     Returns:
         {"groups": [G numpy stats dicts or None], "heldout": numpy stats dict or None,
-        "steps": {"train": [T dicts] or None, "heldout": [T dicts] or None}}.
+        "windows": [W numpy stats dicts or None], "steps": {"train": [T dicts] or None, "heldout": [T dicts] or None}}.
     """
     from analysis.fit import GramStats, stepwise_stats
     from analysis.library import Library
@@ -166,7 +168,8 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
     z = coords.states(blk.z)  # (T+1, b, d)
     drift = None if blk.drift is None else coords.velocities(blk.drift)
     lib = Library.from_spec(library_spec)
-    out: dict[str, Any] = {"groups": [None] * n_groups, "heldout": None}
+    edges = np.asarray(window_edges if window_edges else [], dtype=np.float64)
+    out: dict[str, Any] = {"groups": [None] * n_groups, "heldout": None, "windows": [None] * max(len(edges) - 1, 0)}
     labels = split[blk.index]
     T, d = z.shape[0] - 1, z.shape[2]
     step_rows: dict[str, list] = {"train": [], "heldout": []}  # (T, b, d) states and main targets per group
@@ -176,6 +179,12 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
         stats = GramStats.from_library(lib, [(zs, ts, ys)], device=device, chunk_size=chunk_size)
         if g < 0:
             out["heldout"] = stats.to_numpy()
+            if len(edges) > 1:
+                win = np.clip(np.searchsorted(edges, ts, side="right") - 1, 0, len(edges) - 2)
+                for w in np.unique(win).tolist():
+                    rows = win == w
+                    out["windows"][w] = GramStats.from_library(lib, [(zs[rows], ts[rows], ys[rows])], device=device,
+                                                               chunk_size=chunk_size).to_numpy()
         else:
             out["groups"][g] = stats.to_numpy()
         if ceiling_degree > 0:  # rows are step-major, so (T, b) is a reshape
@@ -220,15 +229,17 @@ def _maybe_fault(dim: int, out_dir: Path) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_path: str) -> dict:
+def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_path: str, windows: list | None = None) -> dict:
     """Threshold sweep, chosen model, bagging and metrics for one target dimension; writes JSON.
 
     Args:
         dim: target dimension j (0..d-1); with ``settings["compare"]`` column d + j is the other target.
         train, heldout: GramStats (p terms, m targets) of training and held-out trajectories.
         groups: per-group training GramStats for bagging (may be empty).
-        settings: optimizer (stlsq | sr3), sr3_nu, alpha, normalize, n_thresholds, tol, n_bootstrap, seed, d, compare, targets, names.
+        settings: optimizer (stlsq | sr3), sr3_nu, alpha, normalize, n_thresholds, tol, n_bootstrap, seed, d, compare,
+            targets, names, term_budget (the chosen model's most terms), window_edges (W + 1 times).
         out_path: where the result JSON goes (atomically).
+        windows: W held-out GramStats, one per window of t (None entries for empty windows), for R^2 per window.
 
     Returns:
         The JSON-able result.
@@ -243,14 +254,31 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
     else:
         opt = STLSQ(alpha=settings["alpha"], normalize_columns=settings["normalize"])
 
+    budget = settings.get("term_budget")
+    names = settings["names"]
+
+    def per_window(coef: np.ndarray, col: int) -> list:
+        edges = settings.get("window_edges") or []
+        return [{"t_from": edges[w], "t_to": edges[w + 1],
+                 "r2_heldout": None if s is None else float(s.r2(coef[None], [col])[0])}
+                for w, s in enumerate(windows or [])]
+
     def one(col: int) -> tuple[dict, Any]:
-        sw = sweep_thresholds(train, heldout, col, opt, n_thresholds=settings["n_thresholds"], tol=settings["tol"])
+        sw = sweep_thresholds(train, heldout, col, opt, n_thresholds=settings["n_thresholds"], tol=settings["tol"],
+                              max_terms=budget)
         coef = sw.chosen_coef
         rss_tr = float(train.rss(coef[None], [col])[0])
         rss_ho = float(heldout.rss(coef[None], [col])[0])
+        un = sw.coefs[sw.unrestricted]
         res = {"threshold": sw.chosen_threshold, "n_terms": int(np.count_nonzero(coef)),
                "r2_train": float(sw.r2_train[sw.chosen]), "r2_heldout": float(sw.r2_heldout[sw.chosen]),
                "rmse_train": (rss_tr / train.n_samples) ** 0.5, "rmse_heldout": (rss_ho / heldout.n_samples) ** 0.5,
+               "r2_heldout_windows": per_window(coef, col),
+               "unrestricted": {"n_terms": int(np.count_nonzero(un)), "threshold": float(sw.thresholds[sw.unrestricted]),
+                                "r2_train": float(sw.r2_train[sw.unrestricted]),
+                                "r2_heldout": float(sw.r2_heldout[sw.unrestricted]),
+                                "r2_heldout_windows": per_window(un, col),
+                                "terms": [{"index": int(k), "name": names[k], "coef": float(un[k])} for k in np.flatnonzero(un)]},
                "sweep": sw.table(), "rule": sw.rule}
         return res, sw
 
@@ -264,7 +292,6 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
             bag = bagging_gram(groups, opt.with_threshold(sw.chosen_threshold), settings["n_bootstrap"],
                                settings["seed"] + dim, dims=[dim])
         incl, std, mean = bag.inclusion_probability[0], bag.coef_std[0], bag.coef_mean[0]
-    names = settings["names"]
     main["terms"] = [{"index": int(k), "name": names[k], "coef": float(coef[k]),
                       "inclusion_probability": None if incl is None else float(incl[k]),
                       "coef_std": None if std is None else float(std[k]),
@@ -276,6 +303,7 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
     if settings["compare"]:
         alt, _ = one(settings["d"] + dim)
         alt.pop("sweep")
+        alt["unrestricted"].pop("terms")
         result["other_target"] = {"target": settings["targets"][1], **alt}
     result["seconds"] = round(time.time() - t0, 2)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
