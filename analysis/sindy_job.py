@@ -352,7 +352,9 @@ def stage_report(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinat
     images = decode_end_states(plan, coords, ref[-1], sim[-1]) if tset.source == "generated" else None
     ctx = {"run": cfg.run.name, "n": tset.n, "n_train": int((split >= 0).sum()), "n_heldout": int((split < 0).sum()),
            "seed": s.seed, "sampler": tset.manifest.get("sampler"), "T": tset.T, "target": s.target,
-           "target_note": TARGET_NOTES[s.target], "t_convention": T_CONVENTION, "coordinates": coords.describe(),
+           "target_note": ("the file's 'velocities' array (dz/dt given with the states)" if tset.source == "npz"
+                           and s.target == "drift" else TARGET_NOTES[s.target]),
+           "t_convention": tset.manifest.get("t_convention", T_CONVENTION), "coordinates": coords.describe(),
            "optimizer": s.optimizer, "sr3_nu": s.sr3_nu, "term_budget": s.term_budget, "report_t0": report_t0,
            "alpha": s.alpha, "normalize": s.normalize, "n_thresholds": s.n_thresholds, "n_groups": plan["n_groups"],
            "n_bootstrap": s.n_bootstrap, "poor_r2": s.poor_r2, "integrator": s.integrator, "stage_times": times,
