@@ -75,6 +75,7 @@ __all__ = [
     "GramStats",
     "STLSQ",
     "SR3",
+    "ForwardStepwise",
     "fit_dimension",
     "ThresholdSweep",
     "threshold_grid",
@@ -587,6 +588,72 @@ class STLSQ:
         return self._finish(coefs, iters)
 
 
+class ForwardStepwise:
+    """Forward stepwise least squares (greedy; Efroymson 1960, see Hastie, Tibshirani & Friedman, "The
+    Elements of Statistical Learning", 2nd ed., sec. 3.3.2) on Gram statistics: start empty, add the term
+    that lowers the training RSS most, ``n_terms`` times; each support is refit by plain least squares.
+
+    Thresholding a dense fit ranks terms by coefficient size, which in a collinear library (t^k, z_i t^k,
+    tanh(p / c) t^k) says little about what a small model needs; on a trained DiT the STLSQ models with at
+    most 30 terms had held-out R^2 ~ 0 where the greedy path reaches 0.3-0.7. The sweep uses both.
+
+    Args:
+        n_terms: terms to select.
+        normalize_columns: rank on unit-norm columns (as STLSQ's normalisation; the fit is unchanged).
+
+    Attributes (after fit_gram):
+        coef_: (m, p) coefficients; path_: per target, the list of (p,) coefficient vectors of sizes 1..n_terms.
+    """
+
+    threshold = float("nan")  # not a thresholding method; reported as such
+
+    def __init__(self, n_terms: int = 30, normalize_columns: bool = True):
+        if int(n_terms) != n_terms or n_terms < 1:
+            raise ValueError(f"n_terms must be a positive int; got {n_terms!r}.")
+        self.n_terms, self.normalize_columns = int(n_terms), bool(normalize_columns)
+
+    def path(self, G: np.ndarray, b: np.ndarray) -> list[np.ndarray]:
+        """Coefficients (p,) of the nested models of sizes 1..n_terms for one target (G (p, p), b (p,))."""
+        p = G.shape[0]
+        diag = np.diag(G).copy()
+        usable = diag > 1e-12 * max(float(diag.max()), 1e-300)
+        S: list[int] = []
+        out = []
+        for _ in range(min(self.n_terms, int(usable.sum()))):
+            if S:
+                GS = G[np.ix_(S, S)]
+                w = _solve_spd(GS, b[S])
+                A = _solve_spd(GS, G[S, :])  # (|S|, p) = G_SS^-1 G_S.
+                num = b - G[:, S] @ w  # correlation of each column with the residual
+                den = diag - np.einsum("sp,sp->p", G[S, :], A)
+            else:
+                num, den = b.copy(), diag.copy()
+            gain = np.where(usable & (den > 1e-12 * diag), num**2 / np.where(den > 0, den, 1.0), -np.inf)
+            gain[S] = -np.inf
+            k = int(np.argmax(gain))
+            if not np.isfinite(gain[k]) or gain[k] <= 0:
+                break
+            S.append(k)
+            c = np.zeros(p)
+            c[S] = _solve_spd(G[np.ix_(S, S)], b[S])
+            out.append(c)
+        return out
+
+    def fit_gram(self, stats: GramStats, dims: Sequence[int] | None = None) -> "ForwardStepwise":
+        """Fit the targets ``dims`` (default all); coef_ is the model with ``n_terms`` terms (or fewer)."""
+        G, B, _, _ = stats._numpy_parts()
+        dims = list(range(stats.n_targets)) if dims is None else list(dims)
+        norms = np.sqrt(np.maximum(np.diag(G), 1e-300)) if self.normalize_columns else np.ones(G.shape[0])
+        Gn = G / np.outer(norms, norms)
+        self.path_, coefs = [], []
+        for j in dims:
+            path = [c / norms for c in self.path(Gn, B[:, j] / norms)]
+            self.path_.append(path)
+            coefs.append(path[-1] if path else np.zeros(G.shape[0]))
+        self.coef_ = np.stack(coefs)
+        return self
+
+
 def fit_dimension(
     stats: GramStats,
     dim: int,
@@ -742,7 +809,7 @@ class ThresholdSweep:
 
     Attributes:
         dim: target index.
-        thresholds: (k,) swept thresholds, increasing.
+        thresholds: (k,) swept thresholds, increasing; then NaN for the forward stepwise models (with a budget).
         n_terms: (k,) number of nonzero coefficients.
         r2_train: (k,) R^2 on the training statistics.
         r2_heldout: (k,) R^2 on the held-out statistics.
@@ -838,7 +905,7 @@ def choose_model(n_terms: np.ndarray, r2_heldout: np.ndarray, thresholds: np.nda
     uv = 1.0 - score[pool]
     best = uv.min()
     ok = pool[uv <= (1.0 + tol) * best + UV_FLOOR]
-    return int(min(ok, key=lambda i: (n_terms[i], -score[i], -thresholds[i])))
+    return int(min(ok, key=lambda i: (n_terms[i], -score[i], -np.nan_to_num(thresholds[i], nan=-np.inf))))
 
 
 def sweep_thresholds(
@@ -863,7 +930,8 @@ def sweep_thresholds(
         thresholds: explicit grid; default ``threshold_grid(train, dim, n_thresholds, span)``.
         n_thresholds: size of the default grid.
         tol: relative tolerance on the held-out unexplained variance (``choose_model``).
-        max_terms: term budget of the chosen model (None: no budget).
+        max_terms: term budget of the chosen model (None: no budget). With a budget, the models of the
+            forward stepwise path (``ForwardStepwise``) of 1..max_terms terms join the pool (threshold NaN).
         span: the default grid runs from span * max|w0| to max|w0|.
 
     Returns:
@@ -882,6 +950,10 @@ def sweep_thresholds(
         warnings.simplefilter("ignore", ConvergenceWarning)
         for th in thr:
             coefs.append(opt.with_threshold(float(th)).fit_gram(train, dims=[dim]).coef_[0])
+    if max_terms is not None:  # the greedy path's models of 1..max_terms terms compete too (threshold NaN)
+        path = ForwardStepwise(max_terms, opt.normalize_columns).fit_gram(train, dims=[dim]).path_[0]
+        coefs += path
+        thr = np.concatenate([thr, np.full(len(path), np.nan)])
     coefs = np.stack(coefs)  # (k, p)
     n_terms = np.count_nonzero(coefs, axis=1)
     r2_tr = train.r2(coefs, dims=[dim] * len(thr))

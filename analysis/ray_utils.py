@@ -244,7 +244,7 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
     Returns:
         The JSON-able result.
     """
-    from analysis.fit import SR3, STLSQ, bagging_gram, sweep_thresholds
+    from analysis.fit import SR3, STLSQ, ForwardStepwise, bagging_gram, sweep_thresholds
 
     out_path = Path(out_path)
     _maybe_fault(dim, out_path.parent)
@@ -270,7 +270,8 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
         rss_tr = float(train.rss(coef[None], [col])[0])
         rss_ho = float(heldout.rss(coef[None], [col])[0])
         un = sw.coefs[sw.unrestricted]
-        res = {"threshold": sw.chosen_threshold, "n_terms": int(np.count_nonzero(coef)),
+        res = {"threshold": sw.chosen_threshold, "method": "forward stepwise" if np.isnan(sw.chosen_threshold) else "STLSQ",
+               "n_terms": int(np.count_nonzero(coef)),
                "r2_train": float(sw.r2_train[sw.chosen]), "r2_heldout": float(sw.r2_heldout[sw.chosen]),
                "rmse_train": (rss_tr / train.n_samples) ** 0.5, "rmse_heldout": (rss_ho / heldout.n_samples) ** 0.5,
                "r2_heldout_windows": per_window(coef, col),
@@ -286,10 +287,12 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
     coef = sw.chosen_coef
     support = np.flatnonzero(coef)
     incl = std = mean = None
-    if settings["n_bootstrap"] > 0 and len(groups) >= 2:
+    if settings["n_bootstrap"] > 0 and len(groups) >= 2 and support.size:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bag = bagging_gram(groups, opt.with_threshold(sw.chosen_threshold), settings["n_bootstrap"],
+            chosen_opt = (ForwardStepwise(int(np.count_nonzero(coef)), settings["normalize"]) if np.isnan(sw.chosen_threshold)
+                      else opt.with_threshold(sw.chosen_threshold))
+        bag = bagging_gram(groups, chosen_opt, settings["n_bootstrap"],
                                settings["seed"] + dim, dims=[dim])
         incl, std, mean = bag.inclusion_probability[0], bag.coef_std[0], bag.coef_mean[0]
     main["terms"] = [{"index": int(k), "name": names[k], "coef": float(coef[k]),

@@ -354,7 +354,8 @@ def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: dict, 
     L += ["## Equations", "", "Coefficients of the chosen model; in brackets the bagging inclusion probability "
           "and the coefficient std over resamples.", ""]
     for r in fits:
-        L.append(f"### z{r['dim']} ({r['n_terms']} terms, threshold {fmt(r['threshold'])})")
+        how = "forward stepwise" if r.get("method") == "forward stepwise" else f"threshold {fmt(r['threshold'])}"
+        L.append(f"### z{r['dim']} ({r['n_terms']} terms, {how})")
         L += ["", "```", equation_text(r["dim"], r["terms"]), "```", ""]
         if r["terms"] and r["terms"][0]["inclusion_probability"] is not None:
             L.append(", ".join(f"{t['name']} [{t['inclusion_probability']:.2f}, ±{fmt(t['coef_std'])}]"

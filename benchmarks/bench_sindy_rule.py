@@ -52,17 +52,34 @@ def split_stats(data: dict, lib_cfg: dict, seed: int = 0):
     return lib, stats(tr), stats(ho)
 
 
-def run(system: str, data: dict, lib_cfg: dict, alpha: float, tol: float, n_thr: int, budget: int | None) -> dict:
+_CACHE: dict = {}
+
+
+def old_rule(sw, tol: float) -> int:
+    """The rule before issue 10: the sparsest model with held-out R^2 >= best - tol * |best| (no budget)."""
+    score = np.where(np.isfinite(sw.r2_heldout), sw.r2_heldout, -np.inf)
+    ok = np.flatnonzero(score >= score.max() - tol * abs(score.max()))
+    return int(min(ok, key=lambda i: (sw.n_terms[i], -score[i], -sw.thresholds[i])))
+
+
+def run(system: str, data: dict, lib_cfg: dict, alpha: float, tol: float, n_thr: int, budget: int | None,
+        rule: str = "uv") -> dict:
     t0 = time.time()
-    lib, tr, ho = split_stats(data, lib_cfg)
+    key = (system, json.dumps(lib_cfg, sort_keys=True))
+    if key not in _CACHE:  # statistics depend on the data and the library only
+        _CACHE[key] = split_stats(data, lib_cfg)
+    lib, tr, ho = _CACHE[key]
     names = lib.get_feature_names()
     opt = STLSQ(alpha=alpha, normalize_columns=True)
     rows = [sweep_thresholds(tr, ho, j, opt, n_thresholds=n_thr, tol=tol, max_terms=budget) for j in range(tr.n_targets)]
+    if rule == "r2":
+        for sw in rows:
+            sw.chosen = sw.unrestricted = old_rule(sw, tol)
     coefs = [sw.chosen_coef for sw in rows]
     r2 = np.array([sw.r2_heldout[sw.chosen] for sw in rows])
     best = np.array([sw.r2_heldout[sw.unrestricted] for sw in rows])
     terms = np.array([np.count_nonzero(c) for c in coefs])
-    out = {"system": system, "alpha": alpha, "tol": tol, "n_thresholds": n_thr, "budget": budget,
+    out = {"system": system, "library": lib_cfg["preset"], "rule": rule, "alpha": alpha, "tol": tol, "n_thresholds": n_thr, "budget": budget,
            "library_terms": lib.n_terms, "terms_median": float(np.median(terms)), "terms_max": int(terms.max()),
            "r2_min": float(r2.min()), "r2_median": float(np.median(r2)), "r2_unrestricted_min": float(best.min()),
            "seconds": round(time.time() - t0, 2)}
@@ -93,19 +110,24 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="fewer settings")
     ap.add_argument("--out", default=str(RESULTS / "sindy_rule.json"))
     args = ap.parse_args(argv)
-    systems = {"lorenz": ks.lorenz(), "gaussian": ks.gaussian_ddim(n=200), "mixture": ks.mixture_ddim(n=200)}
-    grid = [(0.05, 0.01, 20, 50, "reference rule: alpha 0.05"), (0.0, 0.01, 20, None, "alpha 0")]
-    grid += [(a, tol, 30, b, "") for a in (0.0, 1e-5, 1e-3) for tol in (0.05, 0.2) for b in (None, 30)]
+    n = 60 if args.quick else 200
+    systems = {"lorenz": ks.lorenz(), "gaussian": ks.gaussian_ddim(n=n), "mixture": ks.mixture_ddim(n=n)}
+    ref_lib = {**DEFAULT_LIB, "preset": "reference"}
+    # (library, rule, alpha, tol, thresholds, budget): the settings before issue 10, then the candidates.
+    grid = [(ref_lib, "r2", 0.05, 0.01, 20, None), (DEFAULT_LIB, "r2", 0.05, 0.01, 20, None),
+            (DEFAULT_LIB, "r2", 0.0, 0.01, 20, None)]
+    grid += [(DEFAULT_LIB, "uv", a, tol, 30, b) for a in (0.0, 1e-3, 0.05) for tol in (0.05, 0.2) for b in (None, 30)]
     if args.quick:
-        grid = grid[:3]
+        grid = grid[:1] + grid[3:5]
     rows = []
-    print(f"{'system':9} {'alpha':>6} {'tol':>5} {'thr':>4} {'budget':>6} {'terms med/max':>14} "
+    print(f"{'system':9} {'library':9} {'rule':4} {'alpha':>6} {'tol':>5} {'thr':>4} {'budget':>6} {'terms med/max':>14} "
           f"{'R2 min':>8} {'R2 med':>8} {'R2 unres':>8}  check")
-    for alpha, tol, n_thr, budget, _ in grid:
+    for lib_cfg, rule, alpha, tol, n_thr, budget in grid:
         for name, data in systems.items():
-            r = run(name, data, DEFAULT_LIB, alpha, tol, n_thr, budget)
+            r = run(name, data, lib_cfg, alpha, tol, n_thr, budget, rule)
             rows.append(r)
-            print(f"{name:9} {alpha:6g} {tol:5g} {n_thr:4d} {str(budget):>6} {r['terms_median']:>7g}/{r['terms_max']:<6d} "
+            print(f"{name:9} {lib_cfg['preset']:9} {rule:4} {alpha:6g} {tol:5g} {n_thr:4d} {str(budget):>6} "
+                  f"{r['terms_median']:>7g}/{r['terms_max']:<6d} "
                   f"{r['r2_min']:8.5f} {r['r2_median']:8.5f} {r['r2_unrestricted_min']:8.5f}  {r['check']}"
                   f"{'' if r['ok'] else '  FAIL'}", flush=True)
     res = {"library": DEFAULT_LIB, "rows": rows}

@@ -105,3 +105,23 @@ def test_one_formatter_for_text_and_latex():
     assert rhs_text([2.5, -10.0, 1.2e-5], names) == "2.5 - 10 z0 + 1.2e-05 z0 z1"
     assert rhs_text([0.0, -1.0, 0.0], names) == "-1 z0" and rhs_text([0, 0, 0], names) == "0"
     assert rhs_text([2.5, -10.0, 1.2e-5], latex, "latex") == r"2.5 - 10\, z_{0} + 1.2 \cdot 10^{-5}\, z_{0} z_{1}"
+
+
+def test_forward_stepwise_path_is_nested_least_squares():
+    from analysis.fit import ForwardStepwise, GramStats, sweep_thresholds
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(400, 30))
+    w = np.zeros(30)
+    w[[2, 7, 11]] = [1.5, -2.0, 0.7]
+    y = X @ w + 1e-3 * rng.normal(size=400)
+    st = GramStats.from_arrays(X[:300], y[:300], device="cpu")
+    path = ForwardStepwise(6).fit_gram(st).path_[0]
+    supports = [set(np.flatnonzero(c)) for c in path]
+    assert [len(s) for s in supports] == [1, 2, 3, 4, 5, 6] and supports[2] == {2, 7, 11}
+    assert all(a < b for a, b in zip(supports, supports[1:]))
+    ls = np.linalg.lstsq(X[:300][:, [2, 7, 11]], y[:300], rcond=None)[0]
+    assert np.allclose(path[2][[2, 7, 11]], ls, atol=1e-10)
+    ho = GramStats.from_arrays(X[300:], y[300:], device="cpu")
+    sw = sweep_thresholds(st, ho, 0, n_thresholds=5, max_terms=4)
+    assert set(np.flatnonzero(sw.chosen_coef)) == {2, 7, 11} and sw.n_terms[sw.chosen] <= 4
