@@ -69,13 +69,15 @@ def test_lorenz_exact_terms_and_pysindy_round_trip(tmp_path, ray_session, capsys
 
 @pytest.mark.slow
 def test_gaussian_ddim_is_linear_in_z(tmp_path, ray_session):
+    # With a dense Sigma every dimension's true drift has 17 affine terms x 5 time functions = 85 terms, more
+    # than the default budget of 30: the model the rule picks without the budget (reported beside the
+    # budgeted one, with its cost) is the one that must be exact. The budgeted one may use proxies.
     eq = run_job(tmp_path, ks.gaussian_ddim(n=150))
     for r in eq["dims"]:
-        for model in (r["terms"], r["unrestricted"]["terms"]):
-            bad = [t["name"] for t in model if not Z_LINEAR.match(t["name"])]
-            assert not bad, (r["dim"], bad)
+        bad = [t["name"] for t in r["unrestricted"]["terms"] if not Z_LINEAR.match(t["name"])]
+        assert not bad, (r["dim"], bad)
         assert r["unrestricted"]["r2_heldout"] >= 0.999, r["dim"]
-        assert r["n_terms"] <= eq["term_budget"]
+        assert r["n_terms"] <= eq["term_budget"] and r["r2_heldout"] <= r["unrestricted"]["r2_heldout"] + 1e-3
 
 
 @pytest.mark.slow
