@@ -889,8 +889,8 @@ def choose_model(n_terms: np.ndarray, r2_heldout: np.ndarray, thresholds: np.nda
         tol: relative tolerance on the held-out unexplained variance uv = 1 - R^2: models with
             uv <= (1 + tol) uv_best + UV_FLOOR qualify. Relative to uv, not to R^2, so it is as
             strict at R^2 = 0.999 as at R^2 = 0.5; the floor stops round-off from deciding on exact data.
-        max_terms: only models with 1..max_terms terms compete (None: all); if none has, the
-            sparsest nonempty model is taken.
+        max_terms: only models with at most max_terms terms compete (None: all); if none has, the
+            sparsest model is taken.
 
     Returns:
         the chosen index.
@@ -898,10 +898,9 @@ def choose_model(n_terms: np.ndarray, r2_heldout: np.ndarray, thresholds: np.nda
     score = np.where(np.isfinite(r2_heldout), r2_heldout, -np.inf)
     pool = np.arange(len(score))
     if max_terms is not None:
-        pool = pool[(n_terms <= max_terms) & (n_terms > 0)]
-        if pool.size == 0:
-            nz = np.flatnonzero(n_terms > 0)
-            return int(nz[np.argmin(n_terms[nz])]) if nz.size else int(np.argmax(score))
+        pool = pool[n_terms <= max_terms]
+        if pool.size == 0:  # nothing small enough was swept: the sparsest model there is
+            return int(np.argmin(n_terms))
     uv = 1.0 - score[pool]
     best = uv.min()
     ok = pool[uv <= (1.0 + tol) * best + UV_FLOOR]
