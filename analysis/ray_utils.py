@@ -244,7 +244,7 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
     Returns:
         The JSON-able result.
     """
-    from analysis.fit import SR3, STLSQ, ForwardStepwise, bagging_gram, sweep_thresholds
+    from analysis.fit import SR3, STLSQ, ForwardStepwise, bagging_gram, sweep_with_gate
 
     out_path = Path(out_path)
     _maybe_fault(dim, out_path.parent)
@@ -264,8 +264,9 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
                 for w, s in enumerate(windows or [])]
 
     def one(col: int) -> tuple[dict, Any]:
-        sw = sweep_thresholds(train, heldout, col, opt, n_thresholds=settings["n_thresholds"], tol=settings["tol"],
-                              max_terms=budget)
+        sw, gate = sweep_with_gate(train, heldout, col, opt, settings.get("gated_columns") or [],
+                                   settings.get("gate", 0.5), n_thresholds=settings["n_thresholds"], tol=settings["tol"],
+                                   max_terms=budget)
         coef = sw.chosen_coef
         rss_tr = float(train.rss(coef[None], [col])[0])
         rss_ho = float(heldout.rss(coef[None], [col])[0])
@@ -280,21 +281,26 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
                                 "r2_heldout": float(sw.r2_heldout[sw.unrestricted]),
                                 "r2_heldout_windows": per_window(un, col),
                                 "terms": [{"index": int(k), "name": names[k], "coef": float(un[k])} for k in np.flatnonzero(un)]},
-               "sweep": sw.table(), "rule": sw.rule}
+               "sweep": sw.table(), "rule": sw.rule,
+               "gated_families": None if gate is None else {k: v for k, v in gate.items() if k != "keep"}}
+        res["_keep"] = None if gate is None else gate["keep"]
         return res, sw
 
     main, sw = one(dim)
+    keep = main.pop("_keep")
     coef = sw.chosen_coef
     support = np.flatnonzero(coef)
     incl = std = mean = None
     if settings["n_bootstrap"] > 0 and len(groups) >= 2 and support.size:
+        cols = np.arange(train.n_terms) if keep is None else np.asarray(keep)  # a dropped family stays dropped
+        chosen_opt = (ForwardStepwise(int(np.count_nonzero(coef)), settings["normalize"]) if np.isnan(sw.chosen_threshold)
+                      else opt.with_threshold(sw.chosen_threshold))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            chosen_opt = (ForwardStepwise(int(np.count_nonzero(coef)), settings["normalize"]) if np.isnan(sw.chosen_threshold)
-                      else opt.with_threshold(sw.chosen_threshold))
-        bag = bagging_gram(groups, chosen_opt, settings["n_bootstrap"],
-                               settings["seed"] + dim, dims=[dim])
-        incl, std, mean = bag.inclusion_probability[0], bag.coef_std[0], bag.coef_mean[0]
+            bag = bagging_gram([g.subset(cols) for g in groups] if keep is not None else groups, chosen_opt,
+                               settings["n_bootstrap"], settings["seed"] + dim, dims=[dim])
+        incl, std, mean = (np.zeros(train.n_terms) for _ in range(3))
+        incl[cols], std[cols], mean[cols] = bag.inclusion_probability[0], bag.coef_std[0], bag.coef_mean[0]
     main["terms"] = [{"index": int(k), "name": names[k], "coef": float(coef[k]),
                       "inclusion_probability": None if incl is None else float(incl[k]),
                       "coef_std": None if std is None else float(std[k]),
@@ -306,6 +312,7 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
     if settings["compare"]:
         alt, _ = one(settings["d"] + dim)
         alt.pop("sweep")
+        alt.pop("_keep")
         alt["unrestricted"].pop("terms")
         result["other_target"] = {"target": settings["targets"][1], **alt}
     result["seconds"] = round(time.time() - t0, 2)

@@ -299,6 +299,10 @@ def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: dict, 
           f"- time: {ctx['t_convention']}",
           f"- coordinates: {ctx['coordinates']}",
           f"- library: {len(names)} terms per dimension: {library_text(library, xi)} (spec in equations.json)",
+          *([f"- families that must earn their place (best held-out unexplained variance at most "
+             f"{fits[0]['gated_families']['gate']:g} x that without them): kept in "
+             f"{sum(bool(r['gated_families']['kept']) for r in fits)} of {d} dimensions"]
+            if fits and fits[0].get("gated_families") else []),
           f"- threshold: {optimizer_text(ctx)}, "
           f"{ctx['n_thresholds']} thresholds; rule: {fits[0]['rule']}",
           f"- uncertainty: bagging over {ctx['n_groups']} trajectory groups, {ctx['n_bootstrap']} resamples",

@@ -231,6 +231,17 @@ def make_library(cfg: Config, tset: TrajectorySet, coords: Coordinates, split: n
     return build_library(cfg.sindy.library, coords.dim, (float(np.min(t)), float(np.max(t))), proj)
 
 
+# Config family names -> the TermFamily kinds they build (analysis.library.build_library).
+FAMILY_KINDS = {"polynomial": ("Polynomial",), "time": ("TimePolynomial", "TimeSpline"), "time_state": ("TimeProduct",),
+                "exp": ("ExpNegTimeState", "ExpNegSquare"), "tanh": ("Tanh",), "terms": ("CustomTerms",)}
+
+
+def gated_columns(lib: Library, gated: list[str]) -> list[int]:
+    """Column indices of the families in sindy.library.gated (none for the reference preset's families)."""
+    kinds = {k for name in gated for k in FAMILY_KINDS[name]}
+    return [i for fam, sl in lib.family_slices() if fam.kind in kinds for i in range(sl.start, sl.stop)]
+
+
 def window_edges(t: np.ndarray, n: int) -> list[float]:
     """n equal windows of the data's t range, as n + 1 increasing edges."""
     return np.linspace(float(np.min(t)), float(np.max(t)), n + 1).tolist()
@@ -289,7 +300,8 @@ def stage_fits(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates
         settings = {"optimizer": s.optimizer, "sr3_nu": s.sr3_nu, "alpha": s.alpha, "normalize": s.normalize, "n_thresholds": s.n_thresholds, "tol": s.threshold_tol,
                     "n_bootstrap": s.n_bootstrap, "seed": s.seed, "d": d, "compare": len(plan["targets"]) > 1,
                     "targets": list(plan["targets"]), "names": lib.get_feature_names("text"),
-                    "term_budget": s.term_budget, "window_edges": edges}
+                    "term_budget": s.term_budget, "window_edges": edges,
+                    "gated_columns": gated_columns(lib, s.library.gated), "gate": s.library.gate}
         train_ref, ho_ref, groups_ref = ray.put(train), ray.put(heldout), ray.put(groups)
         win_ref = ray.put(windows)
         fit = ray_utils.fit_task()

@@ -223,6 +223,11 @@ class SindyLibraryConfig:
     """Scales c of tanh(p / c) (each > 0)."""
     tanh_time_degree: int = 4
     """tanh terms are also multiplied by t^1..t^tanh_time_degree (0..8)."""
+    gated: list[str] = field(default_factory=lambda: ["tanh"])
+    """Families kept per dimension only if they earn it on held-out data: the best held-out unexplained variance
+    with them must be at most `gate` x the best without them (else the dimension is fitted without them)."""
+    gate: float = 0.5
+    """The factor of `gated` (0 < gate <= 1; 1 keeps a family whenever it helps at all)."""
     terms: list[str] = field(default_factory=list)
     """User terms for the `terms` family, e.g. ["z0 * z1", "exp(-t) * z3"]: numbers, z0..z{d-1}, t, + - * / **,
     exp log tanh sin cos sqrt abs; parsed against this grammar (by analysis/library.py, checked before any work),
@@ -248,6 +253,8 @@ class SindyLibraryConfig:
         _check(bool(self.tanh_scales) and all(c > 0 for c in self.tanh_scales),
                f"sindy.library.tanh_scales must be a non-empty list of numbers > 0, got {self.tanh_scales}")
         _check(0 <= self.tanh_time_degree <= 8, f"sindy.library.tanh_time_degree must be 0..8, got {self.tanh_time_degree}")
+        _check(all(f in known for f in self.gated), f"sindy.library.gated: unknown family in {self.gated}; known: {', '.join(known)}")
+        _check(0 < self.gate <= 1, f"sindy.library.gate must be in (0, 1], got {self.gate}")
         _check("terms" not in self.families or bool(self.terms), "sindy.library.families has 'terms' but sindy.library.terms is empty")
 
 
