@@ -133,9 +133,9 @@ def main(argv=None) -> dict:
                   f"{r['terms_median']:>7g}/{r['terms_max']:<6d} "
                   f"{r['r2_min']:8.5f} {r['r2_median']:8.5f} {r['r2_unrestricted_min']:8.5f}  {r['check']}"
                   f"{'' if r['ok'] else '  FAIL'}", flush=True)
-    res = {"library": DEFAULT_LIB, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(res, indent=1))
+            res = {"library": DEFAULT_LIB, "rows": rows}  # written after every row: a long run keeps its part
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(res, indent=1))
     return res
 
 
