@@ -48,10 +48,11 @@ def test_local_job_survives_killed_worker_and_resumes(trained_run, tmp_path):
     assert eq["n_trajectories"] == 64 and eq["seed"] == 1234 and eq["sampler"] == "ddim"
     assert eq["digests"]["dit_ema_sha256"] and eq["digests"]["ae_sha256"]
     assert eq["optimizer"].startswith("STLSQ")
-    # The free-time reference fit (a quadratic per sampler step) is reported next to SINDy's.
+    # The free-time reference (a quadratic per sampler step, 153 unknowns) needs more training rows per step than
+    # the 51 training trajectories give: it is skipped with the reason instead of printing a meaningless R^2.
     for r in eq["dims"]:
-        assert r["free_time"]["degree"] == 2 and np.isfinite(r["free_time"]["r2_heldout"])
-    assert "free-time reference" in (run_dir / "report" / "report.md").read_text()
+        assert r["free_time"]["degree"] == 2 and "51 training trajectories per step" in r["free_time"]["skipped"]
+    assert "Free-time reference: skipped" in (run_dir / "report" / "report.md").read_text()
     # The SINDy images decode the rollout's own end state, not the DiT's.
     roll = np.load(run_dir / "report" / "rollouts.npz")
     assert not np.allclose(roll["sindy"][-1], roll["reference"][-1])
