@@ -9,8 +9,9 @@ References:
     get_feature_names interface of feature libraries, which we follow).
 
 A SINDy model writes each latent velocity as a sparse combination of candidate terms,
-    dz_i/dt = sum_k Xi[k, i] * theta_k(z, t),
-and this module builds the columns theta_k. The state is z in R^d (d = 16 for the VAE
+    dz_i/dt = sum_k Xi[i, k] * theta_k(z, t),
+with Xi of shape (d, p), one row per state dimension (as ``pysindy.SINDy.coefficients()`` and
+the job's equations.json), and this module builds the columns theta_k. The state is z in R^d (d = 16 for the VAE
 latent), the diffusion time is t in [0, 1].
 
 Reference library (``Library.reference(d)``), per target dimension:
@@ -97,6 +98,14 @@ __all__ = [
     "reference_n_terms",
     "reference_families",
     "FAMILIES",
+    "TimeSpline",
+    "TimeProduct",
+    "Tanh",
+    "CustomTerms",
+    "register_family",
+    "LIBRARY_FAMILIES",
+    "build_library",
+    "principal_directions",
 ]
 
 SPEC_FORMAT = "latent-sindy.library/1"
@@ -442,10 +451,352 @@ class ExpNegSquare(TermFamily):
         return _exp(-(z * z))
 
 
+def _to_numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if _is_torch(x) else np.asarray(x)
+
+
+def _like(a: np.ndarray, like: Any) -> Any:
+    if _is_torch(like):
+        return torch.as_tensor(a, dtype=torch.float64, device=like.device)
+    return a
+
+
+def _tanh(x: Any) -> Any:
+    return torch.tanh(x) if _is_torch(x) else np.tanh(x)
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeSpline(TermFamily):
+    """B-spline basis in t on [t_min, t_max] (scipy.interpolate.BSpline), the first function dropped.
+
+    The ``n_basis`` B-splines of degree ``degree`` on uniform knots sum to 1 (the constant term of
+    ``Polynomial``), so the first is dropped to keep Theta free of that exact collinearity.
+    Count: n_basis - 1. Outside [t_min, t_max] the basis is 0 (extrapolation is not offered).
+
+    Attributes:
+        n_basis: number of B-splines before the drop (>= degree + 1, >= 2).
+        degree: spline degree (0 = piecewise constant, 1 = hat functions, 3 = cubic).
+        t_min, t_max: the time range the knots cover.
+    """
+
+    n_basis: int = 6
+    degree: int = 3
+    t_min: float = 0.0
+    t_max: float = 1.0
+    kind: ClassVar[str] = "TimeSpline"
+    uses_time: ClassVar[bool] = True
+
+    def __post_init__(self):
+        if not isinstance(self.degree, (int, np.integer)) or not 0 <= self.degree <= 5:
+            raise ValueError(f"TimeSpline degree must be an int in 0..5; got {self.degree!r}.")
+        if not isinstance(self.n_basis, (int, np.integer)) or self.n_basis < max(2, self.degree + 1):
+            raise ValueError(f"TimeSpline n_basis must be an int >= max(2, degree + 1); got {self.n_basis!r}.")
+        if not self.t_max > self.t_min:
+            raise ValueError(f"TimeSpline needs t_max > t_min; got {self.t_min}, {self.t_max}.")
+
+    def knots(self) -> np.ndarray:
+        """Clamped uniform knot vector, (n_basis + degree + 1,)."""
+        k, inner = self.degree, self.n_basis - self.degree + 1
+        mid = np.linspace(self.t_min, self.t_max, inner)
+        return np.concatenate([np.full(k, self.t_min), mid, np.full(k, self.t_max)])
+
+    def basis(self, t: np.ndarray) -> np.ndarray:
+        """All n_basis functions at t (n,) -> (n, n_basis)."""
+        from scipy.interpolate import BSpline
+
+        t = np.asarray(t, dtype=np.float64).reshape(-1)
+        inside = (t >= self.t_min) & (t <= self.t_max)
+        out = np.zeros((t.size, self.n_basis))
+        if inside.any():
+            out[inside] = BSpline.design_matrix(t[inside], self.knots(), self.degree).toarray()
+        return out
+
+    def n_output_features(self, d):
+        _check_d(d)
+        return int(self.n_basis) - 1
+
+    def names(self, d, style="text", state_names=None, time_name="t"):
+        _check_style(style)
+        _check_d(d)
+        if style == "text":
+            return [f"B{j}({time_name})" for j in range(1, self.n_basis)]
+        return [f"B_{{{j}}}({time_name})" for j in range(1, self.n_basis)]
+
+    def _columns(self, z, t):
+        return _like(self.basis(_to_numpy(t))[:, 1:], z)
+
+
+def _time_functions(time_basis: str, degree: int, n_basis: int, t_min: float, t_max: float) -> TermFamily:
+    if time_basis == "poly":
+        return TimePolynomial(degree=degree)
+    if time_basis == "spline":
+        return TimeSpline(n_basis=n_basis, degree=min(degree, n_basis - 1), t_min=t_min, t_max=t_max)
+    raise ValueError(f"time_basis must be 'poly' or 'spline'; got {time_basis!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeProduct(TermFamily):
+    """Time functions times state monomials: f_j(t) m(z) for every f_j of the time basis and every
+    monomial m of degree 1..state_degree (time-major order, monomials as ``Polynomial``).
+
+    With the polynomial time basis t^1..t^degree and state_degree 1 this is t^j z_i: linear
+    dynamics whose coefficients are polynomials in t (the exact form of DDIM on Gaussian data).
+    Count: (time functions) x (C(d + state_degree, state_degree) - 1).
+
+    Attributes:
+        time_basis: "poly" (t^1..t^degree) or "spline" (``TimeSpline(n_basis, degree)``).
+        degree: highest power of t, or the spline degree.
+        state_degree: highest total degree of the state monomial (>= 1).
+        n_basis, t_min, t_max: the spline basis (time_basis="spline" only).
+    """
+
+    time_basis: str = "poly"
+    degree: int = 4
+    state_degree: int = 1
+    n_basis: int = 6
+    t_min: float = 0.0
+    t_max: float = 1.0
+    kind: ClassVar[str] = "TimeProduct"
+    uses_time: ClassVar[bool] = True
+
+    def __post_init__(self):
+        self.time_family()  # validates the time basis
+        if not isinstance(self.state_degree, (int, np.integer)) or self.state_degree < 1:
+            raise ValueError(f"TimeProduct state_degree must be an int >= 1; got {self.state_degree!r}.")
+
+    def time_family(self) -> TermFamily:
+        return _time_functions(self.time_basis, self.degree, self.n_basis, self.t_min, self.t_max)
+
+    def _state(self) -> Polynomial:
+        return Polynomial(degree=self.state_degree, include_bias=False)
+
+    def n_output_features(self, d):
+        return self.time_family().n_output_features(d) * self._state().n_output_features(d)
+
+    def names(self, d, style="text", state_names=None, time_name="t"):
+        tn = self.time_family().names(d, style, state_names, time_name)
+        sn = self._state().names(d, style, state_names, time_name)
+        return [f"{s} {f}" for f in tn for s in sn]
+
+    def _columns(self, z, t):
+        ft = self.time_family()._columns(z, t)  # (n, q)
+        ms = self._state()._columns(z, t)  # (n, r)
+        return _cat([ft[:, j : j + 1] * ms for j in range(ft.shape[1])], z)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tanh(TermFamily):
+    """Saturating terms tanh(p_k / c) for every projection p_k and scale c, optionally times t^j.
+
+    p_k is the coordinate z_k (``projections`` empty) or u_k . z for the rows u_k of
+    ``projections`` (e.g. the principal directions of the training end states, which the job
+    computes). The posterior mean of a two-mode Gaussian mixture is exactly of this form
+    (E[x0 | z] ~ tanh(a m u.z / v)), so these columns let a sparse model express a denoiser that
+    pulls states to one of two modes. Count: (#projections) x len(scales) x (1 + time_degree).
+
+    Attributes:
+        scales: positive scales c (the tanh saturates for |p| >> c).
+        projections: (r, d) rows u_k as nested tuples, or () for the d coordinates.
+        time_degree: also tanh(p_k / c) t^j for j = 1..time_degree (0: time-free).
+    """
+
+    scales: tuple[float, ...] = (1.0,)
+    projections: tuple[tuple[float, ...], ...] = ()
+    time_degree: int = 0
+    kind: ClassVar[str] = "Tanh"
+
+    def __post_init__(self):
+        object.__setattr__(self, "scales", tuple(float(c) for c in self.scales))
+        object.__setattr__(self, "projections", tuple(tuple(float(x) for x in u) for u in self.projections))
+        if not self.scales or any(not (c > 0 and math.isfinite(c)) for c in self.scales):
+            raise ValueError(f"Tanh scales must be a non-empty list of finite numbers > 0; got {self.scales!r}.")
+        if len({len(u) for u in self.projections}) > 1:
+            raise ValueError("Tanh projections must all have the same length d.")
+        if not isinstance(self.time_degree, (int, np.integer)) or self.time_degree < 0:
+            raise ValueError(f"Tanh time_degree must be an int >= 0; got {self.time_degree!r}.")
+
+    @property
+    def uses_time(self) -> bool:  # type: ignore[override]
+        return self.time_degree > 0
+
+    def params(self) -> dict:
+        return {"scales": list(self.scales), "projections": [list(u) for u in self.projections],
+                "time_degree": self.time_degree}
+
+    def _n_proj(self, d: int) -> int:
+        _check_d(d)
+        if self.projections and len(self.projections[0]) != d:
+            raise ValueError(f"Tanh projections have length {len(self.projections[0])} but the state has d={d}.")
+        return len(self.projections) or d
+
+    def n_output_features(self, d):
+        return self._n_proj(d) * len(self.scales) * (1 + self.time_degree)
+
+    def names(self, d, style="text", state_names=None, time_name="t"):
+        _check_style(style)
+        r = self._n_proj(d)
+        if self.projections:
+            pn = [f"p{k}" if style == "text" else f"p_{{{k}}}" for k in range(r)]
+        else:
+            pn = _state_names(d, style, state_names)
+        base = []
+        for p in pn:
+            for c in self.scales:
+                arg = p if c == 1 else (f"{p}/{_num(c)}" if style == "text" else rf"{p}/{_num(c)}")
+                base.append(f"tanh({arg})" if style == "text" else rf"\tanh({arg})")
+        out = list(base)
+        for j in range(1, self.time_degree + 1):
+            out += [f"{b} {_power(time_name, j, style)}" for b in base]
+        return out
+
+    def _columns(self, z, t):
+        r = self._n_proj(z.shape[1])
+        p = z if not self.projections else z @ _like(np.asarray(self.projections).T, z)  # (n, r)
+        base = _cat([_tanh(p[:, k : k + 1] / c) for k in range(r) for c in self.scales], z)
+        return _cat([base] + [(t**j) * base for j in range(1, self.time_degree + 1)], z)
+
+    def transform(self, z, t=None):
+        z, t = _prepare(z, t, self.uses_time)
+        return self._columns(z, t)
+
+
+# A small expression grammar for user-listed terms. Expressions are parsed with Python's ``ast``
+# and walked node by node against this whitelist, never compiled or eval'd: only numbers, the
+# names z0..z{d-1} and t, + - * / ** (integer or float powers), unary minus and these functions.
+_FUNCS = {"exp": (np.exp, torch.exp if torch else None), "log": (np.log, torch.log if torch else None),
+          "tanh": (np.tanh, torch.tanh if torch else None), "sin": (np.sin, torch.sin if torch else None),
+          "cos": (np.cos, torch.cos if torch else None), "sqrt": (np.sqrt, torch.sqrt if torch else None),
+          "abs": (np.abs, torch.abs if torch else None)}
+
+
+def _parse_term(expr: str):
+    import ast
+
+    if not isinstance(expr, str) or not expr.strip() or len(expr) > 200:
+        raise ValueError(f"a user term must be a non-empty expression of at most 200 characters; got {expr!r}.")
+    try:
+        tree = ast.parse(expr.strip(), mode="eval")
+    except SyntaxError:
+        raise ValueError(f"user term {expr!r} is not a valid expression (grammar: numbers, z0..z{{d-1}}, t, "
+                         f"+ - * / **, {', '.join(sorted(_FUNCS))}).") from None
+    ops = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)
+
+    def check(node):
+        if isinstance(node, ast.Expression):
+            return check(node.body)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ops):
+            return check(node.left) | check(node.right)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            return check(node.operand)
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return set()
+        if isinstance(node, ast.Name) and (node.id == "t" or (node.id[:1] == "z" and node.id[1:].isdigit())):
+            return {node.id}
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS
+                and len(node.args) == 1 and not node.keywords):
+            return check(node.args[0])
+        raise ValueError(f"user term {expr!r}: {ast.dump(node)[:60]} is outside the grammar (numbers, "
+                         f"z0..z{{d-1}}, t, + - * / **, {', '.join(sorted(_FUNCS))}).")
+
+    return tree, check(tree)
+
+
+def _eval_term(node, z, t):
+    import ast
+
+    if isinstance(node, ast.Expression):
+        return _eval_term(node.body, z, t)
+    if isinstance(node, ast.BinOp):
+        a, b = _eval_term(node.left, z, t), _eval_term(node.right, z, t)
+        op = type(node.op)
+        return {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
+                ast.Div: lambda: a / b, ast.Pow: lambda: a**b}[op]()
+    if isinstance(node, ast.UnaryOp):
+        v = _eval_term(node.operand, z, t)
+        return -v if isinstance(node.op, ast.USub) else v
+    if isinstance(node, ast.Constant):
+        return float(node.value)
+    if isinstance(node, ast.Name):
+        return t[:, 0] if node.id == "t" else z[:, int(node.id[1:])]
+    fn = _FUNCS[node.func.id][1 if _is_torch(z) else 0]
+    return fn(_eval_term(node.args[0], z, t))
+
+
+@dataclasses.dataclass(frozen=True)
+class CustomTerms(TermFamily):
+    """User-listed terms, e.g. ("z0 * z1", "exp(-t) * z3", "tanh(2 * z0)").
+
+    Grammar: numbers, z0..z{d-1}, t, + - * / ** , unary -, and exp log tanh sin cos sqrt abs of one
+    argument. Expressions are checked against this grammar (a walk over Python's ``ast``), never
+    eval'd. Names are the expressions as written (text) and ``\\mathrm{...}`` of them (LaTeX).
+
+    Attributes:
+        terms: the expressions, one column each.
+    """
+
+    terms: tuple[str, ...] = ()
+    kind: ClassVar[str] = "CustomTerms"
+
+    def __post_init__(self):
+        object.__setattr__(self, "terms", tuple(self.terms))
+        if not self.terms:
+            raise ValueError("CustomTerms needs at least one expression.")
+        for e in self.terms:
+            _parse_term(e)
+
+    @property
+    def uses_time(self) -> bool:  # type: ignore[override]
+        return any("t" in _parse_term(e)[1] for e in self.terms)
+
+    def _max_index(self) -> int:
+        idx = [int(n[1:]) for e in self.terms for n in _parse_term(e)[1] if n != "t"]
+        return max(idx) if idx else -1
+
+    def n_output_features(self, d):
+        d = _check_d(d)
+        if self._max_index() >= d:
+            raise ValueError(f"a user term uses z{self._max_index()} but the state has d={d} (z0..z{d - 1}).")
+        return len(self.terms)
+
+    def names(self, d, style="text", state_names=None, time_name="t"):
+        _check_style(style)
+        self.n_output_features(d)
+        if style == "text":
+            return [" ".join(e.split()) for e in self.terms]
+        return [r"\mathrm{" + " ".join(e.split()).replace("**", "^") + "}" for e in self.terms]
+
+    def _columns(self, z, t):
+        self.n_output_features(z.shape[1])
+        cols = []
+        for e in self.terms:
+            v = _eval_term(_parse_term(e)[0], z, t)
+            if not hasattr(v, "shape") or getattr(v, "ndim", 0) == 0:  # a constant expression
+                v = _ones(z.shape[0], z)[:, 0] * float(v)
+            cols.append(v.reshape(-1, 1))
+        return _cat(cols, z)
+
+    def transform(self, z, t=None):
+        z, t = _prepare(z, t, self.uses_time)
+        return self._columns(z, t)
+
+
 FAMILIES: dict[str, type[TermFamily]] = {
     cls.kind: cls
-    for cls in (Polynomial, TimePolynomial, TimeTimesState, ExpNegTimeState, ExpNegSquare)
+    for cls in (Polynomial, TimePolynomial, TimeTimesState, ExpNegTimeState, ExpNegSquare, TimeSpline,
+                TimeProduct, Tanh, CustomTerms)
 }
+
+
+def register_family(cls: type[TermFamily]) -> type[TermFamily]:
+    """Make a TermFamily subclass known to ``Library.from_spec`` (usable as a class decorator)."""
+    if not (isinstance(cls, type) and issubclass(cls, TermFamily)):
+        raise TypeError(f"register_family needs a TermFamily subclass; got {cls!r}.")
+    FAMILIES[cls.kind] = cls
+    return cls
 
 
 def reference_families() -> list[TermFamily]:
@@ -457,6 +808,67 @@ def reference_families() -> list[TermFamily]:
         ExpNegTimeState(),
         ExpNegSquare(),
     ]
+
+
+# The family names of the config (``sindy.library.families``), in column order.
+LIBRARY_FAMILIES = ("polynomial", "time", "time_state", "exp", "tanh", "terms")
+
+
+def build_library(cfg: Any, d: int, t_range: tuple[float, float] = (0.0, 1.0),
+                  projections: np.ndarray | None = None) -> "Library":
+    """The library a ``sindy.library`` config describes (training/config.py, SindyLibraryConfig).
+
+    Args:
+        cfg: an object with the fields of SindyLibraryConfig (preset, families, poly_degree,
+            time_basis, time_degree, spline_basis, time_state_degree, tanh_on, tanh_projections,
+            tanh_scales, tanh_time_degree, terms).
+        d: state dimension.
+        t_range: (t_min, t_max) of the data, the span of a spline time basis.
+        projections: (r, d) unit rows for ``tanh_on="principal"`` (the job passes the principal
+            directions of the training end states); None with tanh_on="principal" raises.
+
+    Returns:
+        Library bound to d, families in the order of ``LIBRARY_FAMILIES``.
+    """
+    if cfg.preset == "reference":
+        return Library.reference(d)
+    unknown = [f for f in cfg.families if f not in LIBRARY_FAMILIES]
+    if unknown:
+        raise ValueError(f"unknown library families {unknown}; known: {list(LIBRARY_FAMILIES)}.")
+    want, fams = set(cfg.families), []
+    t_min, t_max = float(t_range[0]), float(t_range[1])
+    if "polynomial" in want:
+        fams.append(Polynomial(degree=cfg.poly_degree, include_bias=True))
+    if "time" in want:
+        fams.append(_time_functions(cfg.time_basis, cfg.time_degree, cfg.spline_basis, t_min, t_max))
+    if "time_state" in want:
+        fams.append(TimeProduct(time_basis=cfg.time_basis, degree=cfg.time_degree, state_degree=cfg.time_state_degree,
+                                n_basis=cfg.spline_basis, t_min=t_min, t_max=t_max))
+    if "exp" in want:
+        fams += [ExpNegTimeState(), ExpNegSquare()]
+    if "tanh" in want:
+        if cfg.tanh_on == "principal":
+            if projections is None:
+                raise ValueError("tanh_on='principal' needs the principal directions (projections=...).")
+            proj = tuple(tuple(float(x) for x in u) for u in np.asarray(projections)[: cfg.tanh_projections])
+        else:
+            proj = ()
+        fams.append(Tanh(scales=tuple(cfg.tanh_scales), projections=proj, time_degree=cfg.tanh_time_degree))
+    if "terms" in want:
+        fams.append(CustomTerms(terms=tuple(cfg.terms)))
+    if not fams:
+        raise ValueError("sindy.library.families is empty; list at least one family.")
+    return Library(fams, n_state=d)
+
+
+def principal_directions(z: np.ndarray, k: int) -> np.ndarray:
+    """The k leading principal directions of (n, d) samples, (k, d) unit rows, sign fixed so that
+    each row's largest entry is positive (the same data give the same library)."""
+    z = np.asarray(z, dtype=np.float64)
+    _, _, vt = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
+    vt = vt[: min(k, vt.shape[0])]
+    sign = np.sign(vt[np.arange(vt.shape[0]), np.argmax(np.abs(vt), axis=1)])
+    return vt * sign[:, None]
 
 
 def reference_n_terms(d: int) -> int:

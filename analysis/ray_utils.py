@@ -245,7 +245,7 @@ def trajectory_actor_class(num_gpus: int):
 
 def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tuple[str, ...],
                      library_spec: dict, n_groups: int, device: str, chunk_size: int,
-                     ceiling_degree: int = 0) -> dict:
+                     ceiling_degree: int = 0, window_edges: list[float] | None = None) -> dict:
     """Gram statistics of one trajectory block: one per bootstrap group (training) and the held-out one.
 
     Args:
@@ -260,10 +260,12 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
         chunk_size: library rows per evaluation.
         ceiling_degree: > 0 adds per-step statistics of the main target for the free-time
             reference fit (analysis.fit.free_time_r2) with a polynomial of this degree.
+        window_edges: W + 1 increasing times: held-out statistics are also kept per window of t
+            (a row at t belongs to the window [e_w, e_{w+1}), the last one closed).
 
     Returns:
         {"groups": [G numpy stats dicts or None], "heldout": numpy stats dict or None,
-        "steps": {"train": [T dicts] or None, "heldout": [T dicts] or None}}.
+        "windows": [W numpy stats dicts or None], "steps": {"train": [T dicts] or None, "heldout": [T dicts] or None}}.
     """
     from analysis.fit import GramStats, stepwise_stats
     from analysis.library import Library
@@ -274,7 +276,8 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
     drift = None if blk.drift is None else coords.velocities(blk.drift)
     eps = None if blk.eps is None else coords.velocities(blk.eps)  # linear like a velocity: no centring
     lib = Library.from_spec(library_spec)
-    out: dict[str, Any] = {"groups": [None] * n_groups, "heldout": None}
+    edges = np.asarray(window_edges if window_edges else [], dtype=np.float64)
+    out: dict[str, Any] = {"groups": [None] * n_groups, "heldout": None, "windows": [None] * max(len(edges) - 1, 0)}
     labels = split[blk.index]
     T, d = z.shape[0] - 1, z.shape[2]
     step_rows: dict[str, list] = {"train": [], "heldout": []}  # (T, b, d) states and main targets per group
@@ -285,6 +288,12 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
         stats = GramStats.from_library(lib, [(zs, ts, ys)], device=device, chunk_size=chunk_size)
         if g < 0:
             out["heldout"] = stats.to_numpy()
+            if len(edges) > 1:
+                win = np.clip(np.searchsorted(edges, ts, side="right") - 1, 0, len(edges) - 2)
+                for w in np.unique(win).tolist():
+                    rows = win == w
+                    out["windows"][w] = GramStats.from_library(lib, [(zs[rows], ts[rows], ys[rows])], device=device,
+                                                               chunk_size=chunk_size).to_numpy()
         else:
             out["groups"][g] = stats.to_numpy()
         if ceiling_degree > 0:  # rows are step-major, so (T, b) is a reshape
@@ -329,20 +338,22 @@ def _maybe_fault(dim: int, out_dir: Path) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_path: str) -> dict:
+def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_path: str, windows: list | None = None) -> dict:
     """Threshold sweep, chosen model, bagging and metrics for one target dimension; writes JSON.
 
     Args:
         dim: target dimension j (0..d-1); with ``settings["compare"]`` column d + j is the other target.
         train, heldout: GramStats (p terms, m targets) of training and held-out trajectories.
         groups: per-group training GramStats for bagging (may be empty).
-        settings: optimizer (stlsq | sr3), sr3_nu, alpha, normalize, n_thresholds, tol, n_bootstrap, seed, d, compare, targets, names.
+        settings: optimizer (stlsq | sr3), sr3_nu, alpha, normalize, n_thresholds, tol, n_bootstrap, seed, d, compare,
+            targets, names, term_budget (the chosen model's most terms), window_edges (W + 1 times).
         out_path: where the result JSON goes (atomically).
+        windows: W held-out GramStats, one per window of t (None entries for empty windows), for R^2 per window.
 
     Returns:
         The JSON-able result.
     """
-    from analysis.fit import SR3, STLSQ, bagging_gram, sweep_thresholds
+    from analysis.fit import SR3, STLSQ, ForwardStepwise, bagging_gram, sweep_with_gate
 
     out_path = Path(out_path)
     _maybe_fault(dim, out_path.parent)
@@ -352,28 +363,53 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
     else:
         opt = STLSQ(alpha=settings["alpha"], normalize_columns=settings["normalize"])
 
+    budget = settings.get("term_budget")
+    names = settings["names"]
+
+    def per_window(coef: np.ndarray, col: int) -> list:
+        edges = settings.get("window_edges") or []
+        return [{"t_from": edges[w], "t_to": edges[w + 1],
+                 "r2_heldout": None if s is None else float(s.r2(coef[None], [col])[0])}
+                for w, s in enumerate(windows or [])]
+
     def one(col: int) -> tuple[dict, Any]:
-        sw = sweep_thresholds(train, heldout, col, opt, n_thresholds=settings["n_thresholds"], tol=settings["tol"])
+        sw, gate = sweep_with_gate(train, heldout, col, opt, settings.get("gated_columns") or [],
+                                   settings.get("gate", 0.5), n_thresholds=settings["n_thresholds"], tol=settings["tol"],
+                                   max_terms=budget)
         coef = sw.chosen_coef
         rss_tr = float(train.rss(coef[None], [col])[0])
         rss_ho = float(heldout.rss(coef[None], [col])[0])
-        res = {"threshold": sw.chosen_threshold, "n_terms": int(np.count_nonzero(coef)),
+        un = sw.coefs[sw.unrestricted]
+        res = {"threshold": sw.chosen_threshold, "method": "forward stepwise" if np.isnan(sw.chosen_threshold) else "STLSQ",
+               "n_terms": int(np.count_nonzero(coef)),
                "r2_train": float(sw.r2_train[sw.chosen]), "r2_heldout": float(sw.r2_heldout[sw.chosen]),
                "rmse_train": (rss_tr / train.n_samples) ** 0.5, "rmse_heldout": (rss_ho / heldout.n_samples) ** 0.5,
-               "sweep": sw.table(), "rule": sw.rule}
+               "r2_heldout_windows": per_window(coef, col),
+               "unrestricted": {"n_terms": int(np.count_nonzero(un)), "threshold": float(sw.thresholds[sw.unrestricted]),
+                                "r2_train": float(sw.r2_train[sw.unrestricted]),
+                                "r2_heldout": float(sw.r2_heldout[sw.unrestricted]),
+                                "r2_heldout_windows": per_window(un, col),
+                                "terms": [{"index": int(k), "name": names[k], "coef": float(un[k])} for k in np.flatnonzero(un)]},
+               "sweep": sw.table(), "rule": sw.rule,
+               "gated_families": None if gate is None else {k: v for k, v in gate.items() if k != "keep"}}
+        res["_keep"] = None if gate is None else gate["keep"]
         return res, sw
 
     main, sw = one(dim)
+    keep = main.pop("_keep")
     coef = sw.chosen_coef
     support = np.flatnonzero(coef)
     incl = std = mean = None
-    if settings["n_bootstrap"] > 0 and len(groups) >= 2:
+    if settings["n_bootstrap"] > 0 and len(groups) >= 2 and support.size:
+        cols = np.arange(train.n_terms) if keep is None else np.asarray(keep)  # a dropped family stays dropped
+        chosen_opt = (ForwardStepwise(int(np.count_nonzero(coef)), settings["normalize"]) if np.isnan(sw.chosen_threshold)
+                      else opt.with_threshold(sw.chosen_threshold))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bag = bagging_gram(groups, opt.with_threshold(sw.chosen_threshold), settings["n_bootstrap"],
-                               settings["seed"] + dim, dims=[dim])
-        incl, std, mean = bag.inclusion_probability[0], bag.coef_std[0], bag.coef_mean[0]
-    names = settings["names"]
+            bag = bagging_gram([g.subset(cols) for g in groups] if keep is not None else groups, chosen_opt,
+                               settings["n_bootstrap"], settings["seed"] + dim, dims=[dim])
+        incl, std, mean = (np.zeros(train.n_terms) for _ in range(3))
+        incl[cols], std[cols], mean[cols] = bag.inclusion_probability[0], bag.coef_std[0], bag.coef_mean[0]
     main["terms"] = [{"index": int(k), "name": names[k], "coef": float(coef[k]),
                       "inclusion_probability": None if incl is None else float(incl[k]),
                       "coef_std": None if std is None else float(std[k]),
@@ -385,6 +421,8 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
     if settings["compare"]:
         alt, _ = one(settings["d"] + dim)
         alt.pop("sweep")
+        alt.pop("_keep")
+        alt["unrestricted"].pop("terms")
         result["other_target"] = {"target": settings["targets"][1], **alt}
     result["seconds"] = round(time.time() - t0, 2)
     tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")

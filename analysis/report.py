@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.export import equation_latex, equation_text  # the one formatter of equation text
 from analysis.library import Polynomial
 
 DIVERGED = 1e4  # |z| beyond this counts as a blown-up rollout (normalised latents are O(1))
@@ -93,32 +94,6 @@ def integrate(f, z0: np.ndarray, t: np.ndarray, method: str = "euler") -> tuple[
 
 def fmt(x: float) -> str:
     return f"{x:.4g}"
-
-
-def equation_text(j: int, terms: list[dict]) -> str:
-    if not terms:
-        return f"dz{j}/dt = 0"
-    parts = []
-    for i, term in enumerate(terms):
-        c = term["coef"]
-        sign = "-" if c < 0 else ("+" if i else "")
-        body = fmt(abs(c)) if term["name"] == "1" else f"{fmt(abs(c))} {term['name']}"
-        parts.append(f"{sign} {body}".strip() if i else f"{'-' if c < 0 else ''}{body}")
-    return f"dz{j}/dt = " + " ".join(parts)
-
-
-def equation_latex(j: int, terms: list[dict], latex_names: list[str]) -> str:
-    if not terms:
-        return rf"\dot z_{{{j}}} &= 0"
-    parts = []
-    for i, term in enumerate(terms):
-        c = term["coef"]
-        mant, exp = f"{abs(c):.3e}".split("e")
-        num = mant if int(exp) == 0 else rf"{mant}\cdot 10^{{{int(exp)}}}"
-        name = latex_names[term["index"]]
-        body = num if name == "1" else rf"{num}\, {name}"
-        parts.append(("-" if c < 0 else ("+" if i else "")) + " " + body)
-    return rf"\dot z_{{{j}}} &= " + " ".join(parts).strip()
 
 
 def flag_of(r: dict, poor: float) -> str:
@@ -276,12 +251,17 @@ def optimizer_text(ctx: dict) -> str:
     return f"STLSQ (alpha {ctx['alpha']}, normalised columns {ctx['normalize']})"
 
 
-def best_within_budget(sweep: list[dict], budget: int) -> dict:
-    """The swept model with the highest held-out R^2 among those with 1..budget terms."""
-    within = [row for row in sweep if 0 < row["n_terms"] <= budget]
-    best = max(within, key=lambda row: row["r2_heldout"]) if within else None
-    return {"max_terms": budget, "n_terms": None if best is None else best["n_terms"],
-            "r2_heldout": None if best is None else best["r2_heldout"]}
+def library_text(library, xi) -> str:
+    """The library family by family (Library.family_slices) with how many of its terms the equations use."""
+    parts = []
+    for fam, sl in library.family_slices():
+        used = int(np.count_nonzero(np.any(xi[:, sl] != 0, axis=0)))
+        parts.append(f"{fam.kind} {sl.stop - sl.start} ({used} used)")
+    return ", ".join(parts)
+
+
+def windows_text(windows: list[dict]) -> str:
+    return " / ".join("-" if w["r2_heldout"] is None else f"{w['r2_heldout']:.3f}" for w in windows)
 
 
 def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: dict, roll: dict,
@@ -321,7 +301,11 @@ def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: dict, 
           f"- target: **{ctx['target']}** ({ctx['target_note']})",
           f"- time: {ctx['t_convention']}",
           f"- coordinates: {ctx['coordinates']}",
-          f"- library: reference families, {len(names)} terms per dimension (spec in equations.json)",
+          f"- library: {len(names)} terms per dimension: {library_text(library, xi)} (spec in equations.json)",
+          *([f"- families that must earn their place (best held-out unexplained variance at most "
+             f"{fits[0]['gated_families']['gate']:g} x that without them): kept in "
+             f"{sum(bool(r['gated_families']['kept']) for r in fits)} of {d} dimensions"]
+            if fits and fits[0].get("gated_families") else []),
           f"- threshold: {optimizer_text(ctx)}, "
           f"{ctx['n_thresholds']} thresholds; rule: {fits[0]['rule']}",
           f"- uncertainty: bagging over {ctx['n_groups']} trajectory groups, {ctx['n_bootstrap']} resamples",
@@ -329,22 +313,28 @@ def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: dict, 
     for w in ctx.get("warnings", []):
         L += [f"> **Warning:** {w}", ""]
     budget = ctx["term_budget"]
-    for r in fits:
-        r["within_budget"] = best_within_budget(r["sweep"], budget)
+    wins = fits[0].get("r2_heldout_windows") or []
+    wlabel = " / ".join(f"{w['t_from']:.2g}-{w['t_to']:.2g}" for w in wins)
     L += ["## Fit quality per dimension", "",
           f"Held-out trajectories never enter the fit. Flag: held-out R^2 < {ctx['poor_r2']} or more than 0.2 "
           "below training R^2.", "",
-          f"Last column: the best held-out R^2 among the swept models with at most {budget} terms (terms in brackets).", "",
-          "| dim | terms | R^2 train | R^2 held-out | RMSE train | RMSE held-out | flag | "
-          f"R^2 held-out, <= {budget} terms |", "|---|---|---|---|---|---|---|---|"]
+          f"The equations keep at most {budget} terms (`sindy.term_budget`); beside them the model the same rule picks "
+          "without the budget, and the cost of the budget in held-out R^2. "
+          + (f"R^2 per window of t ({wlabel}) shows where the equations fail." if wins else ""), "",
+          "| dim | terms | R^2 train | R^2 held-out | RMSE held-out | flag | unrestricted: terms, R^2 held-out | cost |"
+          + (" R^2 held-out per window of t |" if wins else ""),
+          "|---|---|---|---|---|---|---|---|" + ("---|" if wins else "")]
     for r in fits:
-        b = r["within_budget"]
+        u = r.get("unrestricted")
+        un = f"{u['n_terms']}, {u['r2_heldout']:.4f} | {u['r2_heldout'] - r['r2_heldout']:+.4f}" if u else "- | -"
         L.append(f"| z{r['dim']} | {r['n_terms']} | {r['r2_train']:.4f} | {r['r2_heldout']:.4f} | "
-                 f"{fmt(r['rmse_train'])} | {fmt(r['rmse_heldout'])} | {'**POOR** ' + r['flag'] if r['flag'] else 'ok'} | "
-                 + (f"{b['r2_heldout']:.4f} ({b['n_terms']})" if b["n_terms"] else "none swept") + " |")
+                 f"{fmt(r['rmse_heldout'])} | {'**POOR** ' + r['flag'] if r['flag'] else 'ok'} | {un} |"
+                 + (f" {windows_text(r['r2_heldout_windows'])} |" if wins else ""))
     L += ["", f"**{len(flagged)} of {d} dimensions do not generalise.**" if flagged else
           f"All {d} dimensions generalise to held-out trajectories.", ""]
-    if all("free_time" in r for r in fits):
+    if fits and fits[0].get("free_time", {}).get("skipped"):
+        L += ["### Free-time reference: skipped", "", fits[0]["free_time"]["skipped"], ""]
+    elif all("free_time" in r and "r2_heldout" in r["free_time"] for r in fits):
         deg = fits[0]["free_time"]["degree"]
         L += ["### What limits the fit: a free-time reference", "",
               f"A separate degree-{deg} polynomial in z for every sampler step (ridge; any time dependence, "
@@ -371,7 +361,8 @@ def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: dict, 
     L += ["## Equations", "", "Coefficients of the chosen model; in brackets the bagging inclusion probability "
           "and the coefficient std over resamples.", ""]
     for r in fits:
-        L.append(f"### z{r['dim']} ({r['n_terms']} terms, threshold {fmt(r['threshold'])})")
+        how = "forward stepwise" if r.get("method") == "forward stepwise" else f"threshold {fmt(r['threshold'])}"
+        L.append(f"### z{r['dim']} ({r['n_terms']} terms, {how})")
         L += ["", "```", equation_text(r["dim"], r["terms"]), "```", ""]
         if r["terms"] and r["terms"][0]["inclusion_probability"] is not None:
             L.append(", ".join(f"{t['name']} [{t['inclusion_probability']:.2f}, ±{fmt(t['coef_std'])}]"
@@ -406,7 +397,7 @@ def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: dict, 
           "n_heldout": ctx["n_heldout"], "seed": ctx["seed"], "sampler": ctx["sampler"], "target": ctx["target"],
           "timesteps": ctx["T"], "t_convention": ctx["t_convention"], "coordinates": ctx["coordinates"],
           "digests": ctx["digests"], "library": library.spec(), "n_terms": len(names), "term_names": names,
-          "optimizer": optimizer_text(ctx), "selection_rule": fits[0]["rule"], "poor_r2": ctx["poor_r2"], "integrator": ctx["integrator"],
+          "optimizer": optimizer_text(ctx), "selection_rule": fits[0]["rule"], "term_budget": ctx["term_budget"], "poor_r2": ctx["poor_r2"], "integrator": ctx["integrator"],
           "dims": [{k: v for k, v in r.items() if k != "rule"} for r in fits],
           "flagged_dims": [r["dim"] for r in flagged],
           "rollout": {"index": [int(i) for i in roll["index"]], "rmse_per_step": [float(x) for x in roll["rmse_per_step"]],

@@ -49,7 +49,7 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 from analysis import ray_utils  # noqa: E402
-from analysis.library import Library, estimate_memory  # noqa: E402
+from analysis.library import Library, build_library, estimate_memory, principal_directions  # noqa: E402
 from analysis.trajectories import (T_CONVENTION, Coordinates, TrajectorySet, file_sha256, plan_blocks,  # noqa: E402
                                    trajectory_dir, write_manifest, block_is_complete, block_name, block_problems,
                                    read_trajectory_manifest)
@@ -79,10 +79,10 @@ def check_inputs(cfg: Config) -> dict:
     if s.trajectories:
         path = Path(s.trajectories)
         if path.suffix == ".npz":
-            if s.target != "central_diff":
-                raise UserError(f"sindy.trajectories={path} holds states only, no sampler drift: set "
-                                "sindy.target=central_diff (the only target for an external file)")
-            tset = TrajectorySet.from_npz(path, s.trajectories_order)
+            tset = TrajectorySet.from_npz(path, s.trajectories_order)  # a missing file: "file not found"
+            if s.target == "drift" and not tset.has_drift:
+                raise UserError(f"sindy.trajectories={path} holds states only (no 'velocities' array): set "
+                                "sindy.target=central_diff or add 'velocities' (n, T+1, d) to the file")
             if run_meta is not None and int(np.prod(run_meta["latent_shape"])) != tset.dim:
                 raise UserError(f"sindy.trajectories={path} has latent dimension {tset.dim} but the model in "
                                 f"{run_dir} has latent {run_meta['latent_shape']}: these trajectories come from "
@@ -141,6 +141,10 @@ def check_inputs(cfg: Config) -> dict:
                         "use sindy.fit_space=drift for external trajectories")
     main_target = "eps" if s.fit_space == "eps" else s.target
     plan["targets"] = (main_target, OTHER[main_target]) if (s.compare_targets and _has_drift(plan)) else (main_target,)
+    try:  # the library as configured (placeholder projections: the real ones come from the data)
+        plan["library_terms"] = build_library(s.library, plan["d"], (0.0, 1.0), np.eye(plan["d"])).n_terms
+    except ValueError as e:
+        raise UserError(f"sindy.library: {e}") from None
     check_memory(cfg, plan)
     return plan
 
@@ -152,9 +156,9 @@ def _has_drift(plan: dict) -> bool:
 def check_memory(cfg: Config, plan: dict) -> None:
     """The Gram path holds G + 2 statistics (twice: driver and object store) plus a Theta chunk per task."""
     s, d = cfg.sindy, plan["d"]
-    lib = Library.reference(d)
+    lib = build_library(s.library, d, (0.0, 1.0), np.eye(d))
     est = estimate_memory(plan["n"] * plan["T"], d, lib, n_targets=d * len(plan["targets"]), chunk_size=s.chunk_size)
-    need = 2 * (plan["n_groups"] + 2) * est.gram_bytes + 3 * est.chunk_bytes
+    need = 2 * (plan["n_groups"] + 2 + s.time_windows) * est.gram_bytes + 3 * est.chunk_bytes
     if s.max_memory_gb > 0:
         have, where = s.max_memory_gb * 2**30, f"sindy.max_memory_gb={s.max_memory_gb}"
     else:
@@ -241,12 +245,39 @@ def make_coordinates(cfg: Config, plan: dict, tset: TrajectorySet, split: np.nda
     return Coordinates.fit_pca(z0, cfg.sindy.pca_components)
 
 
+def make_library(cfg: Config, tset: TrajectorySet, coords: Coordinates, split: np.ndarray) -> Library:
+    """The configured library on this data: the spline basis spans the data's t range, and tanh on principal
+    projections uses the leading principal directions of the training trajectories' end states."""
+    train = np.flatnonzero(split >= 0)
+    end = np.concatenate([coords.states(blk.z[-1][np.isin(blk.index, train)]) for blk in tset.blocks()])
+    t = tset.block(0).t
+    proj = principal_directions(end, cfg.sindy.library.tanh_projections)
+    return build_library(cfg.sindy.library, coords.dim, (float(np.min(t)), float(np.max(t))), proj)
+
+
+# Config family names -> the TermFamily kinds they build (analysis.library.build_library).
+FAMILY_KINDS = {"polynomial": ("Polynomial",), "time": ("TimePolynomial", "TimeSpline"), "time_state": ("TimeProduct",),
+                "exp": ("ExpNegTimeState", "ExpNegSquare"), "tanh": ("Tanh",), "terms": ("CustomTerms",)}
+
+
+def gated_columns(lib: Library, gated: list[str]) -> list[int]:
+    """Column indices of the families in sindy.library.gated (none for the reference preset's families)."""
+    kinds = {k for name in gated for k in FAMILY_KINDS[name]}
+    return [i for fam, sl in lib.family_slices() if fam.kind in kinds for i in range(sl.start, sl.stop)]
+
+
+def window_edges(t: np.ndarray, n: int) -> list[float]:
+    """n equal windows of the data's t range, as n + 1 increasing edges."""
+    return np.linspace(float(np.min(t)), float(np.max(t)), n + 1).tolist()
+
+
 def fit_key(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates) -> str:
     s = cfg.sindy
     ident = {"data": tset.manifest.get("sha256") or [b["sha256"] for b in tset.manifest["blocks"]],
              "n": tset.n, "split": [s.seed, s.heldout_fraction, plan["n_groups"]], "targets": plan["targets"],
              "coords": coords.kind, "pca": s.pca_components if coords.kind == "pca" else 0,
-             "fit": [s.alpha, s.normalize, s.n_thresholds, s.threshold_tol, s.n_bootstrap],
+             "fit": [s.alpha, s.normalize, s.n_thresholds, s.threshold_tol, s.n_bootstrap, s.term_budget, s.time_windows],
+             "library": to_dict(s.library),
              "optimizer": [s.optimizer, s.sr3_nu if s.optimizer == "sr3" else None],
              "free_time_degree": s.ceiling_degree}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -260,20 +291,25 @@ def stage_fits(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates
     s, d = cfg.sindy, coords.dim
     files = [fit_dir / f"dim-{j:03d}.json" for j in range(d)]
     todo = [j for j in range(d) if not files[j].is_file()]
+    lib_file = fit_dir / "library.json"
+    if todo or not lib_file.is_file():
+        lib_file.write_text(json.dumps(make_library(cfg, tset, coords, split).spec()))
+    lib = Library.from_spec(json.loads(lib_file.read_text()))
+    edges = window_edges(tset.block(0).t, s.time_windows)
     if todo:
         t0 = time.time()
-        lib = Library.reference(d)
         gpus = 1 if (s.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0) else 0
         device = "cuda" if gpus else "cpu"
         task = ray_utils.accumulate_task(gpus)
         tref = ray.put(tset)
         refs = [task.remote(tref, i, coords, split, plan["targets"], lib.spec(), plan["n_groups"], device, s.chunk_size,
-                            s.ceiling_degree) for i in range(tset.n_blocks)]
+                            s.ceiling_degree, edges) for i in range(tset.n_blocks)]
         parts = ray_utils.wait_all(refs, "statistics (blocks)")
         if s.ceiling_degree > 0:
             write_free_time(parts, s.ceiling_degree, fit_dir / "free_time.json")
         groups = [ray_utils.merge_numpy_stats([p["groups"][g] for p in parts]) for g in range(plan["n_groups"])]
         heldout = ray_utils.merge_numpy_stats([p["heldout"] for p in parts])
+        windows = [ray_utils.merge_numpy_stats([p["windows"][w] for p in parts]) for w in range(s.time_windows)]
         train = groups[0]
         for g in groups[1:]:
             train = train.merge(g)
@@ -287,10 +323,13 @@ def stage_fits(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates
         t0 = time.time()
         settings = {"optimizer": s.optimizer, "sr3_nu": s.sr3_nu, "alpha": s.alpha, "normalize": s.normalize, "n_thresholds": s.n_thresholds, "tol": s.threshold_tol,
                     "n_bootstrap": s.n_bootstrap, "seed": s.seed, "d": d, "compare": len(plan["targets"]) > 1,
-                    "targets": list(plan["targets"]), "names": lib.get_feature_names("text")}
+                    "targets": list(plan["targets"]), "names": lib.get_feature_names("text"),
+                    "term_budget": s.term_budget, "window_edges": edges,
+                    "gated_columns": gated_columns(lib, s.library.gated), "gate": s.library.gate}
         train_ref, ho_ref, groups_ref = ray.put(train), ray.put(heldout), ray.put(groups)
+        win_ref = ray.put(windows)
         fit = ray_utils.fit_task()
-        refs = [fit.remote(j, train_ref, ho_ref, groups_ref, settings, str(files[j])) for j in todo]
+        refs = [fit.remote(j, train_ref, ho_ref, groups_ref, settings, str(files[j]), win_ref) for j in todo]
         ray_utils.wait_all(refs, f"fits ({len(todo)} dimensions)")
         times["fits"] = (time.time() - t0, f"{len(todo)} dimension tasks" + (f", {d - len(todo)} reused" if len(todo) < d else ""))
     else:
@@ -301,9 +340,10 @@ def stage_fits(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates
     if s.ceiling_degree > 0 and ceiling.is_file():
         ref = json.loads(ceiling.read_text())
         for r in fits:
-            r["free_time"] = {"degree": ref["degree"], "r2_train": ref["r2_train"][r["dim"]],
-                              "r2_heldout": ref["r2_heldout"][r["dim"]]}
-    return fits
+            r["free_time"] = ({"degree": ref["degree"], "skipped": ref["skipped"]} if "skipped" in ref else
+                              {"degree": ref["degree"], "r2_train": ref["r2_train"][r["dim"]],
+                               "r2_heldout": ref["r2_heldout"][r["dim"]]})
+    return fits, lib
 
 
 def write_free_time(parts: list[dict], degree: int, path: Path) -> None:
@@ -314,18 +354,26 @@ def write_free_time(parts: list[dict], degree: int, path: Path) -> None:
         blocks = [p["steps"][split] for p in parts if p["steps"][split] is not None]
         return [ray_utils.merge_numpy_stats([b[k] for b in blocks]) for k in range(len(blocks[0]))]
 
-    r2_tr, r2_ho = free_time_r2(merged("train"), merged("heldout"))
-    path.write_text(json.dumps({"degree": degree, "r2_train": r2_tr.tolist(), "r2_heldout": r2_ho.tolist()}))
+    train, heldout = merged("train"), merged("heldout")
+    rows, unknowns = min(int(s.n_samples) for s in train), train[0].n_terms
+    if rows <= unknowns:  # an underdetermined fit per step would print a meaningless "reference"
+        path.write_text(json.dumps({"degree": degree, "skipped": (
+            f"The free-time reference (a separate degree-{degree} polynomial in z per sampler step) needs more training "
+            f"rows per step than its {unknowns} unknowns, but these data have {rows} training trajectories per step; "
+            "it is not computed. Lower sindy.ceiling_degree or use more trajectories.")}))
+        return
+    r2_tr, r2_ho = free_time_r2(train, heldout)
+    path.write_text(json.dumps({"degree": degree, "r2_train": r2_tr.tolist(), "r2_heldout": r2_ho.tolist(),
+                                "rows_per_step": rows, "unknowns": unknowns}))
 
 
 def stage_report(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates, split: np.ndarray,
-                 fits: list[dict], times: dict, ray_how: str) -> Path:
+                 fits: list[dict], lib: Library, times: dict, ray_how: str) -> Path:
     """Stage 3: integrate the equations from held-out noise, decode, write everything."""
     from analysis import report
 
     report_t0 = time.time()
     s, d = cfg.sindy, coords.dim
-    lib = Library.reference(d)
     xi = np.zeros((d, lib.n_terms))
     for r in fits:
         for term in r["terms"]:
@@ -345,7 +393,9 @@ def stage_report(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinat
     images = decode_end_states(plan, coords, ref[-1], sim[-1]) if tset.source == "generated" else None
     ctx = {"run": cfg.run.name, "n": tset.n, "n_train": int((split >= 0).sum()), "n_heldout": int((split < 0).sum()),
            "seed": s.seed, "sampler": tset.manifest.get("sampler"), "T": tset.T, "target": plan["targets"][0],
-           "target_note": TARGET_NOTES[plan["targets"][0]], "t_convention": T_CONVENTION, "coordinates": coords.describe(),
+           "target_note": ("the file's 'velocities' array (dz/dt given with the states)" if tset.source == "npz"
+                           and plan["targets"][0] == "drift" else TARGET_NOTES[plan["targets"][0]]),
+           "t_convention": tset.manifest.get("t_convention", T_CONVENTION), "coordinates": coords.describe(),
            "optimizer": s.optimizer, "sr3_nu": s.sr3_nu, "term_budget": s.term_budget, "report_t0": report_t0,
            "alpha": s.alpha, "normalize": s.normalize, "n_thresholds": s.n_thresholds, "n_groups": plan["n_groups"],
            "n_bootstrap": s.n_bootstrap, "poor_r2": s.poor_r2, "integrator": s.integrator, "stage_times": times,
@@ -577,10 +627,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     fit_dir.mkdir(parents=True, exist_ok=True)
     coords.save(fit_dir / "pca.safetensors") if coords.kind == "pca" else None
     (fit_dir / "config.json").write_text(json.dumps(to_dict(cfg.sindy), indent=1))
-    fits = stage_fits(cfg, plan, tset, coords, split, fit_dir, times)
+    fits, lib = stage_fits(cfg, plan, tset, coords, split, fit_dir, times)
     # 5. Stage 3: the report.
     t0 = time.time()
-    path = stage_report(cfg, plan, tset, coords, split, fits, times, ray_how)
+    path = stage_report(cfg, plan, tset, coords, split, fits, lib, times, ray_how)
     if coords.kind == "pca":
         coords.save(path.parent / "pca.safetensors")
     print(f"sindy: report stage {time.time() - t0:.1f} s; stage times "

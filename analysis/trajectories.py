@@ -253,7 +253,8 @@ class TrajectorySet:
 
     @property
     def has_drift(self) -> bool:
-        return self.source == "generated"
+        """Whether velocities come with the states (the sampler's drift, or an .npz's 'velocities')."""
+        return self.source == "generated" or bool(self.manifest.get("velocities"))
 
     def block(self, i: int) -> TrajectoryBlock:
         return self._loader(i)
@@ -325,15 +326,19 @@ class TrajectorySet:
 
     @classmethod
     def from_npz(cls, path: Path, order: str = "descending") -> "TrajectorySet":
-        """An external file like the reference study's: 'trajectories' (n, T+1, d), 'num_timesteps'.
+        """An external file: 'trajectories' (n, T+1, d), 'num_timesteps', optional 'velocities' and 't'.
 
         Args:
-            path: the .npz.
-            order: "descending" (z_T first, state k at t = 1 - k/T) or "ascending" (z_0 first);
-                the states are put in this project's order (t descending) either way.
+            path: the .npz (read with allow_pickle=False).
+            order: without 't': "descending" (z_T first, state k at t = 1 - k/T) or "ascending" (z_0 first;
+                the states are put in this project's order, t descending). With 't' (T+1,), strictly
+                monotone in either direction, the states stay in the file's order at those times.
+
+        The optional 'velocities' (n, T+1, d) are dz/dt at each state (in increasing t) and become the
+        'drift' target; the last state's velocity is not a regression row (as for the sampler's drift).
 
         Raises:
-            UserError: missing arrays or shapes that disagree with num_timesteps.
+            UserError: a missing file or array, or shapes that disagree (one line, before any work).
         """
         path = Path(path)
         if not path.is_file():
@@ -344,7 +349,7 @@ class TrajectorySet:
             raise UserError(f"sindy.trajectories={path} is not a readable .npz ({e})") from None
         if "trajectories" not in data.files:
             raise UserError(f"{path} has no array 'trajectories' (found {data.files}); expected (n, T+1, d)")
-        traj = np.asarray(data["trajectories"], dtype=np.float32)
+        traj = np.asarray(data["trajectories"], dtype=np.float64)
         if traj.ndim != 3 or traj.shape[0] < 3 or traj.shape[1] < 3:
             raise UserError(f"{path}: 'trajectories' must be (n >= 3, T+1 >= 3, d), got {traj.shape}")
         T = int(data["num_timesteps"]) if "num_timesteps" in data.files else traj.shape[1] - 1
@@ -352,17 +357,36 @@ class TrajectorySet:
             raise UserError(f"{path}: num_timesteps={T} but trajectories hold {traj.shape[1]} states (need T+1)")
         if "latent_dim" in data.files and int(data["latent_dim"]) != traj.shape[2]:
             raise UserError(f"{path}: latent_dim={int(data['latent_dim'])} but trajectories have {traj.shape[2]}")
-        if order == "ascending":
-            traj = traj[:, ::-1]
+        vel = None
+        if "velocities" in data.files:
+            vel = np.asarray(data["velocities"], dtype=np.float64)
+            if vel.shape != traj.shape:
+                raise UserError(f"{path}: 'velocities' must have the shape of 'trajectories' {traj.shape}, got {vel.shape}")
+            if not np.isfinite(vel[:, :-1]).all():
+                raise UserError(f"{path}: 'velocities' hold NaN or inf at states 0..T-1")
+        if not np.isfinite(traj).all():
+            raise UserError(f"{path}: 'trajectories' hold NaN or inf")
+        if "t" in data.files:
+            t = np.asarray(data["t"], dtype=np.float64)
+            steps = np.diff(t) if t.ndim == 1 else np.zeros(0)
+            if t.shape != (T + 1,) or not (np.all(steps > 0) or np.all(steps < 0)):
+                raise UserError(f"{path}: 't' must be ({T + 1},) strictly monotone times, got shape {t.shape}")
+            order = "as in the file (array 't')"
+        else:
+            if order == "ascending":
+                traj = traj[:, ::-1]
+                vel = None if vel is None else vel[:, ::-1]
+            t = 1.0 - np.arange(T + 1, dtype=np.float64) / T
         z = np.ascontiguousarray(traj.transpose(1, 0, 2))  # (T+1, n, d)
-        t = 1.0 - np.arange(T + 1, dtype=np.float64) / T
+        drift = None if vel is None else np.ascontiguousarray(vel.transpose(1, 0, 2)[:-1])  # (T, n, d)
         n = traj.shape[0]
         manifest = {"format": "npz", "path": str(path), "sha256": file_sha256(path), "n_trajectories": n,
                     "timesteps": T, "latent_shape": [traj.shape[2], 1], "order": order,
-                    "t_convention": T_CONVENTION, "sampler": "unknown (external file)",
+                    "t_convention": T_CONVENTION if "t" not in data.files else "t from the file; velocities are dz/dt",
+                    "sampler": "unknown (external file)", "velocities": vel is not None,
                     "extra_arrays": {k: data[k].tolist() for k in data.files
-                                     if k != "trajectories" and data[k].size == 1}}
-        blk = TrajectoryBlock(index=np.arange(n), z=z, t=t, drift=None)
+                                     if k not in ("trajectories", "velocities", "t") and data[k].size == 1}}
+        blk = TrajectoryBlock(index=np.arange(n), z=z, t=t, drift=drift)
         return cls(n, T, traj.shape[2], "npz", manifest, lambda i: blk, 1)
 
 

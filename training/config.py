@@ -233,6 +233,74 @@ class DiTConfig(OptimConfig):
 
 
 @dataclass
+class SindyLibraryConfig:
+    """The SINDy candidate library (analysis/library.py, build_library); defaults chosen on known systems
+    (benchmarks/bench_sindy_rule.py: Lorenz-63, DDIM on Gaussian and two-mode mixture data)."""
+
+    preset: str = "standard"
+    """standard: the families below | reference: the reference study's fixed library (cubic polynomial, t, t^2,
+    t z_i, t^2 z_i, exp(-t z_i), exp(-z_i^2); 1035 terms for d = 16), which ignores the fields below."""
+    families: list[str] = field(default_factory=lambda: ["polynomial", "time", "time_state", "tanh"])
+    """Families in column order, any of: polynomial (monomials in z up to poly_degree, with the constant) |
+    time (the time basis alone) | time_state (time basis x state monomials up to time_state_degree) |
+    exp (the reference's exp(-t z_i) and exp(-z_i^2)) | tanh (tanh of coordinates or principal projections) |
+    terms (the user-listed expressions in `terms`)."""
+    poly_degree: int = 2
+    """Highest total degree of the monomials in z (1..4)."""
+    time_basis: str = "poly"
+    """poly: t, t^2, ..., t^time_degree | spline: spline_basis B-splines of degree time_degree over the data's t range."""
+    time_degree: int = 4
+    """Highest power of t (poly) or the spline degree (spline); 1..8."""
+    spline_basis: int = 6
+    """B-splines of the spline time basis (2..32; one is dropped: they sum to the constant)."""
+    time_state_degree: int = 1
+    """Degree of the state monomials multiplied by the time functions (1..3); 1 = linear dynamics with
+    time-varying coefficients, exact for DDIM on Gaussian data."""
+    tanh_on: str = "principal"
+    """principal: tanh of the projections on the leading principal directions of the training end states |
+    coordinates: tanh of each z_i."""
+    tanh_projections: int = 2
+    """Principal directions used by tanh_on=principal (1..d)."""
+    tanh_scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    """Scales c of tanh(p / c) (each > 0)."""
+    tanh_time_degree: int = 4
+    """tanh terms are also multiplied by t^1..t^tanh_time_degree (0..8)."""
+    gated: list[str] = field(default_factory=lambda: ["tanh"])
+    """Families kept per dimension only if they earn it on held-out data: the best held-out unexplained variance
+    with them must be at most `gate` x the best without them (else the dimension is fitted without them)."""
+    gate: float = 0.5
+    """The factor of `gated` (0 < gate <= 1; 1 keeps a family whenever it helps at all)."""
+    terms: list[str] = field(default_factory=list)
+    """User terms for the `terms` family, e.g. ["z0 * z1", "exp(-t) * z3"]: numbers, z0..z{d-1}, t, + - * / **,
+    exp log tanh sin cos sqrt abs; parsed against this grammar (by analysis/library.py, checked before any work),
+    never evaluated as code."""
+
+    def __post_init__(self) -> None:
+        known = ("polynomial", "time", "time_state", "exp", "tanh", "terms")
+        _check(self.preset in ("standard", "reference"),
+               f"sindy.library.preset must be standard | reference, got {self.preset!r}")
+        bad = [f for f in self.families if f not in known]
+        _check(not bad, f"sindy.library.families: unknown family {bad[0] if bad else ''!r}; known: {', '.join(known)}")
+        _check(len(set(self.families)) == len(self.families), f"sindy.library.families repeats a family: {self.families}")
+        _check(self.preset == "reference" or bool(self.families), "sindy.library.families is empty; list at least one")
+        _check(1 <= self.poly_degree <= 4, f"sindy.library.poly_degree must be 1..4, got {self.poly_degree}")
+        _check(self.time_basis in ("poly", "spline"), f"sindy.library.time_basis must be poly | spline, got {self.time_basis!r}")
+        _check(1 <= self.time_degree <= 8, f"sindy.library.time_degree must be 1..8, got {self.time_degree}")
+        _check(2 <= self.spline_basis <= 32 and (self.time_basis != "spline" or self.spline_basis > min(self.time_degree, 5)),
+               f"sindy.library.spline_basis must be 2..32 and > the spline degree, got {self.spline_basis}")
+        _check(1 <= self.time_state_degree <= 3, f"sindy.library.time_state_degree must be 1..3, got {self.time_state_degree}")
+        _check(self.tanh_on in ("principal", "coordinates"),
+               f"sindy.library.tanh_on must be principal | coordinates, got {self.tanh_on!r}")
+        _check(self.tanh_projections >= 1, f"sindy.library.tanh_projections must be >= 1, got {self.tanh_projections}")
+        _check(bool(self.tanh_scales) and all(c > 0 for c in self.tanh_scales),
+               f"sindy.library.tanh_scales must be a non-empty list of numbers > 0, got {self.tanh_scales}")
+        _check(0 <= self.tanh_time_degree <= 8, f"sindy.library.tanh_time_degree must be 0..8, got {self.tanh_time_degree}")
+        _check(all(f in known for f in self.gated), f"sindy.library.gated: unknown family in {self.gated}; known: {', '.join(known)}")
+        _check(0 < self.gate <= 1, f"sindy.library.gate must be in (0, 1], got {self.gate}")
+        _check("terms" not in self.families or bool(self.terms), "sindy.library.families has 'terms' but sindy.library.terms is empty")
+
+
+@dataclass
 class SindyConfig:
     """Equation discovery (analysis/sindy_job.py); the SINDy study it checks: docs/REFERENCES.md."""
 
@@ -252,20 +320,25 @@ class SindyConfig:
     """Fraction of trajectories (whole trajectories, seeded split) kept out of the fit for held-out R^2."""
     pca_components: int = 16
     """conv latents (294-D) only: PCA components the fit works in (vae16 uses its 16 coordinates)."""
-    n_thresholds: int = 20
-    """STLSQ thresholds swept per dimension (log grid); the choice is by held-out R^2."""
-    threshold_tol: float = 0.01
-    """Rule: the sparsest swept model whose held-out R^2 >= best - tol * |best|."""
+    library: SindyLibraryConfig = field(default_factory=SindyLibraryConfig)
+    """The candidate library (families and degrees; preset=reference for the reference study's)."""
+    n_thresholds: int = 30
+    """STLSQ thresholds swept per dimension (log grid over four decades); the choice is by held-out R^2."""
+    threshold_tol: float = 0.05
+    """Rule: the sparsest swept model (within the term budget) whose held-out unexplained variance 1 - R^2 is
+    at most (1 + tol) x the best's (+ 1e-10 for round-off); 0..1."""
     optimizer: str = "stlsq"
     """stlsq (sequentially thresholded ridge, pysindy.STLSQ semantics) | sr3 (pysindy.SR3 with an L0
     prox, run on a square root of the Gram statistics; same threshold sweep and rule)."""
-    alpha: float = 0.05
-    """STLSQ ridge weight."""
+    alpha: float = 0.0
+    """STLSQ ridge weight on the normalised columns (0: plain least squares; 0.05 kept spurious terms on exact data)."""
     sr3_nu: float = 1.0
     """SR3's relaxation nu (pysindy relax_coeff_nu); the L0 weight follows from the threshold: t^2 / (2 nu)."""
-    term_budget: int = 50
-    """The report also gives, per dimension, the best held-out R^2 among the swept models with at
-    most this many terms (the sparsity a reader can still take in)."""
+    term_budget: int = 30
+    """The chosen model of each dimension keeps at most this many terms (readable equations); the report
+    sets the unrestricted rule's model and its held-out R^2 beside it (the cost of the budget)."""
+    time_windows: int = 5
+    """Held-out R^2 is also reported in this many equal windows of t (where the equations fail); 1..50."""
     ceiling_degree: int = 2
     """Degree of the free-time reference fit: a separate polynomial in z for every sampler step, fitted
     on the training and scored on the held-out trajectories (0 disables). It shows how much of the
@@ -301,8 +374,10 @@ class SindyConfig:
     chunk_size: int = 16384
     """Library rows evaluated at once while streaming the statistics (peak chunk_size * terms * 8 bytes)."""
     trajectories: str = ""
-    """Use existing trajectories instead of generating: an .npz (array 'trajectories' (n, T+1, d), with
-    'num_timesteps'; targets by central differences only) or a manifest.json written by this job."""
+    """Use existing trajectories instead of generating: a manifest.json written by this job, or an .npz with
+    'trajectories' (n, T+1, d), 'num_timesteps' and optionally 'velocities' (n, T+1, d; dz/dt at each state, the
+    fit target of sindy.target=drift; the last state's is not a regression row) and 't' (T+1,) monotone times
+    (default 1 - k/T, states then ordered by sindy.trajectories_order)."""
     trajectories_order: str = "descending"
     """Time order of the states in an external .npz: descending (z_T first, state k at t = 1 - k/T) | ascending."""
     fit_space: str = "drift"
@@ -325,7 +400,12 @@ class SindyConfig:
         _check(self.target in ("drift", "central_diff"),
                f"sindy.target must be drift | central_diff, got {self.target!r}")
         _positive("sindy", n_trajectories=self.n_trajectories, block_size=self.block_size,
-                  pca_components=self.pca_components, alpha=self.alpha, chunk_size=self.chunk_size)
+                  pca_components=self.pca_components, chunk_size=self.chunk_size)
+        _non_negative("sindy", alpha=self.alpha)
+        _check(self.threshold_tol <= 1, f"sindy.threshold_tol must be in 0..1 (relative to the best unexplained "
+               f"variance), got {self.threshold_tol}")
+        _check(self.poor_r2 <= 1, f"sindy.poor_r2 must be <= 1 (an R^2), got {self.poor_r2}")
+        _check(1 <= self.time_windows <= 50, f"sindy.time_windows must be 1..50, got {self.time_windows}")
         _check(0 < self.heldout_fraction < 1,
                f"sindy.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         _check(self.n_thresholds >= 2, f"sindy.n_thresholds must be >= 2, got {self.n_thresholds}")
