@@ -136,7 +136,7 @@ def check_inputs(cfg: Config) -> dict:
                         f"{n_ho} held-out and {plan['n'] - n_ho} training; raise sindy.n_trajectories")
     plan["n_heldout"] = n_ho
     plan["n_groups"] = min(s.bootstrap_groups, plan["n"] - n_ho)
-    if s.fit_space == "eps" and not _has_drift(plan):
+    if s.fit_space == "eps" and not (plan["external"] is None or plan["external"].source == "generated"):
         raise UserError(f"sindy.fit_space=eps needs the DiT's recorded eps, which {s.trajectories} does not hold; "
                         "use sindy.fit_space=drift for external trajectories")
     main_target = "eps" if s.fit_space == "eps" else s.target

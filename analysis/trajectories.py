@@ -278,7 +278,9 @@ class TrajectorySet:
             raise ValueError(f"trajectories {missing[:5]} are not in this set of {self.n}")
         z = np.stack([cols[i][0] for i in idx.tolist()], axis=1)  # (T+1, b, D)
         drift = None if not self.has_drift else np.stack([cols[i][1] for i in idx.tolist()], axis=1)
-        eps = None if not self.has_drift else np.stack([cols[i][2] for i in idx.tolist()], axis=1)
+        # An .npz may bring velocities without the DiT's eps: eps only where every block has it.
+        has_eps = all(cols[i][2] is not None for i in idx.tolist())
+        eps = np.stack([cols[i][2] for i in idx.tolist()], axis=1) if has_eps else None
         return TrajectoryBlock(index=idx, z=z, t=t, drift=drift, eps=eps)
 
     @classmethod
