@@ -37,7 +37,8 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 data: $(STAMP)
-	$(PY) -m data_pipeline.prepare --out $$($(PY) -c "from training.config import load_config; print(load_config('$(CONFIG)').data.shards)")
+	@set -e; vars=$$($(PY) -m training.config --config $(CONFIG) $(ARGS)); eval "$$vars"; \
+	$(PY) -m data_pipeline.prepare --out "$$shards"
 
 run: $(STAMP)
 	@set -e; \
@@ -45,7 +46,7 @@ run: $(STAMP)
 	  if [ $$rc = 75 ]; then echo "make run: the $$name stage stopped at a checkpoint before it finished (exit 75);" \
 	    "run the same make command again to resume it" >&2; exit 75; fi; \
 	  [ $$rc = 0 ] || exit $$rc; }; \
-	eval "$$($(PY) -c "from training.config import load_config as L; c = L('$(CONFIG)', '$(ARGS)'.split()); print(f'shards={c.data.shards} rundir={c.run.dir} classifier={c.dit.classifier}')")"; \
+	vars=$$($(PY) -m training.config --config $(CONFIG) $(ARGS)); eval "$$vars"; \
 	echo "== 1/5 data -> $$shards"; \
 	$(PY) -m data_pipeline.prepare --out $$shards; \
 	echo "== 2/5 autoencoder -> $$rundir"; \

@@ -629,3 +629,27 @@ def save_config(cfg: Config, run_dir: Path) -> Path:
     tmp.write_text(to_yaml(cfg))
     tmp.replace(out)
     return out
+
+
+def _make_vars(argv: Sequence[str] | None = None) -> None:
+    """``python -m training.config --config X.yaml [key=value ...]``: the paths ``make run`` needs, as
+    shell-quoted assignments for ``eval``; a bad config is one line on stderr and exit code 2."""
+    import argparse
+    import shlex
+    import sys
+
+    p = argparse.ArgumentParser(prog="make run", description=_make_vars.__doc__)
+    p.add_argument("--config", required=True)
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"make run: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    values = {"shards": cfg.data.shards, "rundir": str(cfg.run.dir), "classifier": cfg.dit.classifier}
+    print(" ".join(f"{k}={shlex.quote(v)}" for k, v in values.items()))
+
+
+if __name__ == "__main__":
+    _make_vars()

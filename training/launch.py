@@ -15,7 +15,9 @@ child and
   handler). A second Ctrl-C (SIGINT) kills the launcher's process group outright; repeated
   SIGUSR1/SIGTERM only repeat the request (Slurm's job script re-sends USR1 while it waits);
 * exits with ``runtime.PREEMPTED_EXIT`` (75) when a worker stopped early (it leaves a
-  ``preempted.*`` file in the launch folder), else with the launcher's exit code.
+  ``preempted.*`` file in the launch folder), with 2 when a worker stopped on an expected error
+  (bad config, missing or corrupt input: its one line is on stderr, ``usererror.*``), else with
+  the launcher's exit code.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"launch: the stage stopped at a checkpoint before it finished (exit {PREEMPTED_EXIT}); "
                   "run the same command with resume=auto to continue", file=sys.stderr, flush=True)
             return PREEMPTED_EXIT
+        if any(launch_dir.glob("usererror.*")):
+            return 2  # the worker has printed its one-line error (runtime.run_cli)
         return rc if rc >= 0 else 128 - rc
     finally:
         if child is not None and child.poll() is None:

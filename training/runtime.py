@@ -86,7 +86,16 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
             bar.close()
         prog = Path(sys.argv[0]).name
         msg = " ".join(str(e).split("\n"))  # one line even when a library's message has several
-        print(f"{prog}: error: {msg}", file=sys.stderr)
+        print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
+        launch_dir = os.environ.get(LAUNCH_DIR_ENV)
+        if launch_dir and Path(launch_dir).is_dir():
+            # Under python -m training.launch: record the error for the wrapper, which exits 2. A
+            # single process then exits 0 because `accelerate launch` wraps any nonzero worker exit
+            # in a traceback of its own; with several ranks a nonzero exit is kept, so the launcher
+            # stops the ranks that did not fail instead of leaving them in a collective.
+            (Path(launch_dir) / f"usererror.{os.getpid()}").touch()
+            if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+                sys.exit(0)
         sys.exit(2)
 
 

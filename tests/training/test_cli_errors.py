@@ -70,3 +70,27 @@ def test_corrupt_shard_mid_training_is_one_line(tmp_path):
     line = _one_error_line(proc)
     assert line.startswith("train_ae.py: error:") and str(victim) in line, line
     assert not (tmp_path / "runs" / "smoke" / "ae.safetensors").exists()
+
+
+def test_expected_error_through_the_launch_wrapper_is_one_line_exit_2(tmp_path):
+    """`make run` trains through python -m training.launch: a worker's expected error must reach the
+    caller as its one line and exit 2, not as accelerate's CalledProcessError traceback and exit 1."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  name: [x\n")
+    proc = run_entry([sys.executable, "-m", "training.launch", "--config_file",
+                      str(REPO / "configs" / "accelerate" / "cpu.yaml"), "--num_cpu_threads_per_process", "1",
+                      str(REPO / "training" / "train_ae.py"), "--config", str(bad)], check=False)
+    line = _one_error_line(proc)
+    assert line.startswith("train_ae.py: error:") and "YAML syntax error" in line, line
+
+
+def test_make_run_with_a_bad_config_stops_in_one_line(tmp_path):
+    """make run reads its paths from the config first: a bad config stops it there, in one line."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run:\n  name: [x\n")
+    proc = run_entry(["make", "--no-print-directory", "run", f"CONFIG={bad}", f"PY={sys.executable}"], check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert lines == [f"make run: error: {bad}:3:1: YAML syntax error: did not find expected ',' or ']' "
+                     "(while parsing a flow sequence)"], proc.stderr
+    assert "Traceback" not in proc.stderr and "== 1/5" not in proc.stdout
