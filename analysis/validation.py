@@ -27,14 +27,12 @@ N_WINDOWS = 5
 
 def r2_per_dim(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """R^2 per last-axis column over all other axes: (..., d) x (..., d) -> (d,); NaN where constant."""
+    from analysis.fit import r2_score
+
     yt = np.asarray(y_true, np.float64).reshape(-1, y_true.shape[-1])
     yp = np.asarray(y_pred, np.float64).reshape(-1, y_true.shape[-1])
-    ok = np.all(np.isfinite(yp), axis=1)
-    yt, yp = yt[ok], yp[ok]
-    tss = ((yt - yt.mean(axis=0)) ** 2).sum(axis=0)
-    rss = ((yt - yp) ** 2).sum(axis=0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(tss > 0, 1.0 - rss / np.where(tss > 0, tss, 1.0), np.nan)
+    ok = np.all(np.isfinite(yp), axis=1)  # rows of a diverged prediction are left out
+    return r2_score(yt[ok], yp[ok])
 
 
 def windowed_r2(y_true: np.ndarray, y_pred: np.ndarray, t: np.ndarray, n_windows: int = N_WINDOWS) -> dict:

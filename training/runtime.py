@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 
+from data_pipeline.shards import file_sha256
 from training.config import Config, ConfigError, OptimConfig, load_config
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
@@ -249,14 +249,6 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted((p for p in ckpt_root.iterdir() if CKPT_RE.match(p.name) and p.is_dir()), key=lambda p: p.name)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -271,7 +263,7 @@ def write_manifest(folder: Path) -> None:
     lines = []
     for p in files:
         _fsync(p)
-        lines.append(f"{_sha256(p)}  {p.relative_to(folder).as_posix()}\n")
+        lines.append(f"{file_sha256(p)}  {p.relative_to(folder).as_posix()}\n")
     for d in {p.parent for p in files} | {folder}:
         _fsync(d)
     tmp = folder / (MANIFEST + ".tmp")
@@ -296,7 +288,7 @@ def verify_checkpoint(path: Path) -> str | None:
         f = path / rel
         if ".." in Path(rel).parts or not f.is_file():
             return f"{rel} is missing"
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             return f"{rel} does not match its recorded sha256 (truncated or corrupted)"
     if not (path / "train_state.json").is_file():
         return "no train_state.json"
