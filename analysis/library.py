@@ -811,11 +811,11 @@ def reference_families() -> list[TermFamily]:
 
 
 # The family names of the config (``sindy.library.families``), in column order.
-LIBRARY_FAMILIES = ("polynomial", "time", "time_state", "exp", "tanh", "terms")
+LIBRARY_FAMILIES = ("polynomial", "time", "time_state", "exp", "tanh", "terms", "mixture")
 
 
 def build_library(cfg: Any, d: int, t_range: tuple[float, float] = (0.0, 1.0),
-                  projections: np.ndarray | None = None) -> "Library":
+                  projections: np.ndarray | None = None, mixture: TermFamily | None = None) -> "Library":
     """The library a ``sindy.library`` config describes (training/config.py, SindyLibraryConfig).
 
     Args:
@@ -826,6 +826,8 @@ def build_library(cfg: Any, d: int, t_range: tuple[float, float] = (0.0, 1.0),
         t_range: (t_min, t_max) of the data, the span of a spline time basis.
         projections: (r, d) unit rows for ``tanh_on="principal"`` (the job passes the principal
             directions of the training end states); None with tanh_on="principal" raises.
+        mixture: the ``mixture`` family, built from a Gaussian mixture fitted to the training latents
+            (analysis/mixture.py, MixtureEps; the job fits it); None with "mixture" listed raises.
 
     Returns:
         Library bound to d, families in the order of ``LIBRARY_FAMILIES``.
@@ -856,6 +858,11 @@ def build_library(cfg: Any, d: int, t_range: tuple[float, float] = (0.0, 1.0),
         fams.append(Tanh(scales=tuple(cfg.tanh_scales), projections=proj, time_degree=cfg.tanh_time_degree))
     if "terms" in want:
         fams.append(CustomTerms(terms=tuple(cfg.terms)))
+    if "mixture" in want:
+        if mixture is None:
+            raise ValueError("the mixture family needs a fitted mixture (mixture=...; the SINDy job fits one to the "
+                             "run's training latents).")
+        fams.append(mixture)
     if not fams:
         raise ValueError("sindy.library.families is empty; list at least one family.")
     return Library(fams, n_state=d)
@@ -1032,6 +1039,8 @@ class Library:
         for entry in spec["families"]:
             entry = dict(entry)
             kind = entry.pop("kind", None)
+            if kind == "MixtureEps" and kind not in FAMILIES:  # registers itself; it imports this module
+                import analysis.mixture  # noqa: F401
             if kind not in FAMILIES:
                 raise ValueError(
                     f"unknown term family kind {kind!r} in spec; known: {sorted(FAMILIES)}."

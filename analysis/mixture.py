@@ -165,16 +165,19 @@ def _nested_tuple(x: Any) -> Any:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class MixtureEps(TermFamily):
-    """Candidate terms from a fitted mixture: its eps*_j(z, t) (d columns) and/or posteriors r_k(z, t) (K).
+    """Candidate terms from a fitted mixture: its eps*_j(z, t) or its drift p z_j + q eps*_j (d columns each)
+    and/or its posteriors r_k(z, t) (K columns).
 
     With these columns a sparse model can write the DiT's eps (or drift) as the mixture's closed form
     plus a few corrections. Time enters through the noise level: ``alpha_bars`` holds ab of every state
-    k = 0..T-1 (t = 1 - k/T, as analysis/theory.py's state order), piecewise constant in between.
+    k = 0..T-1 (t = 1 - k/T, as analysis/theory.py's state order), piecewise constant in between; the
+    drift feature also needs the sampler's p and q per state (analysis/theory.py, linear_part).
 
     Attributes:
         weights: (K,) mixture weights; means (K, d); covariances (K, d, d).
         alpha_bars: (T,) ab per state.
-        features: subset of ("eps", "posterior"), column order.
+        features: subset of ("eps", "drift", "posterior"), column order.
+        p, q: (T,) the sampler's linear part per state (only for the "drift" feature).
     """
 
     weights: tuple = ()
@@ -182,34 +185,45 @@ class MixtureEps(TermFamily):
     covariances: tuple = ()
     alpha_bars: tuple = ()
     features: tuple = ("eps",)
+    p: tuple = ()
+    q: tuple = ()
     kind: ClassVar[str] = "MixtureEps"
     uses_time: ClassVar[bool] = True
 
     def __post_init__(self):
-        for f in ("weights", "means", "covariances", "alpha_bars"):
+        for f in ("weights", "means", "covariances", "alpha_bars", "p", "q"):
             object.__setattr__(self, f, _nested_tuple(getattr(self, f)))
         object.__setattr__(self, "features", tuple(self.features))
-        if not self.features or any(f not in ("eps", "posterior") for f in self.features):
-            raise ValueError(f"MixtureEps features must be a non-empty subset of ('eps', 'posterior'); got {self.features!r}")
+        if not self.features or any(f not in ("eps", "drift", "posterior") for f in self.features):
+            raise ValueError(f"MixtureEps features must be a non-empty subset of ('eps', 'drift', 'posterior'); "
+                             f"got {self.features!r}")
         if not self.weights or not self.alpha_bars:
             raise ValueError("MixtureEps needs the mixture (weights, means, covariances) and alpha_bars per state")
+        if "drift" in self.features and not (len(self.p) == len(self.q) == len(self.alpha_bars)):
+            raise ValueError("MixtureEps feature 'drift' needs the sampler's p and q for every state (as alpha_bars)")
         object.__setattr__(self, "_mix", GaussianMixtureEps(np.array(self.weights), np.array(self.means),
                                                            np.array(self.covariances)))
 
     @classmethod
-    def from_mixture(cls, mix: GaussianMixtureEps, alpha_bars: np.ndarray, features=("eps",)) -> "MixtureEps":
-        return cls(mix.weights, mix.means, mix.covariances, tuple(np.asarray(alpha_bars, np.float64)), tuple(features))
+    def from_mixture(cls, mix: GaussianMixtureEps, alpha_bars: np.ndarray, features=("eps",),
+                     p: np.ndarray | None = None, q: np.ndarray | None = None) -> "MixtureEps":
+        lin = {} if p is None else {"p": tuple(np.asarray(p, np.float64)), "q": tuple(np.asarray(q, np.float64))}
+        return cls(mix.weights, mix.means, mix.covariances, tuple(np.asarray(alpha_bars, np.float64)), tuple(features),
+                   **lin)
 
     def params(self) -> dict:
-        return {"weights": list(self.weights), "means": [list(m) for m in self.means],
-                "covariances": [[list(r) for r in c] for c in self.covariances],
-                "alpha_bars": list(self.alpha_bars), "features": list(self.features)}
+        out = {"weights": list(self.weights), "means": [list(m) for m in self.means],
+               "covariances": [[list(r) for r in c] for c in self.covariances],
+               "alpha_bars": list(self.alpha_bars), "features": list(self.features)}
+        if self.p:
+            out.update(p=list(self.p), q=list(self.q))
+        return out
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, MixtureEps) and self.params() == other.params()
 
     def n_output_features(self, d: int) -> int:
-        return sum(d if f == "eps" else len(self.weights) for f in self.features)
+        return sum(len(self.weights) if f == "posterior" else d for f in self.features)
 
     def names(self, d, style="text", state_names=None, time_name="t"):
         _check_style(style)
@@ -218,6 +232,8 @@ class MixtureEps(TermFamily):
         for f in self.features:
             if f == "eps":
                 out += [f"eps_mix{j}" if style == "text" else rf"\epsilon^{{mix}}_{{{j}}}" for j in range(d)]
+            elif f == "drift":
+                out += [f"drift_mix{j}" if style == "text" else rf"f^{{mix}}_{{{j}}}" for j in range(d)]
             else:
                 out += [f"r_mix{k}" if style == "text" else rf"r_{{{k}}}" for k in range(len(self.weights))]
         return out
@@ -228,9 +244,11 @@ class MixtureEps(TermFamily):
         is_torch = not isinstance(z, np.ndarray)
         zn = z.detach().cpu().numpy() if is_torch else z
         tn = (t.detach().cpu().numpy() if is_torch else t).reshape(-1)
-        ab = np.asarray(self.alpha_bars)[state_index(tn, len(self.alpha_bars))]
+        k = state_index(tn, len(self.alpha_bars))
+        ab = np.asarray(self.alpha_bars)[k]
         r, eps = self._mix.posterior_and_eps(zn, np.sqrt(ab), np.sqrt(1.0 - ab))
-        cols = np.concatenate([eps if f == "eps" else r for f in self.features], axis=1)
+        drift = (np.asarray(self.p)[k, None] * zn + np.asarray(self.q)[k, None] * eps) if "drift" in self.features else None
+        cols = np.concatenate([{"eps": eps, "drift": drift, "posterior": r}[f] for f in self.features], axis=1)
         if is_torch:
             import torch
 

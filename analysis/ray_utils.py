@@ -261,7 +261,7 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
         ceiling_degree: > 0 adds per-step statistics of the main target for the free-time
             reference fit (analysis.fit.free_time_r2) with a polynomial of this degree.
         window_edges: W + 1 increasing times: held-out statistics are also kept per window of t
-            (a row at t belongs to the window [e_w, e_{w+1}), the last one closed).
+            (analysis.targets.window_index: a row at t belongs to the window [e_w, e_{w+1}), the last one closed).
 
     Returns:
         {"groups": [G numpy stats dicts or None], "heldout": numpy stats dict or None,
@@ -269,7 +269,7 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
     """
     from analysis.fit import GramStats, stepwise_stats
     from analysis.library import Library
-    from analysis.targets import regression_samples
+    from analysis.targets import regression_samples, window_index
 
     blk = tset.block(block_i)
     z = coords.states(blk.z)  # (T+1, b, d)
@@ -289,7 +289,7 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
         if g < 0:
             out["heldout"] = stats.to_numpy()
             if len(edges) > 1:
-                win = np.clip(np.searchsorted(edges, ts, side="right") - 1, 0, len(edges) - 2)
+                win = window_index(ts, edges)
                 for w in np.unique(win).tolist():
                     rows = win == w
                     out["windows"][w] = GramStats.from_library(lib, [(zs[rows], ts[rows], ys[rows])], device=device,
@@ -384,6 +384,7 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
                "n_terms": int(np.count_nonzero(coef)),
                "r2_train": float(sw.r2_train[sw.chosen]), "r2_heldout": float(sw.r2_heldout[sw.chosen]),
                "rmse_train": (rss_tr / train.n_samples) ** 0.5, "rmse_heldout": (rss_ho / heldout.n_samples) ** 0.5,
+               "rss_heldout": rss_ho, "tss_heldout": float(heldout.tss([col])[0]),
                "r2_heldout_windows": per_window(coef, col),
                "unrestricted": {"n_terms": int(np.count_nonzero(un)), "threshold": float(sw.thresholds[sw.unrestricted]),
                                 "r2_train": float(sw.r2_train[sw.unrestricted]),

@@ -18,6 +18,7 @@ Every input is checked before Ray starts; bad inputs are one line on stderr and 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -50,7 +51,9 @@ import numpy as np  # noqa: E402
 
 from analysis import ray_utils  # noqa: E402
 from analysis.library import Library, build_library, estimate_memory, principal_directions  # noqa: E402
-from analysis.trajectories import (T_CONVENTION, Coordinates, TrajectorySet, file_sha256, plan_blocks,  # noqa: E402
+from analysis.coordinates import Coordinates, linear_modes  # noqa: E402
+from analysis.targets import time_windows  # noqa: E402
+from analysis.trajectories import (T_CONVENTION, TrajectorySet, file_sha256, plan_blocks,  # noqa: E402
                                    trajectory_dir, write_manifest, block_is_complete, block_name, block_problems,
                                    read_trajectory_manifest)
 from training.config import Config, to_dict  # noqa: E402
@@ -141,12 +144,54 @@ def check_inputs(cfg: Config) -> dict:
                         "use sindy.fit_space=drift for external trajectories")
     main_target = "eps" if s.fit_space == "eps" else s.target
     plan["targets"] = (main_target, OTHER[main_target]) if (s.compare_targets and _has_drift(plan)) else (main_target,)
-    try:  # the library as configured (placeholder projections: the real ones come from the data)
-        plan["library_terms"] = build_library(s.library, plan["d"], (0.0, 1.0), np.eye(plan["d"])).n_terms
+    plan["library_cfg"] = s.library
+    if s.library.preset != "reference" and "mixture" in s.library.families:
+        why = mixture_unavailable(cfg, plan)
+        rest = [f for f in s.library.families if f != "mixture"]
+        if why and not rest:
+            raise UserError(f"sindy.library.families is [mixture] only, but {why}; list other families")
+        if why:  # the default library lists it; inputs without a mixture get the rest, and are told so
+            plan["library_cfg"] = dataclasses.replace(s.library, families=rest)
+            plan["warnings"].append(f"the mixture family is left out of the library: {why}")
+    try:  # the library as configured (placeholder projections and mixture: the real ones come from the data)
+        plan["library_terms"] = placeholder_library(cfg, plan, plan["d"]).n_terms
     except ValueError as e:
         raise UserError(f"sindy.library: {e}") from None
     check_memory(cfg, plan)
     return plan
+
+
+def mixture_unavailable(cfg: Config, plan: dict) -> str:
+    """Why the mixture family cannot be built here ("" if it can): it needs the run's training latents, a sampler
+    with a known linear part and coordinates the mixture can live in (the latent's own or a rotation of them)."""
+    from analysis.theory import SAMPLERS_WITH_THEORY
+
+    s = cfg.sindy
+    sampler = plan["external"].manifest.get("sampler") if plan["external"] is not None else s.sampler
+    if plan["external"] is not None and plan["external"].source != "generated":
+        return f"{s.trajectories} is an external file (no schedule, no training latents)"
+    if sampler not in SAMPLERS_WITH_THEORY:
+        return f"sampler {sampler} has no closed-form linear part (needed: {', '.join(SAMPLERS_WITH_THEORY)})"
+    if plan["kind"] == "conv":
+        return "a conv latent is fitted in principal components, which a mixture of the latents does not map to"
+    if not s.mixture_components:
+        return "sindy.mixture_components is empty"
+    if not (plan["run_dir"] / "latents" / "train.safetensors").is_file():
+        return f"{plan['run_dir'] / 'latents' / 'train.safetensors'} not found (run training/encode_latents.py)"
+    return ""
+
+
+def placeholder_library(cfg: Config, plan: dict, d: int) -> Library:
+    """The configured library's shape before the data: identity projections and, for the mixture family, a mixture
+    of the largest K on the grid (the real one is fitted in make_library)."""
+    from analysis.mixture import GaussianMixtureEps, MixtureEps
+
+    lib_cfg, mixture = plan["library_cfg"], None
+    if lib_cfg.preset != "reference" and "mixture" in lib_cfg.families:
+        k = max(cfg.sindy.mixture_components)
+        mix = GaussianMixtureEps(np.full(k, 1.0 / k), np.zeros((k, d)), np.stack([np.eye(d)] * k))
+        mixture = MixtureEps.from_mixture(mix, np.full(2, 0.5), tuple(lib_cfg.mixture_features))
+    return build_library(lib_cfg, d, (0.0, 1.0), np.eye(d), mixture)
 
 
 def _has_drift(plan: dict) -> bool:
@@ -156,7 +201,7 @@ def _has_drift(plan: dict) -> bool:
 def check_memory(cfg: Config, plan: dict) -> None:
     """The Gram path holds G + 2 statistics (twice: driver and object store) plus a Theta chunk per task."""
     s, d = cfg.sindy, plan["d"]
-    lib = build_library(s.library, d, (0.0, 1.0), np.eye(d))
+    lib = placeholder_library(cfg, plan, d)
     est = estimate_memory(plan["n"] * plan["T"], d, lib, n_targets=d * len(plan["targets"]), chunk_size=s.chunk_size)
     need = 2 * (plan["n_groups"] + 2 + s.time_windows) * est.gram_bytes + 3 * est.chunk_bytes
     if s.max_memory_gb > 0:
@@ -237,27 +282,96 @@ def split_trajectories(n: int, n_heldout: int, n_groups: int, seed: int) -> np.n
     return split
 
 
-def make_coordinates(cfg: Config, plan: dict, tset: TrajectorySet, split: np.ndarray) -> Coordinates:
-    if plan["kind"] != "conv":
-        return Coordinates.identity(tset.dim)
+def make_coordinates(cfg: Config, plan: dict, tset: TrajectorySet, split: np.ndarray) -> tuple[list[Coordinates], str]:
+    """The candidate coordinates of sindy.coordinates (the latent's own first) and, if the modes are missing, why."""
     train = np.flatnonzero(split >= 0)
-    z0 = np.concatenate([blk.z[-1][np.isin(blk.index, train)] for blk in tset.blocks()])
-    return Coordinates.fit_pca(z0, cfg.sindy.pca_components)
+    if plan["kind"] != "conv":
+        base = Coordinates.identity(tset.dim)
+    else:
+        z0 = np.concatenate([blk.z[-1][np.isin(blk.index, train)] for blk in tset.blocks()])
+        base = Coordinates.fit_pca(z0, cfg.sindy.pca_components)
+    if cfg.sindy.coordinates == "latent":
+        return [base], ""
+    modes = fit_modes(plan, tset, split, base)
+    if modes is None:
+        why = (f"the linear modes need more than d + 1 = {base.dim + 1} training trajectories (the per-step affine "
+               f"fit), these have {len(train)}")
+        if cfg.sindy.coordinates == "modes":
+            raise UserError(f"sindy.coordinates=modes: {why}; raise sindy.n_trajectories or use sindy.coordinates=latent")
+        return [base], why
+    return ([base, modes] if cfg.sindy.coordinates == "auto" else [modes]), ""
 
 
-def make_library(cfg: Config, tset: TrajectorySet, coords: Coordinates, split: np.ndarray) -> Library:
-    """The configured library on this data: the spline basis spans the data's t range, and tanh on principal
-    projections uses the leading principal directions of the training trajectories' end states."""
+MODES_MAX_TRAJECTORIES = 4096  # per-step affine fits of d + 1 unknowns: a few thousand rows pin them down
+
+
+def fit_modes(plan: dict, tset: TrajectorySet, split: np.ndarray, base: Coordinates) -> Coordinates | None:
+    """``base`` rotated to the dynamics' linear modes (analysis/coordinates.py), from the fit target of up to
+    MODES_MAX_TRAJECTORIES training trajectories; None when there are too few."""
+    from analysis.targets import regression_samples
+
+    train = np.flatnonzero(split >= 0)
+    zs, ys, got = [], [], 0
+    for blk in tset.blocks():
+        keep = np.flatnonzero(np.isin(blk.index, train))[: MODES_MAX_TRAJECTORIES - got]
+        if keep.size == 0:
+            continue
+        z = base.states(blk.z[:, keep])
+        drift = None if blk.drift is None else base.velocities(blk.drift[:, keep])
+        eps = None if blk.eps is None else base.velocities(blk.eps[:, keep])
+        zr, _, yr = regression_samples(z, blk.t, drift, plan["targets"][:1], eps)
+        zs.append(zr.reshape(-1, keep.size, base.dim))
+        ys.append(yr.reshape(-1, keep.size, base.dim))
+        got += keep.size
+        if got >= MODES_MAX_TRAJECTORIES:
+            break
+    rot = linear_modes(np.concatenate(zs, axis=1), np.concatenate(ys, axis=1)) if zs else None
+    return None if rot is None else base.then_modes(rot)
+
+
+def pooled_unexplained(fits: list[dict]) -> float:
+    """Held-out unexplained variance over all dimensions, sum RSS / sum TSS: unchanged by a rotation of the
+    coordinates (the total sum of squares of centred vectors is), so the latent's and the modes' compare."""
+    tss = sum(r["tss_heldout"] for r in fits)
+    return float(sum(r["rss_heldout"] for r in fits) / tss) if tss > 0 else float("nan")
+
+
+def choose_coordinates(cands: list[dict], tol: float) -> int:
+    """The candidate with the fewest terms in all among those whose pooled held-out unexplained variance is within
+    (1 + tol) x the best's (+ 1e-10 for round-off): the per-dimension rule, applied to the whole system; ties go to
+    the first (the latent's own coordinates)."""
+    best = min(c["unexplained"] for c in cands)
+    ok = [i for i, c in enumerate(cands) if c["unexplained"] <= (1 + tol) * best + 1e-10]
+    return min(ok, key=lambda i: (cands[i]["terms"], i))
+
+
+def make_library(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates, split: np.ndarray) -> Library:
+    """The configured library on this data: the spline basis spans the data's t range, tanh on principal
+    projections uses the leading principal directions of the training trajectories' end states, and the mixture
+    family the mixture fitted to the training latents in these coordinates (with the sampler's p, q)."""
     train = np.flatnonzero(split >= 0)
     end = np.concatenate([coords.states(blk.z[-1][np.isin(blk.index, train)]) for blk in tset.blocks()])
     t = tset.block(0).t
-    proj = principal_directions(end, cfg.sindy.library.tanh_projections)
-    return build_library(cfg.sindy.library, coords.dim, (float(np.min(t)), float(np.max(t))), proj)
+    lib_cfg = plan["library_cfg"]
+    proj = principal_directions(end, lib_cfg.tanh_projections)
+    mixture = None
+    if lib_cfg.preset != "reference" and "mixture" in lib_cfg.families:
+        from analysis.mixture import MixtureEps
+        from analysis.theory import linear_part
+
+        schedule = _run_schedule(plan)
+        steps = np.arange(schedule.T - 1, -1, -1)  # network step of state k (analysis/theory.py's order)
+        p, q = linear_part(schedule, tset.manifest.get("sampler") or cfg.sindy.sampler)
+        feats = tuple("drift" if (f == "eps" and plan["targets"][0] != "eps") else f for f in lib_cfg.mixture_features)
+        mixture = MixtureEps.from_mixture(latent_mixture(cfg, plan, coords)["mix"],
+                                          schedule.alpha_bars.double().cpu().numpy()[steps], feats, p, q)
+    return build_library(lib_cfg, coords.dim, (float(np.min(t)), float(np.max(t))), proj, mixture)
 
 
 # Config family names -> the TermFamily kinds they build (analysis.library.build_library).
 FAMILY_KINDS = {"polynomial": ("Polynomial",), "time": ("TimePolynomial", "TimeSpline"), "time_state": ("TimeProduct",),
-                "exp": ("ExpNegTimeState", "ExpNegSquare"), "tanh": ("Tanh",), "terms": ("CustomTerms",)}
+                "exp": ("ExpNegTimeState", "ExpNegSquare"), "tanh": ("Tanh",), "terms": ("CustomTerms",),
+                "mixture": ("MixtureEps",)}
 
 
 def gated_columns(lib: Library, gated: list[str]) -> list[int]:
@@ -266,18 +380,15 @@ def gated_columns(lib: Library, gated: list[str]) -> list[int]:
     return [i for fam, sl in lib.family_slices() if fam.kind in kinds for i in range(sl.start, sl.stop)]
 
 
-def window_edges(t: np.ndarray, n: int) -> list[float]:
-    """n equal windows of the data's t range, as n + 1 increasing edges."""
-    return np.linspace(float(np.min(t)), float(np.max(t)), n + 1).tolist()
-
-
 def fit_key(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates) -> str:
     s = cfg.sindy
     ident = {"data": tset.manifest.get("sha256") or [b["sha256"] for b in tset.manifest["blocks"]],
              "n": tset.n, "split": [s.seed, s.heldout_fraction, plan["n_groups"]], "targets": plan["targets"],
              "coords": coords.kind, "pca": s.pca_components if coords.kind == "pca" else 0,
+             "components": (hashlib.sha256(coords.components.tobytes() + coords.mean.tobytes()).hexdigest()
+                            if coords.kind == "modes" else None), "record": 2,
              "fit": [s.alpha, s.normalize, s.n_thresholds, s.threshold_tol, s.n_bootstrap, s.term_budget, s.time_windows],
-             "library": to_dict(s.library),
+             "library": to_dict(plan["library_cfg"]),
              "optimizer": [s.optimizer, s.sr3_nu if s.optimizer == "sr3" else None],
              "free_time_degree": s.ceiling_degree}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -293,9 +404,9 @@ def stage_fits(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates
     todo = [j for j in range(d) if not files[j].is_file()]
     lib_file = fit_dir / "library.json"
     if todo or not lib_file.is_file():
-        lib_file.write_text(json.dumps(make_library(cfg, tset, coords, split).spec()))
+        lib_file.write_text(json.dumps(make_library(cfg, plan, tset, coords, split).spec()))
     lib = Library.from_spec(json.loads(lib_file.read_text()))
-    edges = window_edges(tset.block(0).t, s.time_windows)
+    edges = time_windows(tset.block(0).t, s.time_windows)
     if todo:
         t0 = time.time()
         gpus = 1 if (s.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0) else 0
@@ -368,7 +479,7 @@ def write_free_time(parts: list[dict], degree: int, path: Path) -> None:
 
 
 def stage_report(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates, split: np.ndarray,
-                 fits: list[dict], lib: Library, times: dict, ray_how: str) -> Path:
+                 fits: list[dict], lib: Library, times: dict, ray_how: str, choice: dict) -> Path:
     """Stage 3: integrate the equations from held-out noise, decode, write everything."""
     from analysis import report
 
@@ -383,6 +494,7 @@ def stage_report(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinat
     ref = coords.states(blk.z)  # (T+1, r, d)
     rhs = report.sindy_rhs(lib, xi)
     views = theory_views(cfg, plan, tset, coords, split, lib, xi)  # issue 10 items 2-4, see below
+    views["coordinate_choice"] = choice
     if s.fit_space == "eps":  # the library models eps; the drift adds the sampler's exact linear part
         rhs = views["linear_part"].composed_rhs(rhs)
     views["validation"] = validate_equations(cfg, plan, tset, coords, split, rhs, views)
@@ -404,6 +516,46 @@ def stage_report(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinat
            "provenance": provenance(plan, tset, ray_how)}
     return report.write_report(plan["run_dir"] / "report", plan["run_dir"] / "tb" / "sindy", fits, lib, ctx, roll, images,
                                views=views)
+
+
+def fit_in_coordinates(cfg: Config, plan: dict, tset: TrajectorySet, split: np.ndarray, times: dict) -> tuple:
+    """Stage 2 in each candidate coordinate system (sindy.coordinates) and the choice between them.
+
+    Returns:
+        (coords, fits, lib, choice): the chosen coordinates, their per-dimension fits and library, and the
+        JSON-able record of the choice (every candidate's pooled held-out unexplained variance and terms).
+    """
+    cands, why = make_coordinates(cfg, plan, tset, split)
+    runs = []
+    for coords in cands:
+        fit_dir = plan["run_dir"] / "sindy" / "fits" / fit_key(cfg, plan, tset, coords)
+        fit_dir.mkdir(parents=True, exist_ok=True)
+        if coords.file_name:
+            coords.save(fit_dir / coords.file_name)
+        (fit_dir / "config.json").write_text(json.dumps(to_dict(cfg.sindy), indent=1))
+        own: dict = {}
+        fits, lib = stage_fits(cfg, plan, tset, coords, split, fit_dir, own)
+        for k, (sec, how) in own.items():  # one line per stage, every candidate's share named
+            prev = times.get(k)
+            times[k] = (sec + (prev[0] if prev else 0.0), (prev[1] + "; " if prev else "")
+                        + (f"{coords.kind}: " if len(cands) > 1 else "") + how)
+        runs.append({"coords": coords, "fits": fits, "lib": lib, "kind": coords.kind,
+                     "unexplained": pooled_unexplained(fits), "terms": sum(r["n_terms"] for r in fits)})
+    i = choose_coordinates(runs, cfg.sindy.threshold_tol) if len(runs) > 1 else 0
+    choice = {"setting": cfg.sindy.coordinates, "chosen": runs[i]["kind"],
+              "rule": ("the fewest terms in all among the coordinates whose pooled held-out unexplained variance "
+                       f"(sum RSS / sum TSS over dimensions) is within {1 + cfg.sindy.threshold_tol:g} x the best's; "
+                       "ties go to the latent's own") if len(runs) > 1 else f"sindy.coordinates={cfg.sindy.coordinates}",
+              "candidates": [{"kind": r["kind"], "unexplained_heldout": r["unexplained"], "terms": r["terms"],
+                              "r2_heldout_min": min(f["r2_heldout"] for f in r["fits"]),
+                              "r2_heldout_median": float(np.median([f["r2_heldout"] for f in r["fits"]]))}
+                             for r in runs]}
+    if why:
+        choice["modes_skipped"] = why
+    print("sindy: coordinates " + ", ".join(f"{c['kind']}: {c['terms']} terms, pooled held-out 1-R^2 "
+                                            f"{c['unexplained_heldout']:.3g}" for c in choice["candidates"])
+          + f" -> {choice['chosen']}", flush=True)
+    return runs[i]["coords"], runs[i]["fits"], runs[i]["lib"], choice
 
 
 def provenance(plan: dict, tset: TrajectorySet, ray_how: str) -> str:
@@ -496,10 +648,11 @@ def theory_views(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinat
     t0 = time.time()
     schedule = _run_schedule(plan)
     p, q = linear_part(schedule, sampler)
-    offset = coords.components @ coords.mean if coords.kind == "pca" else None  # C z = c + C m
+    offset = coords.components @ coords.mean if coords.kind != "latent" else None  # C z = c + C m
     lp = views["linear_part"] = LinearPart(p, q, offset)
     # R^2 on up to 2,000 held-out trajectories (100k rows at T = 50): enough for 4 digits, bounded cost.
     ho = _heldout_block(plan, tset, coords, split, min(int((split < 0).sum()), 2000))
+    edges = time_windows(tset.block(0).t, s.time_windows)
     T, n, d = ho["eps"].shape
     zs, ts = ho["z"][:-1].reshape(-1, d), np.repeat(ho["t"][:-1], n)
     pred = np.concatenate([lib.transform(zs[i:i + 8192], ts[i:i + 8192]) @ xi.T for i in range(0, len(zs), 8192)])
@@ -511,32 +664,41 @@ def theory_views(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinat
     views["fit_space"] = {
         "fit_space": s.fit_space, "sampler": sampler, "n_heldout": n, "theory": lp.describe(sampler),
         "p": p.tolist(), "q": q.tolist(),
-        "eps": windowed_r2(ho["eps"], eps_pred.reshape(shape), ho["t"][:-1]),
-        "drift": windowed_r2(ho["drift"], drift_pred.reshape(shape), ho["t"][:-1]),
+        "eps": windowed_r2(ho["eps"], eps_pred.reshape(shape), ho["t"][:-1], edges),
+        "drift": windowed_r2(ho["drift"], drift_pred.reshape(shape), ho["t"][:-1], edges),
         "seconds": round(time.time() - t0, 2)}
     if not s.mixture_components:
         views["mixture"] = {"skipped": "sindy.mixture_components is empty"}
-    elif coords.kind != "latent":
-        views["mixture"] = {"skipped": f"the mixture view works in the latent's own coordinates; this fit uses "
-                                       f"{coords.kind} coordinates of a {coords.components.shape[1]}-D latent"}
+    elif not (coords.kind == "latent" or coords.is_rotation):
+        views["mixture"] = {"skipped": f"the mixture view works in the latent's own coordinates or a rotation of "
+                                       f"them; this fit uses {coords.kind} coordinates of a "
+                                       f"{coords.components.shape[1]}-D latent"}
     elif not (plan["run_dir"] / "latents" / "train.safetensors").is_file():
         views["mixture"] = {"skipped": f"{plan['run_dir'] / 'latents' / 'train.safetensors'} not found (the mixture is "
                                        "fitted to the training latents; run training/encode_latents.py for this run)"}
     else:
-        views["mixture"], views["_mixture"] = mixture_view(cfg, plan, ho, lp, schedule)
+        views["mixture"], views["_mixture"] = mixture_view(cfg, plan, ho, lp, schedule, coords, edges)
     return views
 
 
-def mixture_view(cfg: Config, plan: dict, ho: dict, lp, schedule) -> tuple[dict, tuple]:
-    """Fit the mixtures (K by held-out likelihood) and score their closed-form eps* against the DiT, no fitting."""
+def latent_mixture(cfg: Config, plan: dict, coords: Coordinates) -> dict:
+    """The Gaussian mixtures of the run's training latents in ``coords`` (a rotation: the noising a x + s eps keeps
+    its form, so the mixture of the rotated latents has the rotated closed-form eps*), K by held-out likelihood;
+    fitted once per coordinates and kept in ``plan`` for the library and the mixture view.
+
+    Returns:
+        {"mix": the chosen GaussianMixtureEps, "rows": one per K, "mixtures": every K's, "n_train", "heldout"}.
+    """
     from safetensors.torch import load_file
 
     from analysis.mixture import fit_mixture
-    from analysis.theory import noise_levels, state_index
-    from analysis.validation import windowed_r2
     from training.stage import load_latent_data
 
-    s, t0 = cfg.sindy, time.time()
+    cache = plan.setdefault("_mixtures", {})
+    key = hashlib.sha256(coords.components.tobytes() + coords.mean.tobytes()).hexdigest()
+    if key in cache:
+        return cache[key]
+    s = cfg.sindy
     data = load_latent_data(plan["run_dir"], plan["kind"])
     train = data.train.reshape(data.train.shape[0], -1).double().numpy()
     rng = np.random.default_rng(s.seed)
@@ -549,7 +711,27 @@ def mixture_view(cfg: Config, plan: dict, ho: dict, lp, schedule) -> tuple[dict,
         cut = len(train) // 10
         test, train = train[:cut], train[cut:]
         held_what = f"{cut} training latents kept out of EM"
+    if coords.kind != "latent":
+        train, test = coords.states(train), coords.states(test)
+    t0 = time.time()
     mix, rows, mixtures = fit_mixture(train, test, s.mixture_components, seed=s.seed, max_iter=100)
+    cache[key] = {"mix": mix, "rows": rows, "mixtures": mixtures, "n_train": len(train), "heldout": held_what,
+                  "seconds": round(time.time() - t0, 2)}
+    return cache[key]
+
+
+def mixture_view(cfg: Config, plan: dict, ho: dict, lp, schedule, coords: Coordinates,
+                 edges: list[float]) -> tuple[dict, tuple]:
+    """Fit the mixtures (K by held-out likelihood) and score their closed-form eps* against the DiT, no fitting.
+
+    In rotated coordinates u = C z the latents are rotated before EM: the noising a x + s eps keeps its form, so the
+    mixture of the rotated latents has the rotated closed-form eps*."""
+    from analysis.theory import noise_levels, state_index
+    from analysis.validation import windowed_r2
+
+    t0 = time.time()
+    fitted = latent_mixture(cfg, plan, coords)
+    mix, rows, mixtures = fitted["mix"], [dict(r) for r in fitted["rows"]], fitted["mixtures"]
     T, n, d = ho["eps"].shape
     a, sg = noise_levels(schedule)
     zs, ts = ho["z"][:-1].reshape(-1, d), np.repeat(ho["t"][:-1], n)
@@ -557,15 +739,15 @@ def mixture_view(cfg: Config, plan: dict, ho: dict, lp, schedule) -> tuple[dict,
     for row, m in zip(rows, mixtures):  # every K's no-fit R^2, so a reader sees whether K matters
         eps_m = m.eps(zs, a[k_state], sg[k_state]).reshape(T, n, d)
         drift_m = lp.drift(zs, ts, eps_m.reshape(-1, d)).reshape(T, n, d)
-        row["eps"] = windowed_r2(ho["eps"], eps_m, ho["t"][:-1])
-        row["drift"] = windowed_r2(ho["drift"], drift_m, ho["t"][:-1])
+        row["eps"] = windowed_r2(ho["eps"], eps_m, ho["t"][:-1], edges)
+        row["drift"] = windowed_r2(ho["drift"], drift_m, ho["t"][:-1], edges)
     best = next(r for r in rows if r["chosen"])
 
     def rhs(z: np.ndarray, t: float) -> np.ndarray:
         k = int(state_index(t, T))
         return lp.drift(z, t, mix.eps(z, a[k], sg[k]))
 
-    out = {"n_train": len(train), "heldout": held_what, "grid": rows,
+    out = {"n_train": fitted["n_train"], "heldout": fitted["heldout"], "grid": rows,
            "k": mix.K, "eps": best["eps"], "drift": best["drift"], "weights": mix.weights.tolist(),
            "means": mix.means.tolist(), "seconds": round(time.time() - t0, 2)}
     return out, (mix, rhs)
@@ -622,17 +804,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     times["trajectories"] = (time.time() - t0, how)
     # 4. Stage 2: split, coordinates, statistics and per-dimension fits.
     split = split_trajectories(tset.n, plan["n_heldout"], plan["n_groups"], cfg.sindy.seed)
-    coords = make_coordinates(cfg, plan, tset, split)
-    fit_dir = plan["run_dir"] / "sindy" / "fits" / fit_key(cfg, plan, tset, coords)
-    fit_dir.mkdir(parents=True, exist_ok=True)
-    coords.save(fit_dir / "pca.safetensors") if coords.kind == "pca" else None
-    (fit_dir / "config.json").write_text(json.dumps(to_dict(cfg.sindy), indent=1))
-    fits, lib = stage_fits(cfg, plan, tset, coords, split, fit_dir, times)
+    coords, fits, lib, choice = fit_in_coordinates(cfg, plan, tset, split, times)
     # 5. Stage 3: the report.
     t0 = time.time()
-    path = stage_report(cfg, plan, tset, coords, split, fits, lib, times, ray_how)
-    if coords.kind == "pca":
-        coords.save(path.parent / "pca.safetensors")
+    path = stage_report(cfg, plan, tset, coords, split, fits, lib, times, ray_how, choice)
+    if coords.file_name:
+        coords.save(path.parent / coords.file_name)
     print(f"sindy: report stage {time.time() - t0:.1f} s; stage times "
           + ", ".join(f"{k} {v[0]:.1f} s" for k, v in times.items()), flush=True)
     flagged = json.loads((path.parent / "equations.json").read_text())["flagged_dims"]

@@ -26,6 +26,23 @@ import numpy as np
 TARGETS = ("drift", "central_diff", "eps")
 
 
+def time_windows(t: np.ndarray, n: int) -> list[float]:
+    """The job's one definition of windows of t: n equal windows of the data's t range, as n + 1 increasing
+    edges. The fit's held-out R^2 per window, the eps/drift view and the mixture view all use it."""
+    return np.linspace(float(np.min(t)), float(np.max(t)), n + 1).tolist()
+
+
+def window_index(t: np.ndarray, edges: list[float] | np.ndarray) -> np.ndarray:
+    """Window w of each time, edges[w] <= t < edges[w + 1] (the last window closed).
+
+    A time within 1e-9 of the span below an edge counts as on it: the grid t = 1 - k/T lands a hair below
+    the edge k/T in float64 (1 - 40/50 = 0.19999999999999996), and a grid point on an edge opens its window.
+    """
+    e = np.asarray(edges, dtype=np.float64)
+    tol = 1e-9 * max(float(e[-1] - e[0]), 1e-300)
+    return np.clip(np.searchsorted(e, np.asarray(t, dtype=np.float64) + tol, side="right") - 1, 0, len(e) - 2)
+
+
 def central_diff(z: np.ndarray, t: np.ndarray) -> np.ndarray:
     """dz/dt by central differences, one-sided at both ends.
 

@@ -22,9 +22,6 @@ from typing import Callable
 
 import numpy as np
 
-N_WINDOWS = 5
-
-
 def r2_per_dim(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """R^2 per last-axis column over all other axes: (..., d) x (..., d) -> (d,); NaN where constant."""
     from analysis.fit import r2_score
@@ -35,23 +32,27 @@ def r2_per_dim(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     return r2_score(yt[ok], yp[ok])
 
 
-def windowed_r2(y_true: np.ndarray, y_pred: np.ndarray, t: np.ndarray, n_windows: int = N_WINDOWS) -> dict:
-    """R^2 per dimension, pooled over all states and in ``n_windows`` equal windows of t.
+def windowed_r2(y_true: np.ndarray, y_pred: np.ndarray, t: np.ndarray, edges: list[float]) -> dict:
+    """R^2 per dimension, pooled over all states and per window of t (analysis.targets.window_index).
 
     Args:
         y_true, y_pred: (T, b, d) per state (state k at t[k]).
-        t: (T,) times of the states, descending.
+        t: (T,) times of the states.
+        edges: W + 1 increasing window edges (analysis.targets.time_windows of the data's t).
 
     Returns:
-        {"pooled": [d], "median": float, "windows": [{"t_from", "t_to", "r2": [d]}]}, window i holding
-        the states with t in (t_to, t_from].
+        {"pooled": [d], "median": float, "windows": [{"t_from", "t_to", "r2": [d]}]} with windows in increasing t
+        (the empty ones left out), as the fit's per-window R^2.
     """
-    edges = np.round(np.linspace(1.0, 0.0, n_windows + 1), 12)
+    from analysis.targets import window_index
+
+    win = window_index(t, edges)
     wins = []
-    for hi, lo in zip(edges[:-1], edges[1:]):
-        sel = (t > lo + 1e-12) & (t <= hi + 1e-12)  # (lo, hi]: t = 1 falls in the first window
+    for w in range(len(edges) - 1):
+        sel = win == w
         if sel.any():
-            wins.append({"t_from": float(hi), "t_to": float(lo), "r2": r2_per_dim(y_true[sel], y_pred[sel]).tolist()})
+            wins.append({"t_from": float(edges[w]), "t_to": float(edges[w + 1]),
+                         "r2": r2_per_dim(y_true[sel], y_pred[sel]).tolist()})
     pooled = r2_per_dim(y_true, y_pred)
     return {"pooled": pooled.tolist(), "median": float(np.nanmedian(pooled)), "windows": wins}
 

@@ -240,11 +240,14 @@ class SindyLibraryConfig:
     preset: str = "standard"
     """standard: the families below | reference: the reference study's fixed library (cubic polynomial, t, t^2,
     t z_i, t^2 z_i, exp(-t z_i), exp(-z_i^2); 1035 terms for d = 16), which ignores the fields below."""
-    families: list[str] = field(default_factory=lambda: ["polynomial", "time", "time_state", "tanh"])
+    families: list[str] = field(default_factory=lambda: ["polynomial", "time", "time_state", "tanh", "mixture"])
     """Families in column order, any of: polynomial (monomials in z up to poly_degree, with the constant) |
     time (the time basis alone) | time_state (time basis x state monomials up to time_state_degree) |
     exp (the reference's exp(-t z_i) and exp(-z_i^2)) | tanh (tanh of coordinates or principal projections) |
-    terms (the user-listed expressions in `terms`)."""
+    terms (the user-listed expressions in `terms`) | mixture (closed-form features of the Gaussian mixture the job
+    fits to the run's training latents, K by held-out likelihood over sindy.mixture_components: see
+    `mixture_features`; only for the job's own trajectories of a vae16 run with a sampler of known linear part:
+    elsewhere it is left out of the library, and the job and report.md say why)."""
     poly_degree: int = 2
     """Highest total degree of the monomials in z (1..4)."""
     time_basis: str = "poly"
@@ -265,6 +268,10 @@ class SindyLibraryConfig:
     """Scales c of tanh(p / c) (each > 0)."""
     tanh_time_degree: int = 4
     """tanh terms are also multiplied by t^1..t^tanh_time_degree (0..8)."""
+    mixture_features: list[str] = field(default_factory=lambda: ["eps"])
+    """Columns of the mixture family: eps (the mixture's exact eps*_j, one per dimension; composed into its drift
+    p z_j + q eps*_j when the fit target is a velocity) | posterior (its posterior weights r_k(z, t), one per
+    component)."""
     gated: list[str] = field(default_factory=lambda: ["tanh"])
     """Families kept per dimension only if they earn it on held-out data: the best held-out unexplained variance
     with them must be at most `gate` x the best without them (else the dimension is fitted without them)."""
@@ -276,7 +283,7 @@ class SindyLibraryConfig:
     never evaluated as code."""
 
     def __post_init__(self) -> None:
-        known = ("polynomial", "time", "time_state", "exp", "tanh", "terms")
+        known = ("polynomial", "time", "time_state", "exp", "tanh", "terms", "mixture")
         _check(self.preset in ("standard", "reference"),
                f"sindy.library.preset must be standard | reference, got {self.preset!r}")
         bad = [f for f in self.families if f not in known]
@@ -297,6 +304,9 @@ class SindyLibraryConfig:
         _check(0 <= self.tanh_time_degree <= 8, f"sindy.library.tanh_time_degree must be 0..8, got {self.tanh_time_degree}")
         _check(all(f in known for f in self.gated), f"sindy.library.gated: unknown family in {self.gated}; known: {', '.join(known)}")
         _check(0 < self.gate <= 1, f"sindy.library.gate must be in (0, 1], got {self.gate}")
+        _check(bool(self.mixture_features) and all(f in ("eps", "posterior") for f in self.mixture_features)
+               and len(set(self.mixture_features)) == len(self.mixture_features),
+               f"sindy.library.mixture_features must be a non-empty subset of [eps, posterior], got {self.mixture_features}")
         _check("terms" not in self.families or bool(self.terms), "sindy.library.families has 'terms' but sindy.library.terms is empty")
 
 
@@ -320,6 +330,12 @@ class SindyConfig:
     """Fraction of trajectories (whole trajectories, seeded split) kept out of the fit for held-out R^2."""
     pca_components: int = 16
     """conv latents (294-D) only: PCA components the fit works in (vae16 uses its 16 coordinates)."""
+    coordinates: str = "auto"
+    """latent: the latent's own coordinates (conv: its sindy.pca_components principal components) | modes: those
+    rotated to the linear modes of the dynamics (the eigenvectors of the per-step least-squares linear drift; for
+    Gaussian data the exact drift is uncoupled there, analysis/coordinates.py) | auto: fit in both and keep the
+    modes only if their pooled held-out unexplained variance is within (1 + threshold_tol) x the better one's
+    with fewer terms in all (the latent's own on a tie)."""
     library: SindyLibraryConfig = field(default_factory=SindyLibraryConfig)
     """The candidate library (families and degrees; preset=reference for the reference study's)."""
     n_thresholds: int = 30
@@ -420,6 +436,8 @@ class SindyConfig:
         _check(self.device in ("auto", "cpu", "cuda"), f"sindy.device must be auto | cpu | cuda, got {self.device!r}")
         _check(self.trajectories_order in ("descending", "ascending"),
                f"sindy.trajectories_order must be descending | ascending, got {self.trajectories_order!r}")
+        _check(self.coordinates in ("auto", "latent", "modes"),
+               f"sindy.coordinates must be auto | latent | modes, got {self.coordinates!r}")
         _check(self.fit_space in ("drift", "eps"), f"sindy.fit_space must be drift | eps, got {self.fit_space!r}")
         _check(self.fit_space == "drift" or self.target == "drift",
                f"sindy.fit_space=eps fits the recorded eps and composes the drift; it cannot be combined with "

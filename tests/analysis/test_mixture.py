@@ -81,3 +81,20 @@ def test_mixture_term_family_roundtrips_and_matches_the_closed_form():
     t = 1 - k / T
     r, eps = mix.posterior_and_eps(z, np.sqrt(ab[k]), np.sqrt(1 - ab[k]))
     np.testing.assert_allclose(back.transform(z, t)[:, 4:], np.concatenate([eps, r], axis=1), rtol=1e-12)
+
+
+def test_mixture_drift_feature_is_the_composed_closed_form():
+    rng = np.random.default_rng(4)
+    d, T = 3, 10
+    mix = GaussianMixtureEps(np.array([0.5, 0.5]), rng.normal(size=(2, d)), np.stack([_spd(rng, d)] * 2))
+    ab = np.linspace(0.01, 0.99, T)
+    p, q = rng.normal(size=T), 10 * rng.normal(size=T)
+    fam = MixtureEps.from_mixture(mix, ab, features=("drift",), p=p, q=q)
+    lib = Library([fam], n_state=d)
+    assert lib.get_feature_names() == ["drift_mix0", "drift_mix1", "drift_mix2"]
+    assert Library.from_spec(json.loads(json.dumps(lib.spec()))) == lib
+    z, k = rng.normal(size=(5, d)), 6
+    _, eps = mix.posterior_and_eps(z, np.sqrt(ab[k]), np.sqrt(1 - ab[k]))
+    np.testing.assert_allclose(lib.transform(z, 1 - k / T), p[k] * z + q[k] * eps, rtol=1e-12)
+    with pytest.raises(ValueError, match="needs the sampler's p and q"):
+        MixtureEps.from_mixture(mix, ab, features=("drift",))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from analysis.targets import time_windows, window_index
 from analysis.validation import rollout, windowed_r2
 
 
@@ -13,14 +14,26 @@ def test_windowed_r2_splits_t_into_equal_windows():
     t = 1 - np.arange(T) / T  # states 0..T-1: t = 1 ... 0.02
     y = rng.normal(size=(T, b, d))
     pred = y.copy()
-    pred[t > 0.8] += rng.normal(size=pred[t > 0.8].shape)  # errors only in the first window
-    out = windowed_r2(y, pred, t)
-    assert [(w["t_from"], w["t_to"]) for w in out["windows"]] == [(1.0, 0.8), (0.8, 0.6), (0.6, 0.4), (0.4, 0.2), (0.2, 0.0)]
-    first = np.array(out["windows"][0]["r2"])
-    assert np.all(first < 0.5)
-    for w in out["windows"][1:]:
+    late = t > 0.8 - 1e-9
+    pred[late] += rng.normal(size=pred[late].shape)  # errors only in the last window
+    out = windowed_r2(y, pred, t, time_windows(np.append(t, 0.0), 5))  # the edges of the states' t range 0..1
+    got = [(w["t_from"], w["t_to"]) for w in out["windows"]]
+    np.testing.assert_allclose(got, [(0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0)], atol=1e-15)
+    last = np.array(out["windows"][-1]["r2"])  # t in [0.8, 1]: the errors, and only there (t = 0.8 included)
+    assert np.all(last < 0.5)
+    for w in out["windows"][:-1]:
         np.testing.assert_allclose(w["r2"], 1.0)
     assert 0.5 < out["median"] < 1.0
+
+
+def test_one_window_definition_puts_grid_points_on_edges_in_the_window_above():
+    T = 50
+    t = 1 - np.arange(T + 1) / T  # 1 - 40/50 = 0.19999999999999996 must count as t = 0.2
+    edges = time_windows(t, 5)
+    w = window_index(t, edges)
+    assert w[0] == 4 and w[-1] == 0  # t = 1 in the last (closed) window, t = 0 in the first
+    assert [int(np.sum(w == i)) for i in range(5)] == [10, 10, 10, 10, 11]
+    assert w[list(np.round(t, 12)).index(0.2)] == 1 and w[list(np.round(t, 12)).index(0.8)] == 4
 
 
 def test_rollout_of_the_generating_rhs_has_zero_error():

@@ -76,6 +76,34 @@ def test_validation_on_top_eps_fit_and_mixture(trained_run, tiny_classifier, mni
     assert eq["stage_times"]["fits"] == 0.0
 
 
+def test_mixture_family_in_the_library_must_earn_its_place(trained_run, mnist_shards, tmp_path):
+    """The mixture's closed-form drift as library columns: fitted to the training latents in the fit's coordinates,
+    gated per dimension when asked (gate 1: kept wherever it helps at all), and the library spec round-trips."""
+    from analysis.library import Library
+
+    root = copy_run(trained_run, tmp_path)
+    run_dir = root / "smoke"
+    shutil.copytree(trained_run / "smoke" / "latents", run_dir / "latents")
+    run_entry([sys.executable, JOB, *smoke(root, "sindy.ray_address=local", f"data.shards={mnist_shards}",
+                                           "sindy.library.families=[polynomial,time,mixture]", "sindy.n_bootstrap=0",
+                                           "sindy.library.gated=[mixture]", "sindy.library.gate=1.0",
+                                           "sindy.mixture_components=[1,2]", "sindy.mixture_samples=3000",
+                                           "sindy.compare_targets=false", "sindy.validation_noises=0")])
+    eq = json.loads((run_dir / "report" / "equations.json").read_text())
+    lib = Library.from_spec(eq["library"])
+    mixtures = [f for f in lib.families if f.kind == "MixtureEps"]
+    assert len(mixtures) == 1 and mixtures[0].features == ("drift",) and len(mixtures[0].weights) in (1, 2)
+    # the library's mixture is the one the mixture view scores (fitted once, in the fit's coordinates)
+    np.testing.assert_allclose(mixtures[0].weights, eq["mixture"]["weights"], rtol=0, atol=0)
+    assert eq["term_names"][-16:] == [f"drift_mix{j}" for j in range(16)]
+    for r in eq["dims"]:
+        g = r["gated_families"]
+        assert g is not None and isinstance(g["kept"], bool)
+        used = {t["name"] for t in r["terms"]}
+        assert g["kept"] or not any(n.startswith("drift_mix") for n in used), (r["dim"], g, used)
+    assert "MixtureEps 16" in (run_dir / "report" / "report.md").read_text()
+
+
 def test_external_npz_gets_latent_error_without_images(tmp_path):
     """External trajectories have no decoder: no image metrics (and the reason), still the per-step error."""
     rng = np.random.default_rng(0)
