@@ -26,11 +26,11 @@ from analysis.fit import (
     fit_dimension,
     group_stats,
     r2_score,
-    resolve_device,
     rmse,
     sweep_thresholds,
 )
 from analysis.library import Library, Polynomial
+from configs.io import resolve_device
 
 
 def pysindy_stlsq(theta, y, **kw):
