@@ -628,4 +628,3 @@ def save_config(cfg: Config, run_dir: Path) -> Path:
     """Write the resolved config to ``run_dir/config.yaml`` atomically."""
     run_dir.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-
