@@ -37,7 +37,7 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 data: $(STAMP)
-	@set -e; vars=$$($(PY) -m training.config --config $(CONFIG) $(ARGS)); eval "$$vars"; \
+	@set -e; vars=$$($(PY) -m configs --config $(CONFIG) $(ARGS)); eval "$$vars"; \
 	$(PY) -m data_pipeline.prepare --out "$$shards"
 
 run: $(STAMP)
@@ -46,7 +46,7 @@ run: $(STAMP)
 	  if [ $$rc = 75 ]; then echo "make run: the $$name stage stopped at a checkpoint before it finished (exit 75);" \
 	    "run the same make command again to resume it" >&2; exit 75; fi; \
 	  [ $$rc = 0 ] || exit $$rc; }; \
-	vars=$$($(PY) -m training.config --config $(CONFIG) $(ARGS)); eval "$$vars"; \
+	vars=$$($(PY) -m configs --config $(CONFIG) $(ARGS)); eval "$$vars"; \
 	echo "== 1/5 data -> $$shards"; \
 	$(PY) -m data_pipeline.prepare --out $$shards; \
 	echo "== 2/5 autoencoder -> $$rundir"; \

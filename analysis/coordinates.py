@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from training.runtime import UserError
+from configs.cli import UserError
 
 
 class Coordinates:

@@ -70,8 +70,9 @@ import scipy.linalg
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
+from configs.io import resolve_device
+
 __all__ = [
-    "resolve_device",
     "GramStats",
     "STLSQ",
     "SR3",
@@ -93,26 +94,6 @@ __all__ = [
 
 # pysindy marks a coefficient as selected when |w| > 1e-14 before the unbiasing refit.
 _SUPPORT_EPS = 1e-14
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """Pick the torch device for accumulating statistics.
-
-    Args:
-        device: None or "auto" (CUDA if available, else CPU), or an explicit device.
-
-    Returns:
-        torch.device.
-    """
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device={device!r} was requested but CUDA is not available here; pass "
-            "device='cpu' or device='auto'."
-        )
-    return dev
 
 
 def _as_2d_targets(y: Any) -> Any:

@@ -816,7 +816,7 @@ LIBRARY_FAMILIES = ("polynomial", "time", "time_state", "exp", "tanh", "terms", 
 
 def build_library(cfg: Any, d: int, t_range: tuple[float, float] = (0.0, 1.0),
                   projections: np.ndarray | None = None, mixture: TermFamily | None = None) -> "Library":
-    """The library a ``sindy.library`` config describes (training/config.py, SindyLibraryConfig).
+    """The library a ``sindy.library`` config describes (configs/schema.py, SindyLibraryConfig).
 
     Args:
         cfg: an object with the fields of SindyLibraryConfig (preset, families, poly_degree,

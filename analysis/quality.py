@@ -45,7 +45,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 import warnings
@@ -60,9 +59,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from data_pipeline.shards import file_sha256
+from configs.cli import UserError
+from configs.io import atomic_save_safetensors, atomic_write_bytes, file_sha256
 
 __all__ = [
     "QualityError",
@@ -96,7 +96,7 @@ FLOOR_NS = (250, 500, 1_000, 2_000, 5_000, 10_000)
 RUN_SAMPLES = Path("samples") / "ema_samples.safetensors"
 
 
-class QualityError(ValueError):
+class QualityError(UserError, ValueError):
     """An expected, user-fixable error (bad input, missing file); the CLI prints it in one line."""
 
 
@@ -241,16 +241,8 @@ def _reference_path(path: Path) -> Path:
     return path.with_suffix(".reference.safetensors")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path, metadata)
 
 
 def train_classifier(
@@ -375,7 +367,7 @@ def train_classifier(
             "by_n": floor_by_n,
         },
     }
-    _atomic_write_bytes(_sidecar_path(out_path), (json.dumps(sidecar, indent=2) + "\n").encode())
+    atomic_write_bytes(_sidecar_path(out_path), (json.dumps(sidecar, indent=2) + "\n").encode())
     return sidecar
 
 

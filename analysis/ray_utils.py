@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from training.runtime import UserError
+from configs.cli import UserError
+from configs.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 FAULT_ENV = "LATENT_SINDY_FAULT"
@@ -215,7 +216,7 @@ class TrajectoryWorker:
     def __init__(self, run_dir: str, device: str, threads: int):
         import torch
 
-        from training.stage import load_denoiser
+        from models.artifacts import load_denoiser
 
         if device == "cpu" and threads > 0:
             torch.set_num_threads(threads)
@@ -426,9 +427,7 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
         alt["unrestricted"].pop("terms")
         result["other_target"] = {"target": settings["targets"][1], **alt}
     result["seconds"] = round(time.time() - t0, 2)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, out_path)
+    atomic_write_text(out_path, json.dumps(result, indent=1))
     return result
 
 

@@ -33,10 +33,10 @@ def _find_repo() -> Path:
     # LATENT_SINDY_REPO (set for the CI key in tests/analysis_job/setup_sshd.sh) and paths in the
     # command line are taken relative to it, as from the repository root.
     here = Path(__file__).resolve().parents[1]
-    if (here / "training" / "config.py").is_file():
+    if (here / "configs" / "schema.py").is_file():
         return here
     env = os.environ.get("LATENT_SINDY_REPO", "")
-    if env and (Path(env) / "training" / "config.py").is_file():
+    if env and (Path(env) / "configs" / "schema.py").is_file():
         os.chdir(env)
         return Path(env)
     sys.exit(f"{Path(__file__).name}: error: cannot find the latent-sindy repository next to {__file__}; "
@@ -44,8 +44,6 @@ def _find_repo() -> Path:
 
 
 REPO = _find_repo()
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
@@ -53,11 +51,12 @@ from analysis import ray_utils  # noqa: E402
 from analysis.library import Library, build_library, estimate_memory, principal_directions  # noqa: E402
 from analysis.coordinates import Coordinates, linear_modes  # noqa: E402
 from analysis.targets import time_windows  # noqa: E402
-from analysis.trajectories import (T_CONVENTION, TrajectorySet, file_sha256, plan_blocks,  # noqa: E402
+from analysis.trajectories import (T_CONVENTION, TrajectorySet, plan_blocks,  # noqa: E402
                                    trajectory_dir, write_manifest, block_is_complete, block_name, block_problems,
                                    read_trajectory_manifest)
-from training.config import Config, to_dict  # noqa: E402
-from training.runtime import UserError, parse_cli, run_cli  # noqa: E402
+from configs.cli import UserError, parse_cli, run_cli  # noqa: E402
+from configs.io import file_sha256  # noqa: E402
+from configs.schema import Config, to_dict  # noqa: E402
 
 OTHER = {"drift": "central_diff", "central_diff": "drift", "eps": "drift"}
 TARGET_NOTES = {"drift": "the sampler's deterministic mean step as dz/dt, free of injected noise",
@@ -111,7 +110,7 @@ def check_inputs(cfg: Config) -> dict:
         plan["n"], plan["T"], plan["D"] = tset.n, tset.T, tset.dim
         plan["kind"] = run_meta["kind"] if (run_meta and tset.source == "generated") else "external"
     else:
-        from training.stage import load_autoencoder, load_denoiser, load_latent_stats
+        from models.artifacts import load_autoencoder, load_denoiser, load_latent_stats
 
         if not (run_dir / "dit_ema.safetensors").is_file():
             raise UserError(f"{run_dir} has no EMA checkpoint dit_ema.safetensors: run training/train_dit.py "
@@ -583,7 +582,7 @@ def make_decoder(plan: dict, coords: Coordinates):
     """c (r, d) fit coordinates -> (r, 28, 28) images in [0, 1] through the run's autoencoder; grey for non-finite rows."""
     import torch
 
-    from training.stage import load_autoencoder, load_latent_stats
+    from models.artifacts import load_autoencoder, load_latent_stats
 
     ae, _ = load_autoencoder(plan["run_dir"], "cpu")
     mean, std = load_latent_stats(plan["run_dir"])
@@ -692,7 +691,7 @@ def latent_mixture(cfg: Config, plan: dict, coords: Coordinates) -> dict:
     from safetensors.torch import load_file
 
     from analysis.mixture import fit_mixture
-    from training.stage import load_latent_data
+    from models.artifacts import load_latent_data
 
     cache = plan.setdefault("_mixtures", {})
     key = hashlib.sha256(coords.components.tobytes() + coords.mean.tobytes()).hexdigest()

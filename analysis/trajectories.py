@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -43,8 +42,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from data_pipeline.shards import file_sha256
-from training.runtime import UserError
+from configs.cli import UserError
+from configs.io import atomic_save_safetensors, atomic_write_text, file_sha256
 
 MANIFEST_FORMAT = "latent-sindy.trajectories/1"
 BLOCK_META_KEY = "latent_sindy_block"  # the block's safetensors metadata: one sorted JSON object
@@ -109,14 +108,11 @@ def write_block(folder: Path, block: int, tensors: dict[str, torch.Tensor], meta
     folder.mkdir(parents=True, exist_ok=True)
     count = int(tensors["z"].shape[1])
     path = folder / block_name(block, count)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     # One metadata key: safetensors stores the metadata as a Rust HashMap, written in a per-process
     # random order, so several keys would make a regenerated block differ in bytes (and sha256) from
     # the original although every tensor is equal, and invalidate the fits keyed by the blocks' digests.
     record = json.dumps({**meta, "block": block, "count": count}, sort_keys=True)
-    save_file(tensors, str(tmp), metadata={BLOCK_META_KEY: record})
-    os.replace(tmp, path)
-    return path
+    return atomic_save_safetensors(tensors, path, {BLOCK_META_KEY: record})
 
 
 def block_is_complete(path: Path, expect: dict) -> bool:
@@ -206,11 +202,7 @@ def write_manifest(folder: Path, n: int, blocks: list[tuple[int, int]], meta: di
         entries.append({"block": b, "count": count, "file": p.name, "sha256": file_sha256(p)})
     manifest = {"format": MANIFEST_FORMAT, "n_trajectories": n, "t_convention": T_CONVENTION, **meta,
                 "blocks": entries}
-    out = folder / "manifest.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out)
-    return out
+    return atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
 
 
 # ----------------------------------------------------------------------------- readers

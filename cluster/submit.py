@@ -29,11 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-REPO = Path(__file__).resolve().parents[1]
-if __package__ in (None, ""):  # run as a file: make the repository importable
-    sys.path.insert(0, str(REPO))
+from configs.cli import OneLineParser, UserError, run_cli
+from configs.schema import Config, load_config
 
-from training.config import Config, ConfigError, load_config  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 TEMPLATES = REPO / "cluster" / "slurm"
 _UNSAFE_SBATCH = re.compile(r"[\s'\"`$\\\x00-\x1f\x7f]")
@@ -44,7 +43,7 @@ _RAW_PLACEHOLDERS = ("stage", "run_name", "requeue", "signal_seconds", "main_pro
                      "gpus_per_node")
 
 
-class SubmitError(RuntimeError):
+class SubmitError(UserError):
     """Input the user must fix before anything is submitted; the message names it and the fix."""
 
 
@@ -445,16 +444,10 @@ def cmd_submit(cfg: Config, stage_names: list[str], config_path: Path, overrides
 # CLI
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # argparse prints the whole usage block first; the house rule is one line naming the problem.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = _OneLineParser(prog="python -m cluster.submit", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n".join(__doc__.split("\n")[1:]))
+    p = OneLineParser(prog="python -m cluster.submit", description=__doc__.split("\n")[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog="\n".join(__doc__.split("\n")[1:]))
     p.add_argument("command", choices=[*STAGES, "pipeline", "status", "cancel"])
     p.add_argument("--config", required=True, help="YAML config (configs/smoke.yaml, gpu.yaml, multinode.yaml)")
     p.add_argument("--nodes", type=int, help="slurm.nodes")
@@ -493,13 +486,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     return cmd_submit(cfg, stage_names, config_path, overrides, args.dry_run)
 
 
-def cli(argv: Sequence[str] | None = None) -> None:
-    try:
-        sys.exit(main(argv))
-    except (ConfigError, SubmitError) as e:
-        print(f"cluster.submit: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    cli()
+    run_cli(main, prog="cluster.submit")

@@ -3,14 +3,16 @@
     python -m data_pipeline.prepare --out DIR        # once: writes DIR/*.tar + manifest.json
     loader = make_loader(DIR, "train", 128, rank=r, world_size=w, epoch=e)
 
-See ``sources`` (offline MNIST, digest-checked), ``shards`` (writing/verifying shards) and
-``loader`` (streaming and in-memory readers).
+See ``sources`` (offline MNIST, digest-checked), ``shards`` (writing/verifying shards and their
+manifest), ``png`` (the image codec), ``tar_reader`` (reading a shard's samples) and ``loader``
+(streaming and in-memory readers).
 """
 
 from typing import Any
 
-from data_pipeline.shards import ManifestError, ShardError, prepare_shards, read_manifest, verify_shards
+from data_pipeline.shards import ManifestError, prepare_shards, read_manifest, verify_shards
 from data_pipeline.sources import DataPipelineError, MnistArrays, SourceCorrupt, SourceUnavailable, load_mnist
+from data_pipeline.tar_reader import ShardError
 
 __all__ = [
     "DataPipelineError",

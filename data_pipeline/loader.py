@@ -28,7 +28,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.shards import SPLITS, ShardError, decode_png_gray, iter_tar_samples, read_manifest
+from data_pipeline.png import decode_png_gray
+from data_pipeline.shards import SPLITS, read_manifest
+from data_pipeline.tar_reader import ShardError, iter_tar_samples
 
 __all__ = ["ShardLoader", "make_loader", "batches_per_epoch", "load_split_in_memory"]
 

@@ -15,10 +15,12 @@ import argparse
 import sys
 from typing import Sequence
 
+from configs.cli import OneLineParser, UserError, call_cli
 from data_pipeline.shards import SPLITS, PrepareResult, prepare_shards, read_manifest, verify_shards
-from data_pipeline.sources import DataPipelineError
 
 __all__ = ["main", "build_parser"]
+
+PROG = "python -m data_pipeline.prepare"
 
 
 def _positive_int(text: str) -> int:
@@ -31,15 +33,9 @@ def _positive_int(text: str) -> int:
     return value
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # argparse prints the whole usage block; the house rule is one line naming the problem.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's argument parser."""
-    parser = _OneLineParser(prog="python -m data_pipeline.prepare", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="shard directory (created if missing)")
     parser.add_argument("--shard-size", type=_positive_int, default=10000, help="samples per shard (default 10000)")
     parser.add_argument(
@@ -71,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exn:
         return int(exn.code or 0)
+    return call_cli(lambda _: _run(args), prog=PROG)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if args.verify:
             problems = verify_shards(args.out, read_manifest(args.out))
@@ -82,14 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{args.out}: all shards match manifest.json")
             return 0
         result = prepare_shards(args.out, shard_size=args.shard_size, source=args.source, progress=_progress)
-    except (DataPipelineError, ValueError) as exn:
-        print(f"error: {exn}", file=sys.stderr)
-        return 2
+    except ValueError as exn:
+        raise UserError(str(exn)) from None
     except OSError as exn:  # disk full, permission denied, read-only file system: the temp file is gone
         where = f" ({exn.filename})" if exn.filename else ""
-        print(f"error: cannot write the shards to {args.out}: {exn.strerror or exn}{where}; free space, fix the "
-              "permissions or choose another --out", file=sys.stderr)
-        return 2
+        raise UserError(f"cannot write the shards to {args.out}: {exn.strerror or exn}{where}; free space, fix the "
+                        "permissions or choose another --out") from None
     print(_summary(result))
     return 0
 

@@ -1,4 +1,4 @@
-"""Deterministic webdataset shards of MNIST, their manifest, and verification.
+"""Writing the deterministic webdataset shards of MNIST, their manifest, and verification.
 
 Layout (webdataset convention, https://github.com/webdataset/webdataset#the-webdataset-format):
 ``DIR/{split}-{i:06d}.tar``, each sample ``{split}_{index:06d}.png`` (8-bit grayscale PNG,
@@ -7,10 +7,10 @@ lists every shard with its sample count, size and sha256, and is written last.
 
 Guarantees:
 
-* Byte-identical output for identical input: PNGs are encoded here with zlib at a fixed
-  level (PNG spec, ISO/IEC 15948, sections 5 and 11: signature, IHDR, IDAT, IEND; filter 0),
-  tar members are USTAR with mtime 0, uid/gid 0, empty owner names, mode 0o644.
-* Atomic: every file is written as ``DIR/.tmp-*`` and ``os.replace``d into place; the old
+* Byte-identical output for identical input: PNGs are encoded with zlib at a fixed level
+  (data_pipeline/png.py), tar members are USTAR with mtime 0, uid/gid 0, empty owner names,
+  mode 0o644. (Reading them back: data_pipeline/tar_reader.py.)
+* Atomic: every file is written as ``DIR/.tmp-*`` and ``os.replace``d into place (configs.io); the old
   manifest is removed before any shard changes and the new one is written after all shards,
   so an interrupted run never leaves a manifest describing files that are not all there.
 * Idempotent: a run whose parameters and source digest match a manifest whose files verify
@@ -28,27 +28,24 @@ import io
 import json
 import os
 import re
-import struct
 import tarfile
-import zlib
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
+from configs.io import TMP_PREFIX, atomic_write_bytes, file_sha256
+from data_pipeline.png import PNG_ZLIB_LEVEL, encode_png_gray
 from data_pipeline.sources import DataPipelineError, MnistArrays, load_mnist
 
 __all__ = [
     "MANIFEST_NAME",
     "FORMAT_VERSION",
     "SPLITS",
-    "ShardError",
     "ManifestError",
     "PrepareResult",
-    "encode_png_gray",
-    "decode_png_gray",
     "shard_name",
     "sample_key",
     "write_shard_bytes",
@@ -61,109 +58,12 @@ MANIFEST_NAME = "manifest.json"
 FORMAT = "latent-sindy/mnist-webdataset"
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
-# Level 6 (zlib default), not 9: tar pads each ~300-byte PNG to 512 bytes anyway, so 9 saves
-# no disk and costs ~1 s per 70k images.
-PNG_ZLIB_LEVEL = 6
 LOCK_NAME = ".prepare.lock"
-TMP_PREFIX = ".tmp-"
 _SHARD_RE = re.compile(r"^(train|test)-\d{6}\.tar$")
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_HASH_CHUNK = 1 << 20
-
-
-class ShardError(DataPipelineError):
-    """A shard file is unreadable, truncated or corrupt."""
 
 
 class ManifestError(DataPipelineError):
     """The shard directory or its manifest is missing, incomplete or inconsistent."""
-
-
-# --------------------------------------------------------------------------- PNG
-
-
-def _png_chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def encode_png_gray(image: np.ndarray) -> bytes:
-    """Encode a uint8 (H, W) image as a deterministic 8-bit grayscale PNG.
-
-    Written by hand rather than with PIL so the bytes depend only on zlib's output at a fixed level,
-    not on PIL's version or its encoder options.
-
-    Args:
-        image: uint8 (H, W).
-
-    Returns:
-        PNG file bytes (no ancillary chunks, no timestamps).
-    """
-    if image.dtype != np.uint8 or image.ndim != 2:
-        raise ValueError(f"encode_png_gray needs a uint8 (H, W) image, got {image.dtype} {image.shape}")
-    height, width = image.shape
-    # Filter type 0 (None) per scanline: simplest, and decode_png_gray's fast path relies on it.
-    rows = np.zeros((height, width + 1), dtype=np.uint8)
-    rows[:, 1:] = image
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit, grayscale, no interlace
-    return (
-        _PNG_SIGNATURE
-        + _png_chunk(b"IHDR", ihdr)
-        + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), PNG_ZLIB_LEVEL))
-        + _png_chunk(b"IEND", b"")
-    )
-
-
-def decode_png_gray(data: bytes) -> np.ndarray:
-    """Decode an 8-bit grayscale PNG to uint8 (H, W), checking every chunk CRC.
-
-    Fast path for the PNGs ``encode_png_gray`` writes (one pass of zlib, no PIL); any other
-    valid PNG (filters other than 0, other colour types) goes through PIL and is converted
-    to 8-bit grayscale ("L").
-
-    Raises:
-        ValueError: the bytes are not a valid PNG (bad signature, CRC, size or zlib stream).
-    """
-    if not data.startswith(_PNG_SIGNATURE):
-        raise ValueError("not a PNG (bad signature)")
-    pos = len(_PNG_SIGNATURE)
-    ihdr = b""
-    idat = []
-    while True:
-        if pos + 8 > len(data):
-            raise ValueError("PNG truncated before IEND")
-        (length,) = struct.unpack_from(">I", data, pos)
-        kind = data[pos + 4 : pos + 8]
-        end = pos + 8 + length
-        if end + 4 > len(data):
-            raise ValueError(f"PNG chunk {kind!r} truncated")
-        payload = data[pos + 8 : end]
-        (crc,) = struct.unpack_from(">I", data, end)
-        if zlib.crc32(kind + payload) != crc:
-            raise ValueError(f"PNG chunk {kind!r} fails its CRC (corrupt bytes)")
-        if kind == b"IHDR":
-            ihdr = payload
-        elif kind == b"IDAT":
-            idat.append(payload)
-        elif kind == b"IEND":
-            break
-        pos = end + 4
-    if len(ihdr) != 13:
-        raise ValueError("PNG has no valid IHDR chunk")
-    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", ihdr)
-    if depth == 8 and colour == 0 and interlace == 0:
-        try:
-            raw = zlib.decompress(b"".join(idat))
-        except zlib.error as exn:
-            raise ValueError(f"PNG image data is corrupt: {exn}") from exn
-        if len(raw) != height * (width + 1):
-            raise ValueError(f"PNG image data is {len(raw)} bytes, expected {height * (width + 1)}")
-        rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, width + 1)
-        if not rows[:, 0].any():
-            return rows[:, 1:].copy()
-    from PIL import Image  # only for PNGs that other tools wrote
-
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("L"), dtype=np.uint8).copy()
 
 
 # --------------------------------------------------------------------------- tar
@@ -190,62 +90,6 @@ def _tar_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
-def iter_tar_samples(data: bytes, url: str) -> Iterator[dict[str, Any]]:
-    """Samples ({"__key__", "__url__", ext: bytes}) of an in-memory ustar tar, grouped by key.
-
-    Written by hand because webdataset reads tars through Python's tarfile, whose header parsing
-    costs about 100 us per member: two thirds of the loader's time on MNIST (28x28 PNGs). This
-    reader parses the ustar header fields it needs (name, size, type, checksum) straight from
-    the bytes. Keys follow webdataset's rule: the basename up to its first dot.
-
-    Raises:
-        ShardError: a bad header checksum, a size past the end (truncation), or a member type
-            other than regular files and directories (pax/GNU long names: re-write the shards
-            with python -m data_pipeline.prepare).
-    """
-    view = memoryview(data)
-    pos, n = 0, len(data)
-    current: dict[str, Any] | None = None
-    while pos + 512 <= n:
-        header = data[pos : pos + 512]
-        if header.count(0) == 512:
-            break  # end-of-archive block
-        stored = header[148:156].split(b"\0", 1)[0].strip()
-        try:
-            chksum = int(stored, 8)
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        except ValueError:
-            raise ShardError(f"corrupt tar header at byte {pos} of {url}") from None
-        if chksum != sum(header[:148]) + 256 + sum(header[156:]):
-            raise ShardError(f"corrupt tar header at byte {pos} of {url} (checksum mismatch)")
-        kind = header[156:157]
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
-        start, pos = pos + 512, pos + 512 + (size + 511) // 512 * 512
-        if kind == b"5":
-            continue
-        if kind not in (b"0", b"\0"):
-            raise ShardError(f"tar member {name!r} of {url} has type {kind!r}; only plain ustar files are supported")
-        if start + size > n:
-            raise ShardError(f"truncated tar: member {name!r} of {url} ends past the end of the file")
-        full = f"{prefix}/{name}" if prefix else name
-        slash = full.rfind("/") + 1
-        dot = full.find(".", slash)
-        if dot < 0:
-            continue  # no extension: webdataset ignores such members too
-        key, ext = full[:dot], full[dot + 1 :]
-        if current is None or current["__key__"] != key:
-            if current is not None:
-                yield current
-            current = {"__key__": key, "__url__": url}
-        current[ext] = bytes(view[start : start + size])
-    else:
-        if pos != n:
-            raise ShardError(f"truncated tar: {url} ends inside a header")
-    if current is not None:
-        yield current
-
-
 def write_shard_bytes(split: str, start: int, images: np.ndarray, labels: np.ndarray) -> bytes:
     """Build one shard's tar bytes.
 
@@ -268,33 +112,6 @@ def write_shard_bytes(split: str, start: int, images: np.ndarray, labels: np.nda
 
 
 # --------------------------------------------------------------------------- files
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file, read in 1 MiB blocks (shards, weights, manifests)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_HASH_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-
-def _atomic_write(directory: Path, name: str, payload: bytes) -> None:
-    """Write ``directory/name`` via a temp file in the same directory + fsync + os.replace."""
-    tmp = directory / f"{TMP_PREFIX}{name}.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / name)
-    except Exception:
-        # Disk full, permission denied: leave no half-written temp file behind. (A kill or Ctrl-C
-        # may leave one; the next run removes stale temp files before writing.)
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
 
 
 @contextmanager
@@ -505,7 +322,7 @@ def prepare_shards(
                 lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
                 payload = write_shard_bytes(split, lo, images[lo:hi], labels[lo:hi])
                 name = shard_name(split, i)
-                _atomic_write(directory, name, payload)
+                atomic_write_bytes(directory / name, payload)
                 written.append(name)
                 shards.append(
                     {"name": name, "samples": hi - lo, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
@@ -531,5 +348,5 @@ def prepare_shards(
             "params": params,
             "splits": splits,
         }
-        _atomic_write(directory, MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write_bytes(directory / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode())
         return PrepareResult(directory, manifest, up_to_date=False, written=written, removed=removed)

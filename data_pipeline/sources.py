@@ -32,6 +32,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from configs.cli import UserError
+
 __all__ = [
     "DataPipelineError",
     "SourceUnavailable",
@@ -53,7 +55,7 @@ __all__ = [
 ]
 
 
-class DataPipelineError(RuntimeError):
+class DataPipelineError(UserError):
     """Base class of the expected, user-fixable errors of ``data_pipeline``.
 
     Entry points turn these into one line on stderr and exit code 2 (no traceback).

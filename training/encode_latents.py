@@ -14,20 +14,15 @@ has no shared channel structure, so each coordinate gets its own, shape (16, 1).
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import torch
-from safetensors.torch import save_file
 
-from training.runtime import parse_cli, run_cli
-from training.stage import file_sha256, load_autoencoder, load_split
+from configs.cli import parse_cli, run_cli
+from configs.io import file_sha256, resolve_device
+from models.artifacts import load_autoencoder, save_latent_stats, save_latents
+from training.stage import load_split
 
 
 @torch.no_grad()
@@ -52,16 +47,10 @@ def latent_stats(z: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor
     return mean.float(), std.clamp_min(1e-6).float()
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     cfg = parse_cli(argv, __doc__)
     run_dir = cfg.run.dir
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device("auto")
     model, meta = load_autoencoder(run_dir, device)
     ae_digest = file_sha256(run_dir / "ae.safetensors")
     out = run_dir / "latents"
@@ -76,17 +65,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         z = encode_split(model, images, cfg.latents.batch_size, label=split)
         shapes[split] = list(z.shape)
         print(f"latents: {split}: {list(z.shape)} in {time.perf_counter() - t0:.1f} s", flush=True)
-        _save_atomic({"latents": z, "labels": labels.cpu().long()}, out / f"{split}.safetensors",
-                     {"ae_sha256": ae_digest, "kind": meta["kind"]})
+        save_latents(out / f"{split}.safetensors", z, labels.cpu().long(), ae_digest, meta["kind"])
         if split == "train":
             mean, std = latent_stats(z, meta["kind"])
     # Stats last: their presence marks a complete encoding for the DiT stage.
-    _save_atomic({"mean": mean, "std": std}, run_dir / "latent_stats.safetensors",
-                 {"ae_sha256": ae_digest, "kind": meta["kind"]})
+    stats = save_latent_stats(run_dir, mean, std, ae_digest, meta["kind"])
     info = {"kind": meta["kind"], "latent_shape": meta["latent_shape"], "shapes": shapes,
             "ae_sha256": ae_digest, "mean": mean.squeeze().tolist(), "std": std.squeeze().tolist()}
     (out / "meta.json").write_text(json.dumps(info, indent=1))
-    print(f"latents: train {shapes['train']}, test {shapes['test']} -> {out}; stats {run_dir / 'latent_stats.safetensors'}")
+    print(f"latents: train {shapes['train']}, test {shapes['test']} -> {out}; stats {stats}")
 
 
 if __name__ == "__main__":

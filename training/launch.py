@@ -31,10 +31,8 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training.runtime import LAUNCH_DIR_ENV, PREEMPTED_EXIT
+from configs.cli import LAUNCH_DIR_ENV
+from training.runtime import PREEMPTED_EXIT
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
@@ -84,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "run the same command with resume=auto to continue", file=sys.stderr, flush=True)
             return PREEMPTED_EXIT
         if any(launch_dir.glob("usererror.*")):
-            return 2  # the worker has printed its one-line error (runtime.run_cli)
+            return 2  # the worker has printed its one-line error (configs.cli.run_cli)
         return rc if rc >= 0 else 128 - rc
     finally:
         if child is not None and child.poll() is None:

@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from training.config import OptimConfig
+from configs.schema import OptimConfig
 from training.runtime import (StopFlag, TrainState, clean_stale_tmp, load_checkpoint, restore_scheduler,
                               save_checkpoint, set_aside_newer)
 

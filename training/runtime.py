@@ -1,4 +1,4 @@
-"""Shared plumbing of the training entry points: CLI, Accelerator, LR schedule, checkpoints.
+"""Shared plumbing of the training entry points: Accelerator, LR schedule, checkpoints.
 
 Checkpoints are Accelerate ``save_state`` folders written under a temporary name and renamed
 into place once every rank has written its part, so a run killed mid-save never leaves a
@@ -13,7 +13,6 @@ loads with ``weights_only=False``.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import math
@@ -25,15 +24,16 @@ import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 
-from data_pipeline.shards import file_sha256
-from training.config import Config, ConfigError, OptimConfig, load_config
+from configs.cli import LAUNCH_DIR_ENV, UserError
+from configs.io import atomic_save_safetensors, atomic_write_text, file_sha256, fsync_path
+from configs.schema import OptimConfig
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "checkpoint.sha256"
@@ -44,59 +44,6 @@ PREEMPTED_EXIT = 75
 before it finished: its final outputs are not written; rerun with ``resume=auto`` to continue.
 75 is EX_TEMPFAIL of sysexits.h ("temporary failure, retry"), distinct from success (0),
 a crash (1) and bad input (2)."""
-
-LAUNCH_DIR_ENV = "LATENT_SINDY_LAUNCH_DIR"
-"""Set by ``python -m training.launch`` for its workers: a folder where a ``stop`` file asks
-them to checkpoint and stop, and where a stopped worker leaves ``preempted`` (see launch.py)."""
-
-
-class UserError(RuntimeError):
-    """An expected failure caused by input (missing files, mismatched runs): one-line message, exit 2."""
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # argparse prints the whole usage block first; the house rule is one line naming the problem.
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def parse_cli(argv: Sequence[str] | None, description: str) -> Config:
-    """``--config X.yaml key=value ...`` -> validated Config."""
-    p = _OneLineParser(description=description)
-    p.add_argument("--config", required=True, help="YAML config (configs/smoke.yaml, local.yaml, gpu.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ae.lr=1e-3 resume=auto")
-    args = p.parse_args(argv)
-    return load_config(args.config, args.overrides)
-
-
-def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> None:
-    """Run an entry point, turning expected errors into one line on stderr and exit code 2.
-
-    Expected: bad config (including YAML syntax), UserError, a missing file, and the data
-    pipeline's errors (a corrupt shard met by the streaming loader mid-training names the shard).
-    """
-    from data_pipeline.sources import DataPipelineError  # light: no torch, no webdataset
-
-    try:
-        main(argv)
-    except (ConfigError, UserError, FileNotFoundError, DataPipelineError) as e:
-        # A live progress bar has no newline yet: close it so the error gets a line of its own.
-        bars = getattr(sys.modules.get("tqdm"), "tqdm", None)
-        for bar in list(getattr(bars, "_instances", ())):
-            bar.close()
-        prog = Path(sys.argv[0]).name
-        msg = " ".join(str(e).split("\n"))  # one line even when a library's message has several
-        print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
-        launch_dir = os.environ.get(LAUNCH_DIR_ENV)
-        if launch_dir and Path(launch_dir).is_dir():
-            # Under python -m training.launch: record the error for the wrapper, which exits 2. A
-            # single process then exits 0 because `accelerate launch` wraps any nonzero worker exit
-            # in a traceback of its own; with several ranks a nonzero exit is kept, so the launcher
-            # stops the ranks that did not fail instead of leaving them in a collective.
-            (Path(launch_dir) / f"usererror.{os.getpid()}").touch()
-            if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-                sys.exit(0)
-        sys.exit(2)
 
 
 def make_accelerator(opt: OptimConfig, run_dir: Path, cpu: bool | None = None) -> Accelerator:
@@ -249,28 +196,16 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted((p for p in ckpt_root.iterdir() if CKPT_RE.match(p.name) and p.is_dir()), key=lambda p: p.name)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(folder: Path) -> None:
     """fsync every file of ``folder``, then write and fsync MANIFEST over them (last)."""
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     lines = []
     for p in files:
-        _fsync(p)
+        fsync_path(p)
         lines.append(f"{file_sha256(p)}  {p.relative_to(folder).as_posix()}\n")
     for d in {p.parent for p in files} | {folder}:
-        _fsync(d)
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text("".join(lines))
-    _fsync(tmp)
-    os.replace(tmp, folder / MANIFEST)
-    _fsync(folder)
+        fsync_path(d)
+    atomic_write_text(folder / MANIFEST, "".join(lines))
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -355,7 +290,7 @@ def save_checkpoint(acc: Accelerator, ckpt_root: Path, state: TrainState, keep: 
         if final.exists():  # re-saving the same step (e.g. end of a resumed run)
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(ckpt_root)
+        fsync_path(ckpt_root)
         for old in list_checkpoints(ckpt_root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
@@ -431,6 +366,4 @@ def clean_stale_tmp(ckpt_root: Path) -> None:
 def save_weights(module: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
     """Final weights as safetensors, written atomically."""
     sd = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(sd, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_save_safetensors(sd, path, metadata)

@@ -9,24 +9,21 @@ ae.safetensors (final weights) and ae.json (kind, latent shape, test reconstruct
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 from typing import Sequence
-
-if __package__ in (None, ""):  # run as a script by accelerate launch: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 from torchvision.utils import make_grid
 
+from configs.cli import parse_cli, run_cli
+from configs.schema import Config
+from models.artifacts import save_weights
 from models.autoencoder import build_autoencoder
 from training.batches import StreamBatches, TensorBatches
-from training.config import Config
 from training.loop import Hooks, run_loop
-from training.runtime import (StopFlag, cosine_with_warmup, exit_preempted, make_accelerator,
-                              make_optimizer, parse_cli, run_cli, save_weights, seed_everything, total_steps)
+from training.runtime import (StopFlag, cosine_with_warmup, exit_preempted, make_accelerator, make_optimizer,
+                              seed_everything, total_steps)
 from training.stage import load_images, optim_digest, param_digest, start_stage
 
 STAGE = "ae"

@@ -11,26 +11,24 @@ checkpoints/dit, samples/ema_samples.safetensors (the final EMA samples, decoded
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Sequence
-
-if __package__ in (None, ""):  # run as a script by accelerate launch: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 from safetensors.torch import save_file
 from torchvision.utils import make_grid
 
+from configs.cli import UserError, parse_cli, run_cli
+from configs.schema import Config, to_dict
+from models.artifacts import load_autoencoder, load_latent_data, save_weights
 from models.diffusion import LATENT_SCHEDULES, eps_loss, sample, schedule_for
 from models.dit import DiT, build_dit
 from training.batches import TensorBatches
-from training.config import Config, to_dict
 from training.ema import EMA
 from training.loop import Hooks, run_loop
-from training.runtime import (StopFlag, UserError, cosine_with_warmup, exit_preempted, make_accelerator,
-                              make_optimizer, parse_cli, run_cli, save_weights, seed_everything, total_steps)
-from training.stage import load_autoencoder, load_latent_data, optim_digest, start_stage
+from training.runtime import (StopFlag, cosine_with_warmup, exit_preempted, make_accelerator, make_optimizer,
+                              seed_everything, total_steps)
+from training.stage import optim_digest, start_stage
 
 STAGE = "dit"
 

@@ -26,7 +26,6 @@ from analysis.fit import (
     fit_dimension,
     group_stats,
     r2_score,
-    resolve_device,
     rmse,
     sweep_thresholds,
 )
@@ -141,14 +140,6 @@ def test_rss_and_r2_from_stats_match_direct(planted_stats):
     np.testing.assert_allclose(stats.r2(coef), r2_score(Y, pred), atol=1e-10)
     np.testing.assert_allclose(rmse(Y, pred), np.sqrt(((Y - pred) ** 2).mean(0)))
     np.testing.assert_allclose(stats.r2(coef[[2]], dims=[2]), r2_score(Y, pred)[[2]], atol=1e-10)
-
-
-def test_resolve_device():
-    assert resolve_device("cpu").type == "cpu"
-    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
-            resolve_device("cuda")
 
 
 @pytest.mark.gpu

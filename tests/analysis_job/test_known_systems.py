@@ -102,7 +102,7 @@ def test_mixture_ddim_within_budget(tmp_path, ray_session):
 def _bad(args, capsys) -> str:
     """The job's own CLI wrapper in this process (a subprocess costs ~20 s of imports per case here)."""
     from analysis import sindy_job
-    from training.runtime import run_cli
+    from configs.cli import run_cli
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:

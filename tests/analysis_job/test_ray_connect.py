@@ -32,7 +32,7 @@ CONNECT = """
 import json, sys
 sys.path.insert(0, {repo!r})
 from analysis import ray_utils
-from training.runtime import run_cli
+from configs.cli import run_cli
 {patch}
 def main(argv):
     how = ray_utils.connect(sys.argv[1], 1)

@@ -117,7 +117,7 @@ def test_bad_inputs_fail_before_work(trained_run, tmp_path):
     copy_run(trained_run, src)
     manifest = src / "smoke" / "sindy" / "trajectories" / "x" / "manifest.json"
     manifest.parent.mkdir(parents=True)
-    from training.stage import file_sha256
+    from configs.io import file_sha256
 
     manifest.write_text(json.dumps({"format": "latent-sindy.trajectories/1", "blocks": [], "block_size": 32,
                                     "latent_shape": [16, 1], "timesteps": 50,
@@ -143,7 +143,7 @@ def test_bad_inputs_fail_before_work(trained_run, tmp_path):
 
 def test_trajectories_do_not_depend_on_workers(trained_run):
     from analysis.trajectories import generate_block
-    from training.stage import load_denoiser
+    from models.artifacts import load_denoiser
 
     model, schedule, meta = load_denoiser(trained_run / "smoke", "cpu")
     a = generate_block(model, schedule, (16, 1), "ddpm", 7, 3, 8, "cpu")

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from data_pipeline.shards import file_sha256
+from configs.io import file_sha256
 from tests.analysis_job.conftest import JOB, copy_run, smoke
 from tests.conftest import run_entry
 

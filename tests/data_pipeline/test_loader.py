@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from data_pipeline.loader import batches_per_epoch, load_split_in_memory, make_loader
-from data_pipeline.shards import ShardError, read_manifest
+from data_pipeline.shards import read_manifest
 from data_pipeline.sources import MnistArrays
+from data_pipeline.tar_reader import ShardError
 
 from .conftest import SMALL_LIMIT
 
@@ -138,7 +139,7 @@ def test_tar_reader_matches_webdataset_and_checks_headers(small_shards: Path, tm
 
     import webdataset as wds
 
-    from data_pipeline.shards import iter_tar_samples
+    from data_pipeline.tar_reader import iter_tar_samples
 
     path = small_shards / "train-000003.tar"
     ours = list(iter_tar_samples(path.read_bytes(), str(path)))
@@ -189,7 +190,7 @@ def _flip_first_label(path: Path) -> tuple[int, int]:
 
 
 def test_flipped_label_is_caught_by_both_loaders(small_shards: Path, copy_shards: Callable[[Path], Path]) -> None:
-    from data_pipeline.shards import iter_tar_samples
+    from data_pipeline.tar_reader import iter_tar_samples
 
     d = copy_shards(small_shards)
     bad = d / "train-000003.tar"

@@ -19,10 +19,13 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from configs.cli import UserError
+from configs.io import atomic_write_text
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem the user must fix; the message names the key and the fix."""
 
 
@@ -564,7 +567,7 @@ def _format_omegaconf_error(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None)
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     if type(e).__name__ in ("ConfigAttributeError", "ConfigKeyError") and key:
-        return f"unknown config key '{key}' (see training/config.py for the schema)"
+        return f"unknown config key '{key}' (see configs/schema.py for the schema)"
     if key:
         return f"bad value for '{key}': {msg}"
     return msg
@@ -642,32 +645,4 @@ def config_digest(section: Any) -> str:
 def save_config(cfg: Config, run_dir: Path) -> Path:
     """Write the resolved config to ``run_dir/config.yaml`` atomically."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "config.yaml"
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(to_yaml(cfg))
-    tmp.replace(out)
-    return out
-
-
-def _make_vars(argv: Sequence[str] | None = None) -> None:
-    """``python -m training.config --config X.yaml [key=value ...]``: the paths ``make run`` needs, as
-    shell-quoted assignments for ``eval``; a bad config is one line on stderr and exit code 2."""
-    import argparse
-    import shlex
-    import sys
-
-    p = argparse.ArgumentParser(prog="make run", description=_make_vars.__doc__)
-    p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*")
-    args = p.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"make run: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    values = {"shards": cfg.data.shards, "rundir": str(cfg.run.dir), "classifier": cfg.dit.classifier}
-    print(" ".join(f"{k}={shlex.quote(v)}" for k, v in values.items()))
-
-
-if __name__ == "__main__":
-    _make_vars()
+    return atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
