@@ -54,7 +54,7 @@ run: $(STAMP)
 	echo "== 3/5 latents"; \
 	$(PY) training/encode_latents.py --config $(CONFIG) $(ARGS); \
 	if [ ! -f $$classifier ]; then echo "== classifier for FD-MNIST -> $$classifier"; mkdir -p $$(dirname $$classifier); \
-	  $(PY) -m analysis.quality train --shards $$shards --out $$classifier --epochs $(CLASSIFIER_EPOCHS); fi; \
+	  $(PY) training/train_classifier.py --shards $$shards --out $$classifier --epochs $(CLASSIFIER_EPOCHS); fi; \
 	echo "== 4/5 DiT"; \
 	stage DiT $(ACCEL) training/train_dit.py --config $(CONFIG) resume=auto $(ARGS); \
 	echo "== 5/5 equation discovery (Ray)"; \

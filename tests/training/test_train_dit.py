@@ -58,7 +58,7 @@ def test_latents_and_stats(encoded_run):
 @pytest.fixture(scope="module")
 def tiny_classifier(tmp_path_factory, mnist_shards) -> Path:
     """A quickly trained classifier: enough to exercise FD-MNIST scoring at the end of training."""
-    from analysis.quality import train_classifier
+    from training.train_classifier import train_classifier
 
     out = tmp_path_factory.mktemp("clf") / "clf.safetensors"
     train_classifier(mnist_shards, out, epochs=1, limit=2000, device="cpu")
