@@ -234,7 +234,9 @@ def load_classifier(path: str | Path, device: str | torch.device | None = "auto"
     try:
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exn:
-        raise QualityError(f"classifier {str(path)!r} is not a readable safetensors file ({exn}); {TRAIN_HINT}") from exn
+        raise QualityError(
+            f"classifier {str(path)!r} is not a readable safetensors file ({exn}); {TRAIN_HINT}"
+        ) from exn
     model = MnistClassifier()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}

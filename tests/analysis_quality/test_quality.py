@@ -42,9 +42,12 @@ def splits(mnist_shards):
 @pytest.fixture(scope="module")
 def cached_splits(splits):
     """Patch the split readers of training and scoring to serve the tensors already in memory."""
+    def cached(shard_dir, split, device):
+        return tuple(t.to(device) for t in splits[split])
+
     with pytest.MonkeyPatch.context() as mp:
         for module in (tc, q):
-            mp.setattr(module, "_load_split", lambda shard_dir, split, device: tuple(t.to(device) for t in splits[split]))
+            mp.setattr(module, "_load_split", cached)
         yield
 
 
