@@ -21,7 +21,7 @@ ifneq ($(shell command -v nvidia-smi 2>/dev/null),)
 ACCEL  := $(PY) -m training.launch --config_file configs/accelerate/single_gpu.yaml
 endif
 
-.PHONY: run test install data clean-runs bench
+.PHONY: run test lint install data clean-runs bench
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,23 +47,30 @@ run: $(STAMP)
 	    "run the same make command again to resume it" >&2; exit 75; fi; \
 	  [ $$rc = 0 ] || exit $$rc; }; \
 	vars=$$($(PY) -m configs --config $(CONFIG) $(ARGS)); eval "$$vars"; \
-	echo "== 1/5 data -> $$shards"; \
+	echo "== 1/6 data -> $$shards"; \
 	$(PY) -m data_pipeline.prepare --out $$shards; \
-	echo "== 2/5 autoencoder -> $$rundir"; \
+	echo "== 2/6 autoencoder -> $$rundir"; \
 	stage autoencoder $(ACCEL) training/train_ae.py --config $(CONFIG) resume=auto $(ARGS); \
-	echo "== 3/5 latents"; \
+	echo "== 3/6 latents"; \
 	$(PY) training/encode_latents.py --config $(CONFIG) $(ARGS); \
 	if [ ! -f $$classifier ]; then echo "== classifier for FD-MNIST -> $$classifier"; mkdir -p $$(dirname $$classifier); \
-	  $(PY) -m analysis.quality train --shards $$shards --out $$classifier --epochs $(CLASSIFIER_EPOCHS); fi; \
-	echo "== 4/5 DiT"; \
+	  $(PY) training/train_classifier.py --shards $$shards --out $$classifier --epochs $(CLASSIFIER_EPOCHS); fi; \
+	echo "== 4/6 DiT"; \
 	stage DiT $(ACCEL) training/train_dit.py --config $(CONFIG) resume=auto $(ARGS); \
-	echo "== 5/5 equation discovery (Ray)"; \
+	echo "== 5/6 sample quality (FD-MNIST)"; \
+	$(PY) analysis/score_samples.py --config $(CONFIG) $(ARGS); \
+	echo "== 6/6 equation discovery (Ray)"; \
 	$(PY) analysis/sindy_job.py --config $(CONFIG) $(ARGS); \
 	echo; echo "Outputs in $$rundir:"; ls $$rundir; \
 	echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $$rundir/tb"
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff: the lint rules and the 120-column format of pyproject.toml (CI runs this before the tests).
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 clean-runs:
 	rm -rf runs

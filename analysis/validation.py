@@ -101,13 +101,13 @@ def image_metrics(dit_images: np.ndarray, gen_images: np.ndarray, classifier_pat
         {"skipped": reason} when the classifier file is missing.
     """
     from analysis import quality
+    from models.classifier import TRAIN_HINT, load_classifier
 
     path = Path(classifier_path)
     if not path.is_file():
-        return {"skipped": f"no MNIST classifier at {path} (train one with python -m analysis.quality train "
-                           f"--shards DIR --out {path})"}
+        return {"skipped": f"no MNIST classifier at {path} ({TRAIN_HINT})"}
     t0 = time.time()
-    clf = quality.load_classifier(path, "cpu")
+    clf = load_classifier(path, "cpu")
     ref = quality.load_reference_stats(clf, shard_dir if shard_dir and Path(shard_dir).is_dir() else None)
     out: dict = {"n": int(dit_images.shape[0])}
     scores, labels = {}, {}

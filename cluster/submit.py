@@ -3,15 +3,18 @@
     python -m cluster.submit train-ae  --config configs/X.yaml [--nodes N --gpus-per-node G] [--dry-run] [key=value ...]
     python -m cluster.submit train-dit --config ...
     python -m cluster.submit encode    --config ...
+    python -m cluster.submit score     --config ...    # FD-MNIST of the DiT's samples
     python -m cluster.submit sindy     --config ...
     python -m cluster.submit pipeline  --config ...    # slurm.pipeline stages chained with afterok
     python -m cluster.submit status    --config ...    # the run's jobs (squeue / scontrol)
     python -m cluster.submit cancel    --config ...
 
-Job scripts are rendered from cluster/slurm/train.sh.in (training and encoding) and
+Job scripts are rendered from cluster/slurm/train.sh.in (training, encoding, scoring) and
 cluster/slurm/ray.sh.in (equation discovery on Ray) with the ``slurm`` section of the config.
 Every input is checked before sbatch runs: a bad one is one line on stderr and exit code 2.
 Logs, the rendered scripts and the list of submitted jobs go to ``runs/<name>/slurm/``.
+In a pipeline, the scoring stage (FD-MNIST, analysis/score_samples.py) follows train-dit as its
+own job.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ STAGES = {
     "train-ae": Stage("train-ae", "training/train_ae.py", "accelerate", "ae.json", "ae"),
     "encode": Stage("encode", "training/encode_latents.py", "single", "latents/meta.json"),
     "train-dit": Stage("train-dit", "training/train_dit.py", "accelerate", "dit.json", "dit"),
+    "score": Stage("score", "analysis/score_samples.py", "single", "quality.json"),
     "sindy": Stage("sindy", "analysis/sindy_job.py", "ray", "report/report.md"),
 }
 
@@ -455,7 +459,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--cpu-processes-per-node", type=int, help="slurm.cpu_processes_per_node (CPU-only jobs)")
     p.add_argument("--partition", help="slurm.partition")
     p.add_argument("--time", help="slurm.time, e.g. 04:00:00")
-    p.add_argument("--stages", help="pipeline only: comma-separated stages (slurm.pipeline), e.g. train-ae,encode,train-dit")
+    p.add_argument("--stages", help="pipeline only: comma-separated stages (slurm.pipeline), e.g. "
+                   "train-ae,encode,train-dit (score follows train-dit)")
     p.add_argument("--dry-run", action="store_true", help="print the job script(s) instead of submitting")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. dit.max_steps=100")
     return p.parse_intermixed_args(argv)

@@ -125,6 +125,16 @@ def _dir_lock(directory: Path) -> Iterator[None]:
         yield
 
 
+def manifest_sha256(shard_dir: str | os.PathLike[str]) -> str:
+    """sha256 of a shard directory's manifest.json (what a classifier and its statistics record they were made
+    from); a missing one, the common "wrong directory" mistake, is a ManifestError naming the fix."""
+    path = Path(shard_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"no {MANIFEST_NAME} in shard directory {str(shard_dir)!r}; "
+                            f"prepare it with: python -m data_pipeline.prepare --out {shard_dir}")
+    return file_sha256(path)
+
+
 def read_manifest(shard_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and validate ``shard_dir/manifest.json``.
 

@@ -5,7 +5,8 @@
 Recipe (docs/REFERENCES.md, "Latent diffusion for MNIST", section 4): AdamW lr 5e-4, cosine
 annealing, gradient clipping 1.0, batch 256, EMA 0.999 used for sampling and export.
 Writes into ``runs/<name>/``: dit.safetensors, dit_ema.safetensors, dit.json, tb/dit,
-checkpoints/dit, samples/ema_samples.safetensors (the final EMA samples, decoded, uint8).
+checkpoints/dit. The final EMA samples are drawn and scored by the next stage,
+analysis/score_samples.py (FD-MNIST).
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import save_file
 from torchvision.utils import make_grid
 
 from configs.cli import UserError, parse_cli, run_cli
 from configs.schema import Config, to_dict
 from models.artifacts import load_autoencoder, load_latent_data, save_weights
-from models.diffusion import LATENT_SCHEDULES, eps_loss, sample, schedule_for
+from models.diffusion import LATENT_SCHEDULES, eps_loss, schedule_for
 from models.dit import DiT, build_dit
+from models.generate import decode_samples
 from training.batches import TensorBatches
 from training.ema import EMA
 from training.loop import Hooks, run_loop
@@ -42,39 +43,6 @@ def build_denoiser(cfg: Config, latent_shape: tuple[int, int]) -> DiT:
                          abs_pos=cfg.ae.kind != "conv")
     except ValueError as e:
         raise UserError(str(e)) from None
-
-
-@torch.no_grad()
-def decode_samples(ema_model: DiT, schedule, ae, mean, std, n: int, seed: int, device, batch: int = 2048):
-    """DDPM samples of the EMA model decoded to images (n, 1, 28, 28) in [0, 1]."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    shape = tuple(ae.latent_shape)
-    out = []
-    for i in range(0, n, batch):
-        b = min(batch, n - i)
-        z = sample(ema_model, schedule, (b, *shape), sampler="ddpm", generator=g, device=device).x0
-        out.append(torch.sigmoid(ae.decode(z * std + mean).float()))
-    return torch.cat(out)
-
-
-def score_samples(cfg: Config, images_u8: torch.Tensor, acc, step: int) -> dict | None:
-    """FD-MNIST, confidence and class histogram of the final EMA samples, also to TensorBoard."""
-    from analysis.quality import score_images
-
-    if not Path(cfg.dit.classifier).is_file():
-        acc.print(f"dit: no classifier at {cfg.dit.classifier}; skipping FD-MNIST (train one with "
-                  f"python -m analysis.quality train --shards {cfg.data.shards} --out {cfg.dit.classifier})")
-        return None
-    q = score_images(images_u8, cfg.dit.classifier, cfg.data.shards, acc.device)
-    scalars = {"eval/fd_mnist": q["fd_mnist"], "eval/fd_floor_at_n": q["fd_floor_at_n"],
-               "eval/mean_confidence": q["mean_confidence"], "eval/chi2_uniform": q["chi2"]}
-    acc.log({k: v for k, v in scalars.items() if v is not None}, step=step)
-    writer = acc.get_tracker("tensorboard", unwrap=True)
-    writer.add_text("eval/class_counts", " ".join(str(c) for c in q["class_counts"]), step)
-    floor = "n/a" if q["fd_floor_at_n"] is None else f"{q['fd_floor_at_n']:.2f}"
-    acc.print(f"dit: FD-MNIST {q['fd_mnist']:.2f} (floor at this n: {floor}), "
-              f"confidence {q['mean_confidence']:.3f}, classes {q['class_counts']}")
-    return q
 
 
 def _configure_deepspeed(acc, cfg: Config) -> None:
@@ -144,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         acc.end_training()
         exit_preempted()
 
-    # 4. Export (main process): weights, EMA weights, metadata, final EMA samples.
+    # 4. Export (main process): weights, EMA weights, metadata.
     if acc.is_main_process:
         arch = {"preset": cfg.dit.preset, "kind": cfg.ae.kind, "latent_shape": list(latent_shape),
                 "schedule": schedule.name, "schedule_kind": schedule_kind or LATENT_SCHEDULES[cfg.ae.kind][0],
@@ -156,14 +124,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "train_seconds": round(result.seconds, 2), "final_train_loss": result.last_loss,
                 "loss_history": result.history, "num_processes": acc.num_processes,
                 "mixed_precision": cfg.dit.mixed_precision}
-        if cfg.dit.eval_samples > 0:
-            imgs = decode_samples(ema.model, schedule, ae, mean, std, cfg.dit.eval_samples, cfg.run.seed + 1,
-                                  acc.device)
-            (run_dir / "samples").mkdir(exist_ok=True)
-            images_u8 = (imgs * 255).round().to(torch.uint8).cpu()
-            save_file({"images": images_u8}, str(run_dir / "samples" / "ema_samples.safetensors"))
-            meta["eval_samples"] = int(imgs.shape[0])
-            meta["quality"] = score_samples(cfg, images_u8, acc, result.state.step)
         (run_dir / "dit.json").write_text(json.dumps(meta, indent=1))
         print(f"dit: final loss {result.last_loss:.4f} after {result.state.step} steps ({result.seconds:.0f} s); "
               f"weights {run_dir / 'dit_ema.safetensors'}")

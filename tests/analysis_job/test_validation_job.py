@@ -20,7 +20,7 @@ from tests.conftest import run_entry
 @pytest.fixture(scope="module")
 def tiny_classifier(tmp_path_factory, mnist_shards):
     """A classifier trained for one epoch on 2,000 images: enough to classify and to compute FD."""
-    from analysis.quality import train_classifier
+    from training.train_classifier import train_classifier
 
     out = tmp_path_factory.mktemp("clf") / "mnist_cnn.safetensors"
     train_classifier(mnist_shards, out, epochs=1, limit=2000, device="cpu")

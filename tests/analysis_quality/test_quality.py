@@ -1,9 +1,10 @@
-"""analysis.quality: the feature classifier, FD-MNIST and the other sample-quality metrics, the CLI.
+"""The feature classifier (models.classifier, training/train_classifier.py), FD-MNIST and the other
+sample-quality metrics (analysis.quality), and their CLIs.
 
 One small classifier is trained once per module on CPU (1 epoch over the first 30,000
 training images, batch 64, one thread) and shared by every test. The MNIST splits are read
-once and handed to ``train_classifier`` through a patched ``_load_split`` so no test pays
-for decoding the shards twice.
+once and handed to ``train_classifier`` and the reference statistics through patched
+``load_split_in_memory`` names so no test pays for decoding the shards twice.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -21,7 +23,10 @@ from safetensors.torch import load_file, save_file
 
 from analysis import quality as q
 from data_pipeline.loader import load_split_in_memory
+from configs.io import file_sha256
+from models import classifier as cl
 from tests.conftest import REPO
+from training import train_classifier as tc
 
 # The CPU test recipe. Measured: 0.9826 test accuracy (torch 2.14.1, 1 thread). The GPU
 # recipe (the defaults: 6 epochs, all 60,000 images) is what must clear 0.99.
@@ -36,9 +41,13 @@ def splits(mnist_shards):
 
 @pytest.fixture(scope="module")
 def cached_splits(splits):
-    """Patch the module's split reader to serve the tensors already in memory."""
+    """Patch the split readers of training and scoring to serve the tensors already in memory."""
+    def cached(shard_dir, split, device=None):
+        return tuple(t.to(device or "cpu") for t in splits[split])
+
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(q, "_load_split", lambda shard_dir, split, device: tuple(t.to(device) for t in splits[split]))
+        for module in (tc, q):
+            mp.setattr(module, "load_split_in_memory", cached)
         yield
 
 
@@ -55,8 +64,8 @@ def one_thread():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, mnist_shards, cached_splits, one_thread):
     path = tmp_path_factory.mktemp("quality") / "classifier.safetensors"
-    info = q.train_classifier(mnist_shards, path, **TEST_RECIPE)
-    model = q.load_classifier(path, "cpu")
+    info = tc.train_classifier(mnist_shards, path, **TEST_RECIPE)
+    model = cl.load_classifier(path, "cpu")
     ref = q.load_reference_stats(model, mnist_shards)
     return path, info, model, ref
 
@@ -74,7 +83,7 @@ def test_frechet_distance_closed_form_diagonal():
     a, b = rng.uniform(0.1, 3.0, 16), rng.uniform(0.1, 3.0, 16)
     mu1, mu2 = rng.normal(size=16), rng.normal(size=16)
     expected = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2) + np.sum((mu1 - mu2) ** 2)
-    got = q.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
+    got = cl.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
     assert got == pytest.approx(expected, rel=1e-10)
 
 
@@ -84,28 +93,31 @@ def test_frechet_distance_rotated_and_against_sqrtm():
     rot, _ = np.linalg.qr(rng.normal(size=(8, 8)))
     a, b = rng.uniform(0.1, 2.0, 8), rng.uniform(0.1, 2.0, 8)
     s1, s2 = rot @ np.diag(a) @ rot.T, rot @ np.diag(b) @ rot.T
-    assert q.frechet_distance(np.zeros(8), s1, np.zeros(8), s2) == pytest.approx(
+    assert cl.frechet_distance(np.zeros(8), s1, np.zeros(8), s2) == pytest.approx(
         np.sum((np.sqrt(a) - np.sqrt(b)) ** 2), rel=1e-9
     )
-    # General full covariances: agrees with the scipy.linalg.sqrtm formulation.
+    # General full covariances: agrees with the FID-style formulation through scipy.linalg.sqrtm
+    # (its imaginary part is rounding noise; these covariances are well conditioned, so no eps).
     x, y = rng.normal(size=(200, 12)), rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12))
-    (m1, c1), (m2, c2) = q.gaussian_fit(x), q.gaussian_fit(y)
-    assert q.frechet_distance(m1, c1, m2, c2) == pytest.approx(q._frechet_distance_sqrtm(m1, c1, m2, c2), rel=1e-8)
+    (m1, c1), (m2, c2) = cl.gaussian_fit(x), cl.gaussian_fit(y)
+    covmean = np.real(scipy.linalg.sqrtm(c1 @ c2))
+    expected = float((m1 - m2) @ (m1 - m2) + np.trace(c1) + np.trace(c2) - 2 * np.trace(covmean))
+    assert cl.frechet_distance(m1, c1, m2, c2) == pytest.approx(expected, rel=1e-8)
 
 
 def test_frechet_distance_singular_covariances_and_identity():
     rng = np.random.default_rng(2)
     x = rng.normal(size=(5, 32))  # N < D: a rank-4 covariance
-    m, c = q.gaussian_fit(x)
-    assert q.frechet_distance(m, c, m, c) == pytest.approx(0.0, abs=1e-9)
-    m2, c2 = q.gaussian_fit(rng.normal(size=(6, 32)))
-    d = q.frechet_distance(m, c, m2, c2)
+    m, c = cl.gaussian_fit(x)
+    assert cl.frechet_distance(m, c, m, c) == pytest.approx(0.0, abs=1e-9)
+    m2, c2 = cl.gaussian_fit(rng.normal(size=(6, 32)))
+    d = cl.frechet_distance(m, c, m2, c2)
     assert np.isfinite(d) and d > 0
 
 
 def test_frechet_distance_rejects_mismatched_shapes():
-    with pytest.raises(q.QualityError, match=r"shape mismatch"):
-        q.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    with pytest.raises(cl.QualityError, match=r"shape mismatch"):
+        cl.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
 # ----------------------------------------------------------------------------- input validation
@@ -124,7 +136,7 @@ def test_frechet_distance_rejects_mismatched_shapes():
     ],
 )
 def test_as_float_images_rejects_bad_input(images, message):
-    with pytest.raises(q.QualityError, match=message):
+    with pytest.raises(cl.QualityError, match=message):
         q.as_float_images(images)
 
 
@@ -137,16 +149,16 @@ def test_as_float_images_accepts_uint8_and_float():
 
 
 def test_load_classifier_missing_and_mismatched(tmp_path):
-    with pytest.raises(q.QualityError, match=r"not found; train one with"):
-        q.load_classifier(tmp_path / "nope.safetensors", "cpu")
+    with pytest.raises(cl.QualityError, match=r"not found; train one with"):
+        cl.load_classifier(tmp_path / "nope.safetensors", "cpu")
     bad = tmp_path / "bad.safetensors"
     save_file({"conv1.weight": torch.zeros(16, 1, 3, 3)}, str(bad))
-    with pytest.raises(q.QualityError, match=r"does not match MnistClassifier .*missing \['conv1.bias'"):
-        q.load_classifier(bad, "cpu")
+    with pytest.raises(cl.QualityError, match=r"does not match MnistClassifier .*missing \['conv1.bias'"):
+        cl.load_classifier(bad, "cpu")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file")
-    with pytest.raises(q.QualityError, match=r"not a readable safetensors file"):
-        q.load_classifier(junk, "cpu")
+    with pytest.raises(cl.QualityError, match=r"not a readable safetensors file"):
+        cl.load_classifier(junk, "cpu")
 
 
 # ----------------------------------------------------------------------------- trained classifier
@@ -158,8 +170,8 @@ def test_classifier_accuracy_and_sidecar(trained, mnist_shards):
     side = json.loads(path.with_suffix(".json").read_text())
     assert side == json.loads(json.dumps(info))
     assert side["train_config"]["limit"] == TEST_RECIPE["limit"] and side["train_samples"] == 30_000
-    assert side["shards_manifest_sha256"] == q.file_sha256(mnist_shards / "manifest.json")
-    assert side["floor"]["n"] == 10_000 and set(side["floor"]["by_n"]) == {str(k) for k in q.FLOOR_NS}
+    assert side["shards_manifest_sha256"] == file_sha256(mnist_shards / "manifest.json")
+    assert side["floor"]["n"] == 10_000 and set(side["floor"]["by_n"]) == {str(k) for k in cl.FLOOR_NS}
     assert path.with_suffix(".reference.safetensors").is_file()
     assert ref.mu.shape == (128,) and ref.sigma.shape == (128, 128) and ref.n == 10_000
     assert model.sidecar == side
@@ -167,26 +179,26 @@ def test_classifier_accuracy_and_sidecar(trained, mnist_shards):
 
 def test_training_is_deterministic_on_cpu(tmp_path, mnist_shards, cached_splits, one_thread):
     small = dict(TEST_RECIPE, limit=512)
-    q.train_classifier(mnist_shards, tmp_path / "a.safetensors", **small)
-    q.train_classifier(mnist_shards, tmp_path / "b.safetensors", **small)
+    tc.train_classifier(mnist_shards, tmp_path / "a.safetensors", **small)
+    tc.train_classifier(mnist_shards, tmp_path / "b.safetensors", **small)
     a, b = load_file(str(tmp_path / "a.safetensors")), load_file(str(tmp_path / "b.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_train_rejects_bad_settings(tmp_path, mnist_shards, cached_splits):
-    with pytest.raises(q.QualityError, match=r"limit 70000 exceeds the 60000 training images"):
-        q.train_classifier(mnist_shards, tmp_path / "c.safetensors", **dict(TEST_RECIPE, limit=70_000))
-    with pytest.raises(q.QualityError, match=r"lr must be > 0, got 0.0"):
-        q.train_classifier(mnist_shards, tmp_path / "c.safetensors", **dict(TEST_RECIPE, lr=0.0))
-    with pytest.raises(q.QualityError, match=r"load it with load_classifier"):
-        q.load_reference_stats(q.MnistClassifier(), mnist_shards)
+    with pytest.raises(cl.QualityError, match=r"limit 70000 exceeds the 60000 training images"):
+        tc.train_classifier(mnist_shards, tmp_path / "c.safetensors", **dict(TEST_RECIPE, limit=70_000))
+    with pytest.raises(cl.QualityError, match=r"lr must be > 0, got 0.0"):
+        tc.train_classifier(mnist_shards, tmp_path / "c.safetensors", **dict(TEST_RECIPE, lr=0.0))
+    with pytest.raises(cl.QualityError, match=r"load it with load_classifier"):
+        q.load_reference_stats(cl.MnistClassifier(), mnist_shards)
 
 
 def test_reference_stats_recomputed_when_cache_is_missing(trained, tmp_path, mnist_shards, cached_splits):
     path, _, _, ref = trained
     copy = tmp_path / "copy.safetensors"
     copy.write_bytes(path.read_bytes())
-    with pytest.raises(q.QualityError, match=r"no valid reference statistics .* pass --shards"):
+    with pytest.raises(cl.QualityError, match=r"no valid reference statistics .* pass --shards"):
         q.load_reference_stats(copy, None, "cpu")
     again = q.load_reference_stats(copy, mnist_shards, "cpu")
     np.testing.assert_allclose(again.mu, ref.mu, rtol=1e-6, atol=1e-9)
@@ -336,11 +348,11 @@ def test_cli_rejects_bad_png_and_bad_train_args(tmp_path, mnist_shards, capsys):
     folder = tmp_path / "rgb"
     folder.mkdir()
     Image.new("RGB", (28, 28)).save(folder / "x.png")
-    with pytest.raises(q.QualityError, match=r"x.png' is 28x28 mode RGB, expected 28x28 8-bit grayscale"):
+    with pytest.raises(cl.QualityError, match=r"x.png' is 28x28 mode RGB, expected 28x28 8-bit grayscale"):
         q.load_images_folder(folder)
-    rc = q.main(["train", "--shards", str(mnist_shards), "--out", str(tmp_path / "c.pt")])
+    rc = tc.main(["--shards", str(mnist_shards), "--out", str(tmp_path / "c.pt")])
     assert rc == 2 and "must end in .safetensors" in capsys.readouterr().err
-    rc = q.main(["train", "--shards", str(mnist_shards), "--out", str(tmp_path / "c.safetensors"), "--epochs", "0"])
+    rc = tc.main(["--shards", str(mnist_shards), "--out", str(tmp_path / "c.safetensors"), "--epochs", "0"])
     assert rc == 2 and "epochs must be a positive integer, got 0" in capsys.readouterr().err
     rc = q.main(["score", "--classifier", "x", "--shards", "y"])
     assert rc == 2 and capsys.readouterr().err.count("\n") == 1

@@ -150,7 +150,7 @@ def test_odd_but_legal_values_render_valid_bash_for_every_stage(tmp_path):
     config, _, override, _ = _odd_setup(tmp_path, tmp_path / "argv")
     out = submit("pipeline", "--config", str(config), "--dry-run", override).stdout
     scripts = out.split("# ===== stage ")[1:]
-    assert len(scripts) == 4
+    assert len(scripts) == 5  # slurm.pipeline's four stages and the scoring job after train-dit
     for text in scripts:
         script = tmp_path / "job.sh"
         script.write_text(text.split("\n", 1)[1])

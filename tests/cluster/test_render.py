@@ -84,10 +84,24 @@ def test_ray_script(tmp_path):
 
 
 def test_pipeline_dry_run_lists_the_configured_stages():
-    out = submit("pipeline", "--config", str(SMOKE), "--dry-run", "--stages", "train-ae,encode,train-dit").stdout
+    out = submit("pipeline", "--config", str(SMOKE), "--dry-run").stdout  # the default slurm.pipeline
     assert [line for line in out.splitlines() if line.startswith("# =====")] == [
-        "# ===== stage train-ae =====", "# ===== stage encode =====", "# ===== stage train-dit ====="]
+        f"# ===== stage {s} =====" for s in ("train-ae", "encode", "train-dit", "score", "sindy")]
     assert "srun --nodes=1 --ntasks=1 \"$PY\" training/encode_latents.py" in out
+    out = submit("pipeline", "--config", str(SMOKE), "--dry-run", "--stages", "train-ae,encode").stdout
+    assert [line for line in out.splitlines() if line.startswith("# =====")] == [
+        "# ===== stage train-ae =====", "# ===== stage encode ====="], "exactly the stages asked for"
+
+
+def test_scoring_script(tmp_path):
+    """FD-MNIST of the DiT's samples: one process (one GPU), after train-dit; quality.json marks it done."""
+    text = submit("score", "--config", MULTINODE, "--dry-run").stdout
+    bash_syntax_ok(text, tmp_path)
+    header = [line for line in text.splitlines() if line.startswith("#SBATCH")]
+    for opt in ("--nodes=1", "--ntasks=1", "--gpus-per-node=1", "--job-name=multinode-score"):
+        assert f"#SBATCH {opt}" in header, opt
+    assert f'srun --nodes=1 --ntasks=1 "$PY" analysis/score_samples.py --config {MULTINODE} resume=auto' in text
+    assert f"DONE={REPO}/runs/multinode/quality.json" in text
 
 
 @pytest.mark.parametrize("args, expect", [

@@ -232,7 +232,7 @@ def test_classifier_training_refuses_a_modified_shard(
     _flip_first_label(d / "train-000003.tar")
     out = tmp_path / "clf.safetensors"
     proc = subprocess.run(
-        [sys.executable, "-m", "analysis.quality", "train", "--shards", str(d), "--out", str(out), "--epochs", "1",
+        [sys.executable, "training/train_classifier.py", "--shards", str(d), "--out", str(out), "--epochs", "1",
          "--device", "cpu"],
         cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300,
     )

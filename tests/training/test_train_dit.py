@@ -1,5 +1,6 @@
 """train_dit.py through the real entry points: 1 and 2 processes, SIGKILL + exact resume of
-weights and EMA, and the bad inputs that must stop it before any training step."""
+weights and EMA, and the bad inputs that must stop it before any training step; the scoring
+stage that follows it (analysis/score_samples.py) on the runs it trains."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from tests.conftest import REPO, accelerate_cmd, run_entry
@@ -21,6 +23,7 @@ from tests.training.test_train_ae import assert_same_weights, smoke_args
 TRAIN_AE = str(REPO / "training" / "train_ae.py")
 ENCODE = str(REPO / "training" / "encode_latents.py")
 TRAIN_DIT = str(REPO / "training" / "train_dit.py")
+SCORE = str(REPO / "analysis" / "score_samples.py")
 
 
 @pytest.fixture(scope="module", params=["vae16", "conv"])
@@ -57,33 +60,52 @@ def test_latents_and_stats(encoded_run):
 
 @pytest.fixture(scope="module")
 def tiny_classifier(tmp_path_factory, mnist_shards) -> Path:
-    """A quickly trained classifier: enough to exercise FD-MNIST scoring at the end of training."""
-    from analysis.quality import train_classifier
+    """A quickly trained classifier: enough to exercise FD-MNIST scoring after training."""
+    from training.train_classifier import train_classifier
 
     out = tmp_path_factory.mktemp("clf") / "clf.safetensors"
     train_classifier(mnist_shards, out, epochs=1, limit=2000, device="cpu")
     return out
 
 
-def test_single_process_smoke(encoded_run, tmp_path, tiny_classifier, mnist_shards):
+def test_single_process_smoke_then_scoring(encoded_run, tmp_path, tiny_classifier, mnist_shards):
+    from safetensors.torch import load_file
+
+    from analysis.quality import score_images
+    from data_pipeline.shards import file_sha256
+
     root = fresh_copy(encoded_run, tmp_path / "r")
     _, kind = encoded_run
-    run_entry(accelerate_cmd() + [TRAIN_DIT, *smoke_args(root, mnist_shards, f"ae.kind={kind}",
-                                                         f"dit.classifier={tiny_classifier}")])
+    args = smoke_args(root, mnist_shards, f"ae.kind={kind}", f"dit.classifier={tiny_classifier}")
+    run_entry(accelerate_cmd() + [TRAIN_DIT, *args])
     run = root / "smoke"
-    for name in ("dit.safetensors", "dit_ema.safetensors", "dit.json", "latent_stats.safetensors",
-                 "samples/ema_samples.safetensors", "config.yaml"):
+    for name in ("dit.safetensors", "dit_ema.safetensors", "dit.json", "latent_stats.safetensors", "config.yaml"):
         assert (run / name).is_file(), name
     meta = json.loads((run / "dit.json").read_text())
+    assert "quality" not in meta and not (run / "samples").exists(), "sampling and scoring are the next stage's"
     assert meta["steps"] == 30 and meta["timesteps"] == (50 if kind == "vae16" else 100)
     first_loss = meta["loss_history"][0][1]
     assert 0.5 < first_loss < 1.5, "an untrained zero-output DiT starts near loss 1"
     ea = EventAccumulator(str(run / "tb" / "dit"), size_guidance={"images": 0, "scalars": 0})
     ea.Reload()
     assert "train/loss" in ea.Tags()["scalars"] and "dit/ema_samples" in ea.Tags()["images"]
-    q = meta["quality"]
+
+    weights = {name: (run / name).read_bytes() for name in ("dit.safetensors", "dit_ema.safetensors")}
+    run_entry([sys.executable, SCORE, *args])
+    assert weights == {name: (run / name).read_bytes() for name in weights}
+    record = json.loads((run / "quality.json").read_text())
+    assert record["eval_samples"] == 64 and record["dit_steps"] == 30
+    assert record["dit_ema_sha256"] == file_sha256(run / "dit_ema.safetensors")
+    q = record["quality"]
     assert q["n"] == 64 and sum(q["class_counts"]) == 64 and q["fd_mnist"] > 0
-    assert "eval/fd_mnist" in ea.Tags()["scalars"]
+    images = load_file(str(run / "samples" / "ema_samples.safetensors"))["images"]
+    assert images.shape == (64, 1, 28, 28) and images.dtype == torch.uint8
+    again = score_images(images, tiny_classifier, mnist_shards, "cpu")  # the scores are those of these samples
+    assert again["class_counts"] == q["class_counts"] and again["fd_mnist"] == pytest.approx(q["fd_mnist"], rel=1e-6)
+    ea = EventAccumulator(str(run / "tb" / "dit"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert {"eval/fd_mnist", "eval/mean_confidence", "train/loss"} <= set(ea.Tags()["scalars"])
+    assert [e.step for e in ea.Scalars("eval/fd_mnist")] == [30]
 
 
 def test_two_processes(encoded_run, tmp_path):
@@ -96,6 +118,11 @@ def test_two_processes(encoded_run, tmp_path):
                      env={"ACCELERATE_USE_CPU": "true"})
     meta = json.loads((root / "smoke" / "dit.json").read_text())
     assert meta["num_processes"] == 2, proc.stdout
+    # dit.eval_samples=0: the scoring stage samples nothing and records that it skipped.
+    proc = run_entry([sys.executable, SCORE, *smoke_args(root, REPO / "unused", "dit.eval_samples=0")])
+    assert "skipping FD-MNIST: dit.eval_samples=0" in proc.stdout
+    record = json.loads((root / "smoke" / "quality.json").read_text())
+    assert record["quality"] is None and record["eval_samples"] == 0 and not (root / "smoke" / "samples").exists()
 
 
 def test_sigkill_resume_weights_and_ema_bit_exact(encoded_run, tmp_path):
@@ -150,3 +177,6 @@ def test_bad_inputs(encoded_run, tmp_path):
                   "resume=auto")
     (root / "smoke" / "latent_stats.safetensors").unlink()
     _expect_error(root, "latent stats", f"ae.kind={kind}")
+    # The scoring stage refuses a run without a trained DiT in one line.
+    proc = run_entry([sys.executable, SCORE, *smoke_args(root, REPO / "unused", f"ae.kind={kind}")], check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "has no trained DiT" in proc.stderr, proc.stderr
