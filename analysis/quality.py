@@ -43,11 +43,9 @@ from typing import Any, Sequence
 import numpy as np
 import scipy.stats
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from configs.cli import OneLineParser, call_cli
-from configs.io import file_sha256
+from configs.io import file_sha256, read_safetensors
 from data_pipeline.loader import load_split_in_memory
 from data_pipeline.shards import manifest_sha256
 from models.classifier import (FLOOR_N, NUM_CLASSES, TRAIN_HINT, MnistClassifier, QualityError, frechet_distance,
@@ -288,12 +286,8 @@ def load_images_safetensors(path: str | Path) -> torch.Tensor:
         (N, 1, 28, 28) float32 in [0, 1].
     """
     path = Path(path)
-    if not path.is_file():
-        raise QualityError(f"images file {str(path)!r} not found")
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exn:
-        raise QualityError(f"{str(path)!r} is not a readable safetensors file ({exn})") from exn
+    tensors = read_safetensors(path, missing=f"images file {str(path)!r} not found", what=repr(str(path)),
+                               error=QualityError)
     if "images" not in tensors:
         raise QualityError(f"{str(path)!r} has no tensor named 'images' (found {sorted(tensors)})")
     return as_float_images(tensors["images"], what=f"'images' in {path}")

@@ -82,6 +82,32 @@ def atomic_save_safetensors(tensors: dict[str, "torch.Tensor"], path: str | os.P
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def read_safetensors(path: str | os.PathLike[str], *, missing: str, what: str | None = None, hint: str = "",
+                     error: type[Exception] | None = None) -> dict[str, "torch.Tensor"]:
+    """Every tensor of a safetensors file, on the CPU, or one clear error.
+
+    Args:
+        path: the file.
+        missing: the whole message when the file does not exist (say what makes it).
+        what: how the message names an unreadable file (default: the path).
+        hint: appended to the unreadable-file message (e.g. how to make a good one).
+        error: the exception class (default configs.cli.UserError; a subclass of it keeps the one-line CLI).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from configs.cli import UserError
+
+    error = error or UserError
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exn:
+        raise error(f"{what or path} is not a readable safetensors file ({exn}){hint}") from None
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 of a file, read in 1 MiB blocks (shards, weights, manifests)."""
     h = hashlib.sha256()

@@ -12,11 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from configs.cli import UserError
-from configs.io import atomic_save_safetensors, file_sha256
+from configs.io import atomic_save_safetensors, file_sha256, read_safetensors
 from models.autoencoder import build_autoencoder
 
 
@@ -42,12 +40,7 @@ def save_latent_stats(run_dir: Path, mean: torch.Tensor, std: torch.Tensor, ae_s
 
 
 def load_weights(path: Path, what: str) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"{path} not found: train the {what} first")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({e})") from None
+    return read_safetensors(path, missing=f"{path} not found: train the {what} first")
 
 
 def load_autoencoder(run_dir: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:

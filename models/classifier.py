@@ -31,11 +31,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from configs.cli import UserError
-from configs.io import atomic_save_safetensors, atomic_write_bytes, file_sha256
+from configs.io import atomic_save_safetensors, atomic_write_bytes, file_sha256, read_safetensors
 from configs.io import resolve_device as _resolve_device
 
 __all__ = [
@@ -221,14 +220,8 @@ def load_classifier(path: str | Path, device: str | torch.device | None = "auto"
         QualityError: the file is missing, not a safetensors file, or holds other weights.
     """
     path = Path(path)
-    if not path.is_file():
-        raise QualityError(f"classifier weights {str(path)!r} not found; {TRAIN_HINT}")
-    try:
-        state = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exn:
-        raise QualityError(
-            f"classifier {str(path)!r} is not a readable safetensors file ({exn}); {TRAIN_HINT}"
-        ) from exn
+    state = read_safetensors(path, missing=f"classifier weights {str(path)!r} not found; {TRAIN_HINT}",
+                             what=f"classifier {str(path)!r}", hint=f"; {TRAIN_HINT}", error=QualityError)
     model = MnistClassifier()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}

@@ -89,3 +89,25 @@ def test_under_the_launcher_the_error_is_recorded(tmp_path, monkeypatch, capsys)
     assert [p.name for p in tmp_path.iterdir()] == [f"usererror.{os.getpid()}"]
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert call_cli(main, [], prog="tool") == 2  # the launcher must stop the other ranks
+
+
+def test_read_safetensors_reads_or_says_what_is_wrong(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from configs.cli import UserError
+    from configs.io import read_safetensors
+
+    good = tmp_path / "w.safetensors"
+    save_file({"a": torch.arange(3.0)}, str(good))
+    assert torch.equal(read_safetensors(good, missing="-")["a"], torch.arange(3.0))
+    with pytest.raises(UserError, match=r"^nothing here: train it first$"):
+        read_safetensors(tmp_path / "none.safetensors", missing="nothing here: train it first")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 40)
+
+    class OwnError(UserError):
+        pass
+
+    with pytest.raises(OwnError, match=r"^the weights is not a readable safetensors file \(.*\); make new ones$"):
+        read_safetensors(bad, missing="-", what="the weights", hint="; make new ones", error=OwnError)
