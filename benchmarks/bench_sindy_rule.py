@@ -123,6 +123,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer settings")
     ap.add_argument("--full", action="store_true", help="also the reference library on the 16-D systems (slow)")
+    ap.add_argument("--coords", action="store_true", help="only the chosen settings in both coordinate systems")
     ap.add_argument("--out", default=str(RESULTS / "sindy_rule.json"))
     args = ap.parse_args(argv)
     n = 60 if args.quick else 200
@@ -135,6 +136,8 @@ def main(argv=None) -> dict:
     grid = [(*g, "latent") for g in grid] + [(DEFAULT_LIB, "uv", 0.0, 0.05, 30, 30, 0.5, "modes")]
     if args.quick:
         grid = grid[:1] + grid[3:4] + grid[-1:]
+    if args.coords:
+        grid = [g for g in grid if g[2:] == (0.0, 0.05, 30, 30, 0.5, "latent")] + grid[-1:]
     rows = []
     print(f"{'system':9} {'coords':6} {'library':9} {'rule':4} {'gate':>4} {'alpha':>6} {'tol':>5} {'thr':>4} {'budget':>6} "
           f"{'terms med/max/all':>17} {'R2 min':>8} {'R2 med':>8} {'R2 unres':>8} {'1-R2 pooled':>11}  check")
