@@ -2,8 +2,8 @@
 
 References:
     P. Moritz et al., "Ray: A Distributed Framework for Emerging AI Applications", OSDI 2018
-    (tasks, actors, the shared object store). Fits: analysis/fit.py (STLSQ, Brunton et al. 2016;
-    threshold sweep; bagging after Fasel et al. 2022).
+    (tasks, actors, the shared object store). Fits: analysis/optimizers.py (STLSQ, Brunton et al. 2016;
+    analysis/selection.py: threshold sweep; bagging after Fasel et al. 2022).
 
 Fault tolerance: tasks are retried (``max_retries``) and actors restarted (``max_restarts`` with
 ``max_task_retries``), so a worker process killed mid-stage costs only its own task. Every task
@@ -260,7 +260,7 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
         device: where Theta chunks and statistics are computed.
         chunk_size: library rows per evaluation.
         ceiling_degree: > 0 adds per-step statistics of the main target for the free-time
-            reference fit (analysis.fit.free_time_r2) with a polynomial of this degree.
+            reference fit (analysis.metrics.free_time_r2) with a polynomial of this degree.
         window_edges: W + 1 increasing times: held-out statistics are also kept per window of t
             (analysis.targets.window_index: a row at t belongs to the window [e_w, e_{w+1}), the last one closed).
 
@@ -268,7 +268,8 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
         {"groups": [G numpy stats dicts or None], "heldout": numpy stats dict or None,
         "windows": [W numpy stats dicts or None], "steps": {"train": [T dicts] or None, "heldout": [T dicts] or None}}.
     """
-    from analysis.fit import GramStats, stepwise_stats
+    from analysis.gram import GramStats
+    from analysis.metrics import stepwise_stats
     from analysis.library import Library
     from analysis.targets import regression_samples, window_index
 
@@ -314,7 +315,7 @@ def accumulate_task(num_gpus: int):
 
 def merge_numpy_stats(parts: list[dict | None]):
     """Sum numpy stats dicts (None skipped) into one GramStats on CPU, or None."""
-    from analysis.fit import GramStats
+    from analysis.gram import GramStats
 
     total = None
     for p in parts:
@@ -354,7 +355,8 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_pa
     Returns:
         The JSON-able result.
     """
-    from analysis.fit import SR3, STLSQ, ForwardStepwise, bagging_gram, sweep_with_gate
+    from analysis.optimizers import SR3, STLSQ, ForwardStepwise
+    from analysis.selection import bagging_gram, sweep_with_gate
 
     out_path = Path(out_path)
     _maybe_fault(dim, out_path.parent)

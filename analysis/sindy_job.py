@@ -458,7 +458,8 @@ def stage_fits(cfg: Config, plan: dict, tset: TrajectorySet, coords: Coordinates
 
 def write_free_time(parts: list[dict], degree: int, path: Path) -> None:
     """Merge the blocks' per-step statistics and write the free-time reference R^2 per dimension."""
-    from analysis.fit import GramStats, free_time_r2
+    from analysis.gram import GramStats
+    from analysis.metrics import free_time_r2
 
     def merged(split: str) -> list[GramStats]:
         blocks = [p["steps"][split] for p in parts if p["steps"][split] is not None]

@@ -24,7 +24,7 @@ import numpy as np
 
 def r2_per_dim(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """R^2 per last-axis column over all other axes: (..., d) x (..., d) -> (d,); NaN where constant."""
-    from analysis.fit import r2_score
+    from analysis.metrics import r2_score
 
     yt = np.asarray(y_true, np.float64).reshape(-1, y_true.shape[-1])
     yp = np.asarray(y_pred, np.float64).reshape(-1, y_true.shape[-1])

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from analysis.fit import STLSQ, GramStats
+from analysis.gram import GramStats
 from analysis.library import Library
+from analysis.optimizers import STLSQ
 from analysis.report import integrate, sindy_rhs
 from analysis.targets import central_diff, regression_samples
 
