@@ -45,7 +45,7 @@ def stepwise_stats(z: np.ndarray, y: np.ndarray, degree: int) -> list[dict]:
     Returns:
         T ``GramStats.to_numpy()`` dicts, one per step.
     """
-    from analysis.library import Polynomial
+    from analysis.families import Polynomial
 
     T, b, d = z.shape
     theta = Polynomial(degree=degree).transform(z.reshape(T * b, d)).reshape(T, b, -1)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.export import equation_latex, equation_text  # the one formatter of equation text
-from analysis.library import Polynomial
+from analysis.families import Polynomial
 from configs.io import atomic_write_text
 
 DIVERGED = 1e4  # |z| beyond this counts as a blown-up rollout (normalised latents are O(1))

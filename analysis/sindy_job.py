@@ -48,7 +48,8 @@ REPO = _find_repo()
 import numpy as np  # noqa: E402
 
 from analysis import ray_utils  # noqa: E402
-from analysis.library import Library, build_library, estimate_memory, principal_directions  # noqa: E402
+from analysis.job_plan import estimate_memory  # noqa: E402
+from analysis.library import Library, build_library, principal_directions  # noqa: E402
 from analysis.coordinates import Coordinates, linear_modes  # noqa: E402
 from analysis.targets import time_windows  # noqa: E402
 from analysis.trajectories import (T_CONVENTION, TrajectorySet, plan_blocks,  # noqa: E402

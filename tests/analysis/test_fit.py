@@ -17,8 +17,9 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
+from analysis.families import Polynomial
 from analysis.gram import GramStats
-from analysis.library import Library, Polynomial
+from analysis.library import Library
 from analysis.metrics import r2_score, rmse
 from analysis.optimizers import SR3, STLSQ
 from analysis.selection import bagging_gram, sweep_thresholds

@@ -1,4 +1,5 @@
-"""Tests for analysis/library.py: term counts, names, values, numpy/torch parity, spec, pysindy."""
+"""Tests for the SINDy library (analysis/library.py, families.py, terms.py): term counts, names, values,
+numpy/torch parity, spec, pysindy."""
 
 from __future__ import annotations
 
@@ -11,17 +12,10 @@ import pysindy
 import pytest
 import torch
 
+from analysis.families import ExpNegSquare, ExpNegTimeState, Polynomial, TimePolynomial, TimeTimesState
 from analysis.gram import GramStats
-from analysis.library import (
-    ExpNegSquare,
-    ExpNegTimeState,
-    Library,
-    Polynomial,
-    PysindyLibrary,
-    TimePolynomial,
-    TimeTimesState,
-    reference_n_terms,
-)
+from analysis.job_plan import estimate_memory
+from analysis.library import Library, PysindyLibrary, reference_n_terms
 from analysis.optimizers import STLSQ
 
 FAMILIES = [
@@ -205,6 +199,14 @@ def test_fail_loudly():
         _ = Library.reference().n_terms
     # time-free libraries do not need t
     assert Library([Polynomial(2)]).fit_transform(np.ones((2, 3))).shape == (2, 10)
+
+
+def test_memory_estimate():
+    est = estimate_memory(10**6, 16)
+    assert est.n_terms == 1035
+    assert est.gram_bytes == (1035**2 + 1035 * 16 + 16 * 16 + 16) * 8
+    assert est.chunk_bytes == 65536 * 1035 * 8
+    assert estimate_memory(1000, 16, chunk_size=65536).chunk_bytes == 1000 * 1035 * 8  # never more rows than there are
 
 
 # ----------------------------------------------------------------------- pysindy adapter

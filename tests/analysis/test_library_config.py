@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from analysis.custom_terms import CustomTerms
 from analysis.export import rhs_text
+from analysis.families import Tanh, TimeProduct, TimeSpline
+from analysis.library import Library, build_library, principal_directions
 from analysis.selection import UV_FLOOR, choose_model
-from analysis.library import (CustomTerms, Library, Tanh, TimeProduct, TimeSpline, build_library,
-                              principal_directions)
 
 
 @pytest.fixture
