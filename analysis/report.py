@@ -16,6 +16,7 @@ SINDy images come from the *rollout's* end state, never from the DiT's.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -28,6 +29,51 @@ from analysis.families import Polynomial
 from configs.io import atomic_write_text
 
 DIVERGED = 1e4  # |z| beyond this counts as a blown-up rollout (normalised latents are O(1))
+
+
+@dataclasses.dataclass
+class ReportContext:
+    """What the report says about the run besides the fits: data, split, settings, provenance, stage times.
+
+    Attributes:
+        run: run.name. n, n_train, n_heldout: trajectories in all, in training, held out. seed: sindy.seed.
+        sampler, T: the trajectories' sampler and steps. target, target_note: the fit target and what it is.
+        t_convention: the trajectories' time convention. coordinates: the fit coordinates in words.
+        optimizer, sr3_nu, alpha, normalize, n_thresholds, term_budget: the fit's settings (sindy.*).
+        n_groups, n_bootstrap: bagging's trajectory groups and resamples.
+        poor_r2: the held-out R^2 below which a dimension is flagged. integrator: the rollouts' integrator.
+        stage_times: {stage: (seconds, note)}, the report's own added by write_report (from report_t0, if given).
+        source: "generated" or "npz". warnings: lines for the report. digests: the weights' or file's
+        sha256. provenance: one line on where the trajectories come from and how Ray ran.
+    """
+
+    run: str
+    n: int
+    n_train: int
+    n_heldout: int
+    seed: int
+    sampler: str | None
+    T: int
+    target: str
+    target_note: str
+    t_convention: str
+    coordinates: str
+    optimizer: str
+    sr3_nu: float
+    term_budget: int | None
+    alpha: float
+    normalize: bool
+    n_thresholds: int
+    n_groups: int
+    n_bootstrap: int
+    poor_r2: float
+    integrator: str
+    stage_times: dict
+    source: str
+    warnings: list
+    digests: dict
+    provenance: str
+    report_t0: float | None = None
 
 
 # ----------------------------------------------------------------------------- integration
@@ -239,10 +285,10 @@ def _tensorboard(tb_dir: Path, md: str, out: Path, pngs: list[str], fits: list[d
 # ----------------------------------------------------------------------------- report
 
 
-def optimizer_text(ctx: dict) -> str:
-    if ctx.get("optimizer") == "sr3":
-        return f"SR3 (L0 prox, nu {ctx['sr3_nu']}, normalised columns {ctx['normalize']}; pysindy.SR3 on the Gram square root)"
-    return f"STLSQ (alpha {ctx['alpha']}, normalised columns {ctx['normalize']})"
+def optimizer_text(ctx: ReportContext) -> str:
+    if ctx.optimizer == "sr3":
+        return f"SR3 (L0 prox, nu {ctx.sr3_nu}, normalised columns {ctx.normalize}; pysindy.SR3 on the Gram square root)"
+    return f"STLSQ (alpha {ctx.alpha}, normalised columns {ctx.normalize})"
 
 
 def library_text(library, xi) -> str:
@@ -258,21 +304,20 @@ def windows_text(windows: list[dict]) -> str:
     return " / ".join("-" if w["r2_heldout"] is None else f"{w['r2_heldout']:.3f}" for w in windows)
 
 
-def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: dict, roll: dict,
+def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: ReportContext, roll: dict,
                  images: dict | None, views: dict | None = None) -> Path:
     """Write report.md, equations.json, equations.tex, plots and TensorBoard; returns report.md.
 
     Args:
         out: report folder (created).
         tb_dir: TensorBoard folder (``runs/<name>/tb/sindy``).
-        fits: per-dimension results of ray_utils.fit_dimension, in dimension order.
+        fits: per-dimension results of analysis.dimension_fit.fit_dimension, in dimension order.
         library: the analysis.library.Library (bound to d).
-        ctx: provenance: n, n_train, n_heldout, seed, sampler, target, coordinates, digests, poor_r2,
-            integrator, stage_times, source, t_convention, rule, warnings.
+        ctx: the run's data, settings and provenance.
         roll: rollouts: t (T+1,), index (r,), reference/sindy (T+1, r, d), rmse_per_step (T+1,),
             diverged (r,).
         images: {"dit", "sindy"} (r, 28, 28) in [0, 1], or None when there is no decoder.
-        views: analysis/sindy_job.theory_views + "validation" (what the equations generate, the fit space,
+        views: analysis.views.theory_views + "validation" (what the equations generate, the fit space,
             the mixture view), or None: written at the top of report.md and in equations.json.
     """
     out.mkdir(parents=True, exist_ok=True)
@@ -283,18 +328,18 @@ def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: dict, 
     for r in fits:
         for term in r["terms"]:
             xi[r["dim"], term["index"]] = term["coef"]
-        r["flag"] = flag_of(r, ctx["poor_r2"])
+        r["flag"] = flag_of(r, ctx.poor_r2)
     pngs = _plots(out, fits, xi, names, roll, images) + theory_plots(out, views)
     flagged = [r for r in fits if r["flag"]]
     end_err = float(np.nanmean(np.abs(roll["sindy"][-1] - roll["reference"][-1]))) if roll["sindy"].size else float("nan")
 
-    L = [f"# SINDy equations of `{ctx['run']}`", ""]
+    L = [f"# SINDy equations of `{ctx.run}`", ""]
     L += validation_section(views, ctx)
-    L += [f"- data: {ctx['n']} trajectories ({ctx['source']}), sampler **{ctx['sampler']}**, T = {ctx['T']} steps, "
-          f"seed {ctx['seed']}; split by trajectory: {ctx['n_train']} training / {ctx['n_heldout']} held-out",
-          f"- target: **{ctx['target']}** ({ctx['target_note']})",
-          f"- time: {ctx['t_convention']}",
-          f"- coordinates: {ctx['coordinates']}",
+    L += [f"- data: {ctx.n} trajectories ({ctx.source}), sampler **{ctx.sampler}**, T = {ctx.T} steps, "
+          f"seed {ctx.seed}; split by trajectory: {ctx.n_train} training / {ctx.n_heldout} held-out",
+          f"- target: **{ctx.target}** ({ctx.target_note})",
+          f"- time: {ctx.t_convention}",
+          f"- coordinates: {ctx.coordinates}",
           *coordinate_choice_lines(views.get("coordinate_choice")),
           f"- library: {len(names)} terms per dimension: {library_text(library, xi)} (spec in equations.json)",
           *([f"- families that must earn their place (best held-out unexplained variance at most "
@@ -302,16 +347,16 @@ def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: dict, 
              f"{sum(bool(r['gated_families']['kept']) for r in fits)} of {d} dimensions"]
             if fits and fits[0].get("gated_families") else []),
           f"- threshold: {optimizer_text(ctx)}, "
-          f"{ctx['n_thresholds']} thresholds; rule: {fits[0]['rule']}",
-          f"- uncertainty: bagging over {ctx['n_groups']} trajectory groups, {ctx['n_bootstrap']} resamples",
-          f"- provenance: {ctx['provenance']}", ""]
-    for w in ctx.get("warnings", []):
+          f"{ctx.n_thresholds} thresholds; rule: {fits[0]['rule']}",
+          f"- uncertainty: bagging over {ctx.n_groups} trajectory groups, {ctx.n_bootstrap} resamples",
+          f"- provenance: {ctx.provenance}", ""]
+    for w in ctx.warnings:
         L += [f"> **Warning:** {w}", ""]
-    budget = ctx["term_budget"]
+    budget = ctx.term_budget
     wins = fits[0].get("r2_heldout_windows") or []
     wlabel = " / ".join(f"{w['t_from']:.2g}-{w['t_to']:.2g}" for w in wins)
     L += ["## Fit quality per dimension", "",
-          f"Held-out trajectories never enter the fit. Flag: held-out R^2 < {ctx['poor_r2']} or more than 0.2 "
+          f"Held-out trajectories never enter the fit. Flag: held-out R^2 < {ctx.poor_r2} or more than 0.2 "
           "below training R^2.", "",
           f"The equations keep at most {budget} terms (`sindy.term_budget`); beside them the model the same rule picks "
           "without the budget, and the cost of the budget in held-out R^2. "
@@ -345,9 +390,9 @@ def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: dict, 
         L.append("")
     if any("other_target" in r for r in fits):
         o = fits[0]["other_target"]["target"]
-        L += [f"## Target comparison: {ctx['target']} vs {o}", "",
+        L += [f"## Target comparison: {ctx.target} vs {o}", "",
               "Same states, same library, same threshold rule; only the velocity estimate differs.", "",
-              f"| dim | R^2 held-out ({ctx['target']}) | R^2 held-out ({o}) | terms ({ctx['target']}) | terms ({o}) |",
+              f"| dim | R^2 held-out ({ctx.target}) | R^2 held-out ({o}) | terms ({ctx.target}) | terms ({o}) |",
               "|---|---|---|---|---|"]
         for r in fits:
             a = r["other_target"]
@@ -364,8 +409,8 @@ def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: dict, 
                                for t in r["terms"][:30]) + (" ..." if len(r["terms"]) > 30 else ""))
             L.append("")
     L += ["## Validation by integration", "",
-          f"The discovered equations integrated with **{ctx['integrator']}** on the sampler's grid (t from 1 to 0, "
-          f"dt = 1/{ctx['T']}) from the initial noise of {len(roll['index'])} held-out trajectories, compared with "
+          f"The discovered equations integrated with **{ctx.integrator}** on the sampler's grid (t from 1 to 0, "
+          f"dt = 1/{ctx.T}) from the initial noise of {len(roll['index'])} held-out trajectories, compared with "
           "the DiT's trajectories from the same noise.", "",
           f"- RMSE per step at t = 1, 0.5, 0: {fmt(roll['rmse_per_step'][0])}, "
           f"{fmt(roll['rmse_per_step'][len(roll['t']) // 2])}, {fmt(roll['rmse_per_step'][-1])}",
@@ -379,25 +424,25 @@ def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: dict, 
         L += ["No decoded images: these trajectories come from outside this run, so no decoder of theirs is available.", ""]
     L += theory_sections(views)
     L += ["## Plots", ""] + [f"![{p}]({p})" for p in pngs if p not in ("samples_vs_sindy.png", "mixture_means.png")] + [""]
-    if "report_t0" in ctx:
-        ctx["stage_times"]["report"] = (time.time() - ctx["report_t0"], "integration, decoding, plots (until report.md)")
+    if ctx.report_t0 is not None:
+        ctx.stage_times["report"] = (time.time() - ctx.report_t0, "integration, decoding, plots (until report.md)")
     L += ["## Stage times", "", "| stage | seconds | |", "|---|---|---|"]
-    for k, (sec, note) in ctx["stage_times"].items():
+    for k, (sec, note) in ctx.stage_times.items():
         L.append(f"| {k} | {sec:.1f} | {note} |")
     md = "\n".join(L) + "\n"
     atomic_write_text(out / "report.md", md)
 
     eq = {"format": "latent-sindy.equations/1", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-          "run": ctx["run"], "source": ctx["source"], "n_trajectories": ctx["n"], "n_train": ctx["n_train"],
-          "n_heldout": ctx["n_heldout"], "seed": ctx["seed"], "sampler": ctx["sampler"], "target": ctx["target"],
-          "timesteps": ctx["T"], "t_convention": ctx["t_convention"], "coordinates": ctx["coordinates"],
-          "digests": ctx["digests"], "library": library.spec(), "n_terms": len(names), "term_names": names,
-          "optimizer": optimizer_text(ctx), "selection_rule": fits[0]["rule"], "term_budget": ctx["term_budget"], "poor_r2": ctx["poor_r2"], "integrator": ctx["integrator"],
+          "run": ctx.run, "source": ctx.source, "n_trajectories": ctx.n, "n_train": ctx.n_train,
+          "n_heldout": ctx.n_heldout, "seed": ctx.seed, "sampler": ctx.sampler, "target": ctx.target,
+          "timesteps": ctx.T, "t_convention": ctx.t_convention, "coordinates": ctx.coordinates,
+          "digests": ctx.digests, "library": library.spec(), "n_terms": len(names), "term_names": names,
+          "optimizer": optimizer_text(ctx), "selection_rule": fits[0]["rule"], "term_budget": ctx.term_budget, "poor_r2": ctx.poor_r2, "integrator": ctx.integrator,
           "dims": [{k: v for k, v in r.items() if k != "rule"} for r in fits],
           "flagged_dims": [r["dim"] for r in flagged],
           "rollout": {"index": [int(i) for i in roll["index"]], "rmse_per_step": [float(x) for x in roll["rmse_per_step"]],
                       "diverged_at": [int(x) for x in roll["diverged"]], "end_state_mean_abs_diff": end_err},
-          "stage_times": {k: v[0] for k, v in ctx["stage_times"].items()}}
+          "stage_times": {k: v[0] for k, v in ctx.stage_times.items()}}
     if views:
         eq.update({k: _json_safe(views[k]) for k in ("validation", "fit_space", "mixture", "coordinate_choice")
                    if k in views})
@@ -455,7 +500,7 @@ def coordinate_choice_lines(choice: dict | None) -> list[str]:
             f"kept **{choice['chosen']}** ({choice['rule']})"]
 
 
-def validation_section(views: dict | None, ctx: dict) -> list[str]:
+def validation_section(views: dict | None, ctx: ReportContext) -> list[str]:
     """The top of report.md: what the chosen equations (and the mixture's ODE) generate from held-out noise."""
     if not views or "validation" not in views:
         return []

@@ -14,7 +14,6 @@ import torch
 
 from analysis.families import ExpNegSquare, ExpNegTimeState, Polynomial, TimePolynomial, TimeTimesState
 from analysis.gram import GramStats
-from analysis.job_plan import estimate_memory
 from analysis.library import Library, PysindyLibrary, reference_n_terms
 from analysis.optimizers import STLSQ
 
@@ -199,14 +198,6 @@ def test_fail_loudly():
         _ = Library.reference().n_terms
     # time-free libraries do not need t
     assert Library([Polynomial(2)]).fit_transform(np.ones((2, 3))).shape == (2, 10)
-
-
-def test_memory_estimate():
-    est = estimate_memory(10**6, 16)
-    assert est.n_terms == 1035
-    assert est.gram_bytes == (1035**2 + 1035 * 16 + 16 * 16 + 16) * 8
-    assert est.chunk_bytes == 65536 * 1035 * 8
-    assert estimate_memory(1000, 16, chunk_size=65536).chunk_bytes == 1000 * 1035 * 8  # never more rows than there are
 
 
 # ----------------------------------------------------------------------- pysindy adapter
