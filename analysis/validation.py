@@ -67,14 +67,14 @@ def rollout(rhs: Callable, reference: np.ndarray, t: np.ndarray, integrator: str
         rhs: f(z (b, d), t float) -> (b, d), dz/dt in increasing t.
         reference: (T+1, b, d) the DiT's trajectories (initial noise first).
         t: (T+1,) descending grid.
-        integrator: "euler" | "rk4" (analysis.report.integrate).
+        integrator: "euler" | "rk4" (analysis.integration.integrate).
 
     Returns:
         {"states": (T+1, b, d), "rmse_per_step": (T+1,) over the rollouts that never diverge (a diverging
         one would dominate every step before it blows up; they are counted in "diverged"), "diverged": int,
         "end_rmse": float}.
     """
-    from analysis.report import integrate
+    from analysis.integration import integrate
 
     sim, diverged_at = integrate(rhs, reference[0], t, integrator)
     ok = diverged_at < 0

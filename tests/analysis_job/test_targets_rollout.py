@@ -1,5 +1,5 @@
 """Targets and integration conventions without Ray: central differences on a known ODE, and the
-fit + Euler rollout of analysis/report.py recover dz/dt = -z (t from 1 to 0, dt = 1/T)."""
+fit + Euler rollout of analysis/integration.py recover dz/dt = -z (t from 1 to 0, dt = 1/T)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 from analysis.gram import GramStats
 from analysis.library import Library
 from analysis.optimizers import STLSQ
-from analysis.report import integrate, sindy_rhs
+from analysis.integration import integrate, sindy_rhs
 from analysis.targets import central_diff, regression_samples
 
 
