@@ -12,8 +12,22 @@ from typing import ClassVar
 
 import numpy as np
 
-from analysis.terms import (TermFamily, _cat, _check_d, _check_style, _exp, _index, _like, _num, _ones, _power,
-                            _prepare, _state_names, _tanh, _to_numpy)
+from analysis.terms import (
+    TermFamily,
+    _cat,
+    _check_d,
+    _check_style,
+    _exp,
+    _index,
+    _like,
+    _num,
+    _ones,
+    _power,
+    _prepare,
+    _state_names,
+    _tanh,
+    _to_numpy,
+)
 
 __all__ = ["Polynomial", "TimePolynomial", "TimeTimesState", "ExpNegTimeState", "ExpNegSquare", "TimeSpline",
            "TimeProduct", "Tanh", "time_functions"]

@@ -17,8 +17,17 @@ from analysis.integration import integrate, sindy_rhs
 from analysis.job_plan import Plan
 from analysis.library import Library
 from analysis.report import ReportContext, write_report
-from analysis.trajectories import (T_CONVENTION, TrajectorySet, block_is_complete, block_name, block_problems,
-                                   plan_blocks, read_trajectory_manifest, trajectory_dir, write_manifest)
+from analysis.trajectories import (
+    T_CONVENTION,
+    TrajectorySet,
+    block_is_complete,
+    block_name,
+    block_problems,
+    plan_blocks,
+    read_trajectory_manifest,
+    trajectory_dir,
+    write_manifest,
+)
 from analysis.views import decode_end_states, theory_views, validate_equations
 from configs.cli import UserError
 from configs.schema import Config

@@ -76,8 +76,17 @@ except ImportError:  # pragma: no cover - the adapter needs pysindy, the rest do
     x_sequence_or_item = None
 
 from analysis.custom_terms import CustomTerms
-from analysis.families import (ExpNegSquare, ExpNegTimeState, Polynomial, Tanh, TimePolynomial, TimeProduct,
-                               TimeSpline, TimeTimesState, time_functions)
+from analysis.families import (
+    ExpNegSquare,
+    ExpNegTimeState,
+    Polynomial,
+    Tanh,
+    TimePolynomial,
+    TimeProduct,
+    TimeSpline,
+    TimeTimesState,
+    time_functions,
+)
 from analysis.terms import TermFamily, _cat, _check_d, _prepare
 
 __all__ = [

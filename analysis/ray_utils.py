@@ -265,8 +265,8 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
         "windows": [W numpy stats dicts or None], "steps": {"train": [T dicts] or None, "heldout": [T dicts] or None}}.
     """
     from analysis.gram import GramStats
-    from analysis.metrics import stepwise_stats
     from analysis.library import Library
+    from analysis.metrics import stepwise_stats
     from analysis.targets import regression_samples, window_index
 
     blk = tset.block(block_i)

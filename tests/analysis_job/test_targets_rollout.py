@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from analysis.gram import GramStats
+from analysis.integration import integrate, sindy_rhs
 from analysis.library import Library
 from analysis.optimizers import STLSQ
-from analysis.integration import integrate, sindy_rhs
 from analysis.targets import central_diff, regression_samples
 
 
