@@ -13,7 +13,7 @@ v = A_k z + b_k recovers A_k (exactly when the drift is affine), and the eigenve
 W = sum_k S_k^2 / |S_k|_F^2, S_k the traceless symmetric part of A_k, are the shared eigenvectors.
 For a learned denoiser A_k is the drift's best linear approximation at step k, and the modes are the
 directions that approximation leaves (nearly) uncoupled. sindy.coordinates=auto fits in both the
-latent's own coordinates and the modes and keeps the sparser at equal held-out fit (sindy_job.py).
+latent's own coordinates and the modes and keeps the sparser at equal held-out fit (coordinate_choice.py).
 """
 
 from __future__ import annotations

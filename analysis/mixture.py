@@ -34,7 +34,8 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 from scipy.special import logsumexp
 
-from analysis.library import FAMILIES, TermFamily, _check_style, _state_names
+from analysis.library import FAMILIES
+from analysis.terms import TermFamily, _check_style, _state_names
 
 DEFAULT_GRID = (1, 2, 5, 10, 20)
 

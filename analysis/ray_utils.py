@@ -2,8 +2,8 @@
 
 References:
     P. Moritz et al., "Ray: A Distributed Framework for Emerging AI Applications", OSDI 2018
-    (tasks, actors, the shared object store). Fits: analysis/fit.py (STLSQ, Brunton et al. 2016;
-    threshold sweep; bagging after Fasel et al. 2022).
+    (tasks, actors, the shared object store). The fit task runs analysis/dimension_fit.py (STLSQ,
+    Brunton et al. 2016; threshold sweep; bagging after Fasel et al. 2022).
 
 Fault tolerance: tasks are retried (``max_retries``) and actors restarted (``max_restarts`` with
 ``max_task_retries``), so a worker process killed mid-stage costs only its own task. Every task
@@ -17,19 +17,15 @@ the retry must then finish the job.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
-import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from configs.cli import UserError
-from configs.io import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 FAULT_ENV = "LATENT_SINDY_FAULT"
@@ -260,7 +256,7 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
         device: where Theta chunks and statistics are computed.
         chunk_size: library rows per evaluation.
         ceiling_degree: > 0 adds per-step statistics of the main target for the free-time
-            reference fit (analysis.fit.free_time_r2) with a polynomial of this degree.
+            reference fit (analysis.metrics.free_time_r2) with a polynomial of this degree.
         window_edges: W + 1 increasing times: held-out statistics are also kept per window of t
             (analysis.targets.window_index: a row at t belongs to the window [e_w, e_{w+1}), the last one closed).
 
@@ -268,8 +264,9 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
         {"groups": [G numpy stats dicts or None], "heldout": numpy stats dict or None,
         "windows": [W numpy stats dicts or None], "steps": {"train": [T dicts] or None, "heldout": [T dicts] or None}}.
     """
-    from analysis.fit import GramStats, stepwise_stats
+    from analysis.gram import GramStats
     from analysis.library import Library
+    from analysis.metrics import stepwise_stats
     from analysis.targets import regression_samples, window_index
 
     blk = tset.block(block_i)
@@ -314,7 +311,7 @@ def accumulate_task(num_gpus: int):
 
 def merge_numpy_stats(parts: list[dict | None]):
     """Sum numpy stats dicts (None skipped) into one GramStats on CPU, or None."""
-    from analysis.fit import GramStats
+    from analysis.gram import GramStats
 
     total = None
     for p in parts:
@@ -339,98 +336,15 @@ def _maybe_fault(dim: int, out_dir: Path) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def fit_dimension(dim: int, train, heldout, groups: list, settings: dict, out_path: str, windows: list | None = None) -> dict:
-    """Threshold sweep, chosen model, bagging and metrics for one target dimension; writes JSON.
+def fit_dimension_task(dim: int, train, heldout, groups: list, settings, out_path: str,
+                       windows: list | None = None) -> dict:
+    """analysis.dimension_fit.fit_dimension behind the fault-injection test hook."""
+    from analysis.dimension_fit import fit_dimension
 
-    Args:
-        dim: target dimension j (0..d-1); with ``settings["compare"]`` column d + j is the other target.
-        train, heldout: GramStats (p terms, m targets) of training and held-out trajectories.
-        groups: per-group training GramStats for bagging (may be empty).
-        settings: optimizer (stlsq | sr3), sr3_nu, alpha, normalize, n_thresholds, tol, n_bootstrap, seed, d, compare,
-            targets, names, term_budget (the chosen model's most terms), window_edges (W + 1 times).
-        out_path: where the result JSON goes (atomically).
-        windows: W held-out GramStats, one per window of t (None entries for empty windows), for R^2 per window.
-
-    Returns:
-        The JSON-able result.
-    """
-    from analysis.fit import SR3, STLSQ, ForwardStepwise, bagging_gram, sweep_with_gate
-
-    out_path = Path(out_path)
-    _maybe_fault(dim, out_path.parent)
-    t0 = time.time()
-    if settings.get("optimizer", "stlsq") == "sr3":
-        opt = SR3(relax_coeff_nu=settings["sr3_nu"], normalize_columns=settings["normalize"])
-    else:
-        opt = STLSQ(alpha=settings["alpha"], normalize_columns=settings["normalize"])
-
-    budget = settings.get("term_budget")
-    names = settings["names"]
-
-    def per_window(coef: np.ndarray, col: int) -> list:
-        edges = settings.get("window_edges") or []
-        return [{"t_from": edges[w], "t_to": edges[w + 1],
-                 "r2_heldout": None if s is None else float(s.r2(coef[None], [col])[0])}
-                for w, s in enumerate(windows or [])]
-
-    def one(col: int) -> tuple[dict, Any]:
-        sw, gate = sweep_with_gate(train, heldout, col, opt, settings.get("gated_columns") or [],
-                                   settings.get("gate", 0.5), n_thresholds=settings["n_thresholds"], tol=settings["tol"],
-                                   max_terms=budget)
-        coef = sw.chosen_coef
-        rss_tr = float(train.rss(coef[None], [col])[0])
-        rss_ho = float(heldout.rss(coef[None], [col])[0])
-        un = sw.coefs[sw.unrestricted]
-        res = {"threshold": sw.chosen_threshold, "method": "forward stepwise" if np.isnan(sw.chosen_threshold) else "STLSQ",
-               "n_terms": int(np.count_nonzero(coef)),
-               "r2_train": float(sw.r2_train[sw.chosen]), "r2_heldout": float(sw.r2_heldout[sw.chosen]),
-               "rmse_train": (rss_tr / train.n_samples) ** 0.5, "rmse_heldout": (rss_ho / heldout.n_samples) ** 0.5,
-               "rss_heldout": rss_ho, "tss_heldout": float(heldout.tss([col])[0]),
-               "r2_heldout_windows": per_window(coef, col),
-               "unrestricted": {"n_terms": int(np.count_nonzero(un)), "threshold": float(sw.thresholds[sw.unrestricted]),
-                                "r2_train": float(sw.r2_train[sw.unrestricted]),
-                                "r2_heldout": float(sw.r2_heldout[sw.unrestricted]),
-                                "r2_heldout_windows": per_window(un, col),
-                                "terms": [{"index": int(k), "name": names[k], "coef": float(un[k])} for k in np.flatnonzero(un)]},
-               "sweep": sw.table(), "rule": sw.rule,
-               "gated_families": None if gate is None else {k: v for k, v in gate.items() if k != "keep"}}
-        res["_keep"] = None if gate is None else gate["keep"]
-        return res, sw
-
-    main, sw = one(dim)
-    keep = main.pop("_keep")
-    coef = sw.chosen_coef
-    support = np.flatnonzero(coef)
-    incl = std = mean = None
-    if settings["n_bootstrap"] > 0 and len(groups) >= 2 and support.size:
-        cols = np.arange(train.n_terms) if keep is None else np.asarray(keep)  # a dropped family stays dropped
-        chosen_opt = (ForwardStepwise(int(np.count_nonzero(coef)), settings["normalize"]) if np.isnan(sw.chosen_threshold)
-                      else opt.with_threshold(sw.chosen_threshold))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            bag = bagging_gram([g.subset(cols) for g in groups] if keep is not None else groups, chosen_opt,
-                               settings["n_bootstrap"], settings["seed"] + dim, dims=[dim])
-        incl, std, mean = (np.zeros(train.n_terms) for _ in range(3))
-        incl[cols], std[cols], mean[cols] = bag.inclusion_probability[0], bag.coef_std[0], bag.coef_mean[0]
-    main["terms"] = [{"index": int(k), "name": names[k], "coef": float(coef[k]),
-                      "inclusion_probability": None if incl is None else float(incl[k]),
-                      "coef_std": None if std is None else float(std[k]),
-                      "coef_mean_bagged": None if mean is None else float(mean[k])} for k in support]
-    if incl is not None:  # terms the bootstrap picks often although the chosen model dropped them
-        others = [k for k in np.argsort(-incl) if coef[k] == 0 and incl[k] >= 0.5][:10]
-        main["frequent_excluded_terms"] = [{"name": names[k], "inclusion_probability": float(incl[k])} for k in others]
-    result = {"dim": dim, "target": settings["targets"][0], **main}
-    if settings["compare"]:
-        alt, _ = one(settings["d"] + dim)
-        alt.pop("sweep")
-        alt.pop("_keep")
-        alt["unrestricted"].pop("terms")
-        result["other_target"] = {"target": settings["targets"][1], **alt}
-    result["seconds"] = round(time.time() - t0, 2)
-    atomic_write_text(out_path, json.dumps(result, indent=1))
-    return result
+    _maybe_fault(dim, Path(out_path).parent)
+    return fit_dimension(dim, train, heldout, groups, settings, out_path, windows)
 
 
 def fit_task():
     ray = _ray()
-    return ray.remote(num_cpus=1, max_retries=RETRIES)(fit_dimension)
+    return ray.remote(num_cpus=1, max_retries=RETRIES)(fit_dimension_task)

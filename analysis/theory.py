@@ -114,7 +114,7 @@ class LinearPart:
         return (drift - p * zz) / q
 
     def composed_rhs(self, eps_rhs):
-        """f(z, t) = p(t) z + q(t) eps_rhs(z, t): the drift of an eps model, for analysis.report.integrate."""
+        """f(z, t) = p(t) z + q(t) eps_rhs(z, t): the drift of an eps model, for analysis.integration.integrate."""
 
         def f(z: np.ndarray, t: float) -> np.ndarray:
             return self.drift(z, float(t), eps_rhs(z, t))

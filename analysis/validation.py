@@ -24,7 +24,7 @@ import numpy as np
 
 def r2_per_dim(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """R^2 per last-axis column over all other axes: (..., d) x (..., d) -> (d,); NaN where constant."""
-    from analysis.fit import r2_score
+    from analysis.metrics import r2_score
 
     yt = np.asarray(y_true, np.float64).reshape(-1, y_true.shape[-1])
     yp = np.asarray(y_pred, np.float64).reshape(-1, y_true.shape[-1])
@@ -67,14 +67,14 @@ def rollout(rhs: Callable, reference: np.ndarray, t: np.ndarray, integrator: str
         rhs: f(z (b, d), t float) -> (b, d), dz/dt in increasing t.
         reference: (T+1, b, d) the DiT's trajectories (initial noise first).
         t: (T+1,) descending grid.
-        integrator: "euler" | "rk4" (analysis.report.integrate).
+        integrator: "euler" | "rk4" (analysis.integration.integrate).
 
     Returns:
         {"states": (T+1, b, d), "rmse_per_step": (T+1,) over the rollouts that never diverge (a diverging
         one would dominate every step before it blows up; they are counted in "diverged"), "diverged": int,
         "end_rmse": float}.
     """
-    from analysis.report import integrate
+    from analysis.integration import integrate
 
     sim, diverged_at = integrate(rhs, reference[0], t, integrator)
     ok = diverged_at < 0

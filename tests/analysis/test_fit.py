@@ -1,6 +1,6 @@
-"""Tests for analysis/fit.py.
+"""Tests for the SINDy fit: analysis/gram.py, analysis/optimizers.py, analysis/selection.py, analysis/metrics.py.
 
-(a) the Gram path and the direct path reproduce pysindy.STLSQ to 1e-8;
+(a) the Gram path reproduces pysindy.STLSQ to 1e-8;
 (b) known sparse dynamics are recovered exactly in support; coefficients to 1e-6
     relative with exact derivatives, to 1e-2 relative with second-order finite differences;
 (c) the threshold sweep picks the planted sparsity;
@@ -17,19 +17,12 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from analysis.fit import (
-    SR3,
-    STLSQ,
-    GramStats,
-    bagging,
-    bagging_gram,
-    fit_dimension,
-    group_stats,
-    r2_score,
-    rmse,
-    sweep_thresholds,
-)
-from analysis.library import Library, Polynomial
+from analysis.families import Polynomial
+from analysis.gram import GramStats
+from analysis.library import Library
+from analysis.metrics import r2_score, rmse
+from analysis.optimizers import SR3, STLSQ
+from analysis.selection import bagging_gram, sweep_thresholds
 
 
 def pysindy_stlsq(theta, y, **kw):
@@ -58,6 +51,11 @@ def planted(d=3, n=2000, noise=0.01, seed=0, n_groups=None):
     return theta, Y, W, names, groups
 
 
+def group_stats(theta, Y, groups):
+    """One GramStats per group id, in sorted id order (the job accumulates one per bootstrap group)."""
+    return [GramStats.from_arrays(theta[groups == g], Y[groups == g], device="cpu") for g in np.unique(groups)]
+
+
 # --------------------------------------------------------------- (a) equivalence with pysindy
 
 CASES = [(False, a, th) for a in (0.0, 0.05, 1.0) for th in (0.01, 0.1, 0.3)] + [
@@ -72,16 +70,15 @@ def planted_stats():
 
 
 @pytest.mark.parametrize("normalize,alpha,threshold", CASES)
-def test_gram_and_direct_match_pysindy(planted_stats, normalize, alpha, threshold):
+def test_gram_path_matches_pysindy(planted_stats, normalize, alpha, threshold):
     theta, Y, stats = planted_stats
     kw = dict(threshold=threshold, alpha=alpha, normalize_columns=normalize)
     ref = pysindy_stlsq(theta, Y, **kw)
     gram = STLSQ(**kw).fit_gram(stats).coef_
-    direct = STLSQ(**kw).fit(theta, Y).coef_
     np.testing.assert_array_equal(gram != 0, ref != 0)
     np.testing.assert_allclose(gram, ref, atol=1e-8, rtol=0)
-    np.testing.assert_allclose(direct, ref, atol=1e-12, rtol=0)
-    np.testing.assert_allclose(fit_dimension(stats, 1, **kw), ref[1], atol=1e-8, rtol=0)
+    # one dimension at a time, as the job's fit tasks do
+    np.testing.assert_allclose(STLSQ(**kw).fit_gram(stats, dims=[1]).coef_[0], ref[1], atol=1e-8, rtol=0)
 
 
 @pytest.mark.parametrize("unbias", [True, False])
@@ -165,9 +162,9 @@ def test_fail_loudly(planted_stats):
     bad = theta.copy()
     bad[:, 4] = 0.0
     with pytest.raises(ValueError, match=r"column\(s\) \[4\] are identically zero"):
-        STLSQ(normalize_columns=True).fit(bad, Y)
+        STLSQ(normalize_columns=True).fit_gram(GramStats.from_arrays(bad, Y, device="cpu"))
     with pytest.raises(ValueError, match="NaN/inf"):
-        STLSQ().fit(np.full_like(theta, np.nan), Y)
+        STLSQ().fit_gram(GramStats.from_arrays(np.full_like(theta, np.nan), Y, device="cpu"))
     with pytest.raises(ValueError, match="regularizer must be"):
         SR3(regularizer="L2")
     with pytest.raises(ValueError, match="relax_coeff_nu must be"):
@@ -198,7 +195,7 @@ def test_sr3_sweep_and_bagging_use_the_gram_path():
         sweep = sweep_thresholds(train, heldout, dim, SR3(normalize_columns=True), n_thresholds=20, tol=0.01)
         np.testing.assert_array_equal(sweep.chosen_coef != 0, W[:, dim] != 0)
         np.testing.assert_allclose(sweep.chosen_coef[W[:, dim] != 0], W[W[:, dim] != 0, dim], rtol=0.02)
-    _, per_group = group_stats(theta[:2000], Y[:2000], groups[:2000] % 10)
+    per_group = group_stats(theta[:2000], Y[:2000], groups[:2000] % 10)
     bag = bagging_gram(per_group, SR3(threshold=0.3), n_bootstrap=10, seed=3)
     assert np.all(bag.inclusion_probability[W.T != 0] == 1.0)
 
@@ -344,29 +341,31 @@ def test_threshold_sweep_explicit_grid_and_tolerance():
 def test_bagging_by_trajectory_groups():
     theta, Y, W, names, groups = planted(d=3, n=2000, noise=0.3, seed=2, n_groups=20)
     opt = STLSQ(threshold=0.2, alpha=0.05)
-    res = bagging(theta, Y, opt, groups=groups, n_bootstrap=20, seed=7)
+    per_group = group_stats(theta, Y, groups)
+    res = bagging_gram(per_group, opt, n_bootstrap=20, seed=7)
     true = W.T != 0
     assert res.coefs.shape == (20, 3, theta.shape[1]) and res.resample == "group"
     assert (res.inclusion_probability[true] >= 0.95).all()
     assert res.inclusion_probability[~true].mean() < 0.05
     np.testing.assert_allclose(res.coef_mean[true], W.T[true], rtol=0.1)
     assert (res.coef_std[true] > 0).all()
-    again = bagging(theta, Y, opt, groups=groups, n_bootstrap=3, seed=7)
+    again = bagging_gram(per_group, opt, n_bootstrap=3, seed=7)
     np.testing.assert_array_equal(again.coefs, res.coefs[:3])  # same seed, same resamples
-    other = bagging(theta, Y, opt, groups=groups, n_bootstrap=3, seed=8)
+    other = bagging_gram(per_group, opt, n_bootstrap=3, seed=8)
     assert not np.array_equal(other.coefs, res.coefs[:3])
-    # per-group statistics accumulated elsewhere (e.g. Ray workers) give the same ensemble
-    _, per_group = group_stats(theta, Y, groups)
-    np.testing.assert_allclose(
-        bagging_gram(per_group, opt, n_bootstrap=5, seed=7).coefs, res.coefs[:5], atol=1e-10
-    )
+    # per-group statistics summed from partial ones (one per trajectory block, as the Ray tasks make) give the same ensemble
+    blocks = [np.arange(len(Y)) % 2 == k for k in range(2)]  # every group has rows in both blocks
+    parts = [group_stats(theta[rows], Y[rows], groups[rows]) for rows in blocks]
+    merged = [a.merge(b) for a, b in zip(*parts)]
+    np.testing.assert_allclose(bagging_gram(merged, opt, n_bootstrap=5, seed=7).coefs, res.coefs[:5], atol=1e-10)
 
 
-def test_bagging_by_sample_flags_noise_terms():
+def test_bagging_with_one_sample_per_group_flags_noise_terms():
     theta, Y, W, names, _ = planted(d=3, n=1000, noise=0.3, seed=4)
-    res = bagging(theta, Y, STLSQ(threshold=0.3, alpha=0.05), n_bootstrap=25, seed=0, dims=[0, 2])
+    per_sample = group_stats(theta, Y, np.arange(len(Y)))  # every sample its own group: the sample bootstrap
+    res = bagging_gram(per_sample, STLSQ(threshold=0.3, alpha=0.05), n_bootstrap=25, seed=0, dims=[0, 2])
     true = W.T[[0, 2]] != 0
-    assert res.resample == "sample" and res.dims == [0, 2]
+    assert res.dims == [0, 2]
     assert (res.inclusion_probability[true] == 1.0).all()
     # Noise terms are rare; the most frequent ones are nearly collinear pairs such as
     # (z0 t, z0 t^2) with cancelling coefficients (~1/3 of resamples here): bagging

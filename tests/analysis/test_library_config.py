@@ -1,5 +1,5 @@
 """The configurable library (analysis/library.py: TimeSpline, TimeProduct, Tanh, CustomTerms, build_library),
-the selection rule on unexplained variance (analysis/fit.py: choose_model) and the one equation formatter
+the selection rule on unexplained variance (analysis/selection.py: choose_model) and the one equation formatter
 (analysis/export.py: rhs_text)."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from analysis.custom_terms import CustomTerms
 from analysis.export import rhs_text
-from analysis.fit import UV_FLOOR, choose_model
-from analysis.library import (CustomTerms, Library, Tanh, TimeProduct, TimeSpline, build_library,
-                              principal_directions)
+from analysis.families import Tanh, TimeProduct, TimeSpline
+from analysis.library import Library, build_library, principal_directions
+from analysis.selection import UV_FLOOR, choose_model
 
 
 @pytest.fixture
@@ -108,7 +109,9 @@ def test_one_formatter_for_text_and_latex():
 
 
 def test_forward_stepwise_path_is_nested_least_squares():
-    from analysis.fit import ForwardStepwise, GramStats, sweep_thresholds
+    from analysis.gram import GramStats
+    from analysis.optimizers import ForwardStepwise
+    from analysis.selection import sweep_thresholds
 
     rng = np.random.default_rng(1)
     X = rng.normal(size=(400, 30))

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from analysis.library import Library, Polynomial
+from analysis.families import Polynomial
+from analysis.library import Library
 from analysis.mixture import GaussianMixtureEps, MixtureEps, fit_mixture
 
 

@@ -1,13 +1,14 @@
 """Targets and integration conventions without Ray: central differences on a known ODE, and the
-fit + Euler rollout of analysis/report.py recover dz/dt = -z (t from 1 to 0, dt = 1/T)."""
+fit + Euler rollout of analysis/integration.py recover dz/dt = -z (t from 1 to 0, dt = 1/T)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from analysis.fit import STLSQ, GramStats
+from analysis.gram import GramStats
+from analysis.integration import integrate, sindy_rhs
 from analysis.library import Library
-from analysis.report import integrate, sindy_rhs
+from analysis.optimizers import STLSQ
 from analysis.targets import central_diff, regression_samples
 
 
