@@ -214,9 +214,10 @@ def coordinate_choice_lines(choice: dict | None) -> list[str]:
     """One line saying which coordinates were compared and why these were kept (sindy.coordinates=auto)."""
     if not choice or len(choice["candidates"]) < 2:
         return [f"- coordinates not compared: {choice['modes_skipped']}"] if choice and "modes_skipped" in choice else []
-    parts = [f"{c['kind']} {c['terms']} terms, 1-R^2 {c['unexplained_heldout']:.3g}" for c in choice["candidates"]]
-    return [f"- coordinates compared (pooled held-out unexplained variance, terms in all): {'; '.join(parts)}; "
-            f"kept **{choice['chosen']}** ({choice['rule']})"]
+    parts = [f"{c['kind']} {c['terms']} terms, 1-R^2 {c['unexplained_heldout']:.3g} pooled / "
+             f"{c['worst_unexplained_heldout']:.3g} worst" for c in choice["candidates"]]
+    return [f"- coordinates compared (terms in all; held-out unexplained variance pooled over dimensions and of the "
+            f"worst dimension): {'; '.join(parts)}; kept **{choice['chosen']}** ({choice['rule']})"]
 
 
 def validation_section(views: dict | None, ctx: ReportContext) -> list[str]:

@@ -48,3 +48,20 @@ def test_modes_after_a_base_round_trip(base):
     else:
         assert not modes.is_rotation and np.allclose(modes.inverse(u), c.inverse(c.states(z0)), atol=1e-12)
     assert "linear modes" in modes.describe()
+
+
+def test_the_coordinate_choice_weighs_terms_pooled_and_worst_fit():
+    from analysis.coordinate_choice import choose_coordinates
+
+    def cand(terms, pooled, worst):
+        return {"terms": terms, "unexplained": pooled, "worst": worst}
+
+    # Gaussian-like: the modes are sparser and better on both counts
+    assert choose_coordinates([cand(466, 0.017, 0.039), cand(154, 1.4e-4, 5.6e-4)], 0.05) == 1
+    # mixture-like: the modes are sparser and better pooled, but one equation is worse: keep the own coordinates
+    assert choose_coordinates([cand(390, 0.0022, 0.0097), cand(132, 0.0019, 0.0116)], 0.05) == 0
+    # Lorenz-like: exact in both up to round-off: the fewer terms
+    assert choose_coordinates([cand(7, 8e-16, 2e-15), cand(24, 1.5e-14, 4e-14)], 0.05) == 0
+    assert choose_coordinates([cand(24, 8e-16, 2e-15), cand(7, 1.5e-14, 4e-14)], 0.05) == 1
+    # each better on one count and neither within the tolerance on both: the own coordinates
+    assert choose_coordinates([cand(300, 0.30, 0.50), cand(100, 0.20, 0.90)], 0.05) == 0
