@@ -18,8 +18,14 @@ from analysis.trajectories import TrajectorySet
 from configs.cli import UserError
 from configs.schema import Config, to_dict
 
-__all__ = ["make_coordinates", "fit_modes", "pooled_unexplained", "worst_unexplained", "choose_coordinates",
-           "fit_in_coordinates"]
+__all__ = [
+    "make_coordinates",
+    "fit_modes",
+    "pooled_unexplained",
+    "worst_unexplained",
+    "choose_coordinates",
+    "fit_in_coordinates",
+]
 
 
 def make_coordinates(cfg: Config, plan: Plan, tset: TrajectorySet, split: np.ndarray) -> tuple[list[Coordinates], str]:
@@ -34,10 +40,14 @@ def make_coordinates(cfg: Config, plan: Plan, tset: TrajectorySet, split: np.nda
         return [base], ""
     modes = fit_modes(plan, tset, split, base)
     if modes is None:
-        why = (f"the linear modes need more than d + 1 = {base.dim + 1} training trajectories (the per-step affine "
-               f"fit), these have {len(train)}")
+        why = (
+            f"the linear modes need more than d + 1 = {base.dim + 1} training trajectories (the per-step affine "
+            f"fit), these have {len(train)}"
+        )
         if cfg.sindy.coordinates == "modes":
-            raise UserError(f"sindy.coordinates=modes: {why}; raise sindy.n_trajectories or use sindy.coordinates=latent")
+            raise UserError(
+                f"sindy.coordinates=modes: {why}; raise sindy.n_trajectories or use sindy.coordinates=latent"
+            )
         return [base], why
     return ([base, modes] if cfg.sindy.coordinates == "auto" else [modes]), ""
 
@@ -85,13 +95,17 @@ def choose_coordinates(cands: list[dict], tol: float) -> int:
     to it) and the worst dimension's (a reader judges each equation: a rotation that concentrates a nonlinearity in
     one coordinate can lower the pooled figure and still leave that equation worse); ties go to the first (the
     latent's own coordinates), and so does the choice when no candidate is within both."""
-    ok = [i for i, c in enumerate(cands)
-          if all(c[k] <= (1 + tol) * min(o[k] for o in cands) + 1e-10 for k in ("unexplained", "worst"))]
+    ok = [
+        i
+        for i, c in enumerate(cands)
+        if all(c[k] <= (1 + tol) * min(o[k] for o in cands) + 1e-10 for k in ("unexplained", "worst"))
+    ]
     return min(ok, key=lambda i: (cands[i]["terms"], i)) if ok else 0
 
 
-def fit_in_coordinates(cfg: Config, plan: Plan, tset: TrajectorySet, split: np.ndarray,
-                       times: dict) -> tuple[Coordinates, list[dict], Library, dict]:
+def fit_in_coordinates(
+    cfg: Config, plan: Plan, tset: TrajectorySet, split: np.ndarray, times: dict
+) -> tuple[Coordinates, list[dict], Library, dict]:
     """Stage 2 in each candidate coordinate system (sindy.coordinates) and the choice between them.
 
     Returns:
@@ -110,26 +124,55 @@ def fit_in_coordinates(cfg: Config, plan: Plan, tset: TrajectorySet, split: np.n
         fits, lib = stage_fits(cfg, plan, tset, coords, split, fit_dir, own)
         for k, (sec, how) in own.items():  # one line per stage, every candidate's share named
             prev = times.get(k)
-            times[k] = (sec + (prev[0] if prev else 0.0), (prev[1] + "; " if prev else "")
-                        + (f"{coords.kind}: " if len(cands) > 1 else "") + how)
-        runs.append({"coords": coords, "fits": fits, "lib": lib, "kind": coords.kind,
-                     "unexplained": pooled_unexplained(fits), "worst": worst_unexplained(fits),
-                     "terms": sum(r["n_terms"] for r in fits)})
+            times[k] = (
+                sec + (prev[0] if prev else 0.0),
+                (prev[1] + "; " if prev else "") + (f"{coords.kind}: " if len(cands) > 1 else "") + how,
+            )
+        runs.append(
+            {
+                "coords": coords,
+                "fits": fits,
+                "lib": lib,
+                "kind": coords.kind,
+                "unexplained": pooled_unexplained(fits),
+                "worst": worst_unexplained(fits),
+                "terms": sum(r["n_terms"] for r in fits),
+            }
+        )
     i = choose_coordinates(runs, cfg.sindy.threshold_tol) if len(runs) > 1 else 0
-    choice = {"setting": cfg.sindy.coordinates, "chosen": runs[i]["kind"],
-              "rule": ("the fewest terms in all among the coordinates whose pooled held-out unexplained variance "
-                       "(sum RSS / sum TSS over dimensions) and worst dimension's unexplained variance are both within "
-                       f"{1 + cfg.sindy.threshold_tol:g} x the best's; ties go to the latent's own")
-              if len(runs) > 1 else f"sindy.coordinates={cfg.sindy.coordinates}",
-              "candidates": [{"kind": r["kind"], "unexplained_heldout": r["unexplained"],
-                              "worst_unexplained_heldout": r["worst"], "terms": r["terms"],
-                              "r2_heldout_min": min(f["r2_heldout"] for f in r["fits"]),
-                              "r2_heldout_median": float(np.median([f["r2_heldout"] for f in r["fits"]]))}
-                             for r in runs]}
+    choice = {
+        "setting": cfg.sindy.coordinates,
+        "chosen": runs[i]["kind"],
+        "rule": (
+            "the fewest terms in all among the coordinates whose pooled held-out unexplained variance "
+            "(sum RSS / sum TSS over dimensions) and worst dimension's unexplained variance are both within "
+            f"{1 + cfg.sindy.threshold_tol:g} x the best's; ties go to the latent's own"
+        )
+        if len(runs) > 1
+        else f"sindy.coordinates={cfg.sindy.coordinates}",
+        "candidates": [
+            {
+                "kind": r["kind"],
+                "unexplained_heldout": r["unexplained"],
+                "worst_unexplained_heldout": r["worst"],
+                "terms": r["terms"],
+                "r2_heldout_min": min(f["r2_heldout"] for f in r["fits"]),
+                "r2_heldout_median": float(np.median([f["r2_heldout"] for f in r["fits"]])),
+            }
+            for r in runs
+        ],
+    }
     if why:
         choice["modes_skipped"] = why
-    print("sindy: coordinates " + ", ".join(f"{c['kind']}: {c['terms']} terms, held-out 1-R^2 "
-                                            f"{c['unexplained_heldout']:.3g} pooled, {c['worst_unexplained_heldout']:.3g} "
-                                            "worst" for c in choice["candidates"])
-          + f" -> {choice['chosen']}", flush=True)
+    print(
+        "sindy: coordinates "
+        + ", ".join(
+            f"{c['kind']}: {c['terms']} terms, held-out 1-R^2 "
+            f"{c['unexplained_heldout']:.3g} pooled, {c['worst_unexplained_heldout']:.3g} "
+            "worst"
+            for c in choice["candidates"]
+        )
+        + f" -> {choice['chosen']}",
+        flush=True,
+    )
     return runs[i]["coords"], runs[i]["fits"], runs[i]["lib"], choice

@@ -43,8 +43,14 @@ class Coordinates:
         base: "latent" | "pca": what the modes rotate (for describe()).
     """
 
-    def __init__(self, kind: str, mean: np.ndarray, components: np.ndarray, explained: np.ndarray | None = None,
-                 base: str = "latent"):
+    def __init__(
+        self,
+        kind: str,
+        mean: np.ndarray,
+        components: np.ndarray,
+        explained: np.ndarray | None = None,
+        base: str = "latent",
+    ):
         self.kind, self.mean, self.components = kind, mean.astype(np.float64), components.astype(np.float64)
         self.explained, self.base = explained, base
 
@@ -58,25 +64,32 @@ class Coordinates:
         return self.components.shape[0] == self.components.shape[1] and not np.any(self.mean)
 
     @classmethod
-    def identity(cls, D: int) -> "Coordinates":
+    def identity(cls, D: int) -> Coordinates:
         return cls("latent", np.zeros(D), np.eye(D))
 
     @classmethod
-    def fit_pca(cls, z0: np.ndarray, k: int) -> "Coordinates":
+    def fit_pca(cls, z0: np.ndarray, k: int) -> Coordinates:
         """PCA of (n, D) final states; k <= min(n, D)."""
         z0 = np.asarray(z0, dtype=np.float64)
         if k > min(z0.shape):
-            raise UserError(f"sindy.pca_components={k} exceeds what {z0.shape[0]} training samples of "
-                            f"dimension {z0.shape[1]} support; lower it or raise sindy.n_trajectories")
+            raise UserError(
+                f"sindy.pca_components={k} exceeds what {z0.shape[0]} training samples of "
+                f"dimension {z0.shape[1]} support; lower it or raise sindy.n_trajectories"
+            )
         mean = z0.mean(axis=0)
         _, s, vt = np.linalg.svd(z0 - mean, full_matrices=False)
         var = s**2
         return cls("pca", mean, vt[:k], var[:k] / var.sum())
 
-    def then_modes(self, modes: np.ndarray) -> "Coordinates":
+    def then_modes(self, modes: np.ndarray) -> Coordinates:
         """These coordinates followed by the rotation u' = M u, M (k, k) orthonormal rows (linear_modes)."""
-        return Coordinates("modes", self.mean, modes @ self.components, self.explained,
-                           base="latent" if self.kind == "latent" else "pca")
+        return Coordinates(
+            "modes",
+            self.mean,
+            modes @ self.components,
+            self.explained,
+            base="latent" if self.kind == "latent" else "pca",
+        )
 
     def states(self, z: np.ndarray) -> np.ndarray:
         """(..., D) -> (..., k)."""
@@ -104,16 +117,25 @@ class Coordinates:
     def describe(self) -> str:
         if self.kind == "latent":
             return f"the {self.dim} latent coordinates themselves (normalised: (z - mean) / std)"
-        pca = (f"the first {self.dim} principal components of the {self.components.shape[1]}-D normalised "
-               f"latent (fitted on training end states z_0; {100 * float(np.sum(self.explained)):.1f}% of "
-               "their variance") if self.explained is not None else ""
+        pca = (
+            (
+                f"the first {self.dim} principal components of the {self.components.shape[1]}-D normalised "
+                f"latent (fitted on training end states z_0; {100 * float(np.sum(self.explained)):.1f}% of "
+                "their variance"
+            )
+            if self.explained is not None
+            else ""
+        )
         if self.kind == "pca":
             return pca + "; loadings in pca.safetensors)"
-        return (f"the {self.dim} linear modes of the dynamics (the equations' z0..z{self.dim - 1} are these modes u = C z)"
-                + (f" after {pca})" if pca else " of the normalised latent")
-                + ", C orthonormal: the eigenvectors of the per-step least-squares linear drift, along which it is "
-                  "(nearly) uncoupled (analysis/coordinates.py); z = C^T u" + ("" if not pca else " + m")
-                + "; C (rows) and m in coordinates.safetensors")
+        return (
+            f"the {self.dim} linear modes of the dynamics (the equations' z0..z{self.dim - 1} are these modes u = C z)"
+            + (f" after {pca})" if pca else " of the normalised latent")
+            + ", C orthonormal: the eigenvectors of the per-step least-squares linear drift, along which it is "
+            "(nearly) uncoupled (analysis/coordinates.py); z = C^T u"
+            + ("" if not pca else " + m")
+            + "; C (rows) and m in coordinates.safetensors"
+        )
 
 
 def linear_modes(z: np.ndarray, v: np.ndarray) -> np.ndarray | None:

@@ -20,10 +20,15 @@ __all__ = ["CustomTerms"]
 # A small expression grammar for user-listed terms. Expressions are parsed with Python's ``ast``
 # and walked node by node against this whitelist, never compiled or eval'd: only numbers, the
 # names z0..z{d-1} and t, + - * / ** (integer or float powers), unary minus and these functions.
-_FUNCS = {"exp": (np.exp, torch.exp if torch else None), "log": (np.log, torch.log if torch else None),
-          "tanh": (np.tanh, torch.tanh if torch else None), "sin": (np.sin, torch.sin if torch else None),
-          "cos": (np.cos, torch.cos if torch else None), "sqrt": (np.sqrt, torch.sqrt if torch else None),
-          "abs": (np.abs, torch.abs if torch else None)}
+_FUNCS = {
+    "exp": (np.exp, torch.exp if torch else None),
+    "log": (np.log, torch.log if torch else None),
+    "tanh": (np.tanh, torch.tanh if torch else None),
+    "sin": (np.sin, torch.sin if torch else None),
+    "cos": (np.cos, torch.cos if torch else None),
+    "sqrt": (np.sqrt, torch.sqrt if torch else None),
+    "abs": (np.abs, torch.abs if torch else None),
+}
 
 
 def _parse_term(expr: str):
@@ -34,8 +39,10 @@ def _parse_term(expr: str):
     try:
         tree = ast.parse(expr.strip(), mode="eval")
     except SyntaxError:
-        raise ValueError(f"user term {expr!r} is not a valid expression (grammar: numbers, z0..z{{d-1}}, t, "
-                         f"+ - * / **, {', '.join(sorted(_FUNCS))}).") from None
+        raise ValueError(
+            f"user term {expr!r} is not a valid expression (grammar: numbers, z0..z{{d-1}}, t, "
+            f"+ - * / **, {', '.join(sorted(_FUNCS))})."
+        ) from None
     ops = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow)
 
     def check(node):
@@ -49,11 +56,18 @@ def _parse_term(expr: str):
             return set()
         if isinstance(node, ast.Name) and (node.id == "t" or (node.id[:1] == "z" and node.id[1:].isdigit())):
             return {node.id}
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS
-                and len(node.args) == 1 and not node.keywords):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in _FUNCS
+            and len(node.args) == 1
+            and not node.keywords
+        ):
             return check(node.args[0])
-        raise ValueError(f"user term {expr!r}: {ast.dump(node)[:60]} is outside the grammar (numbers, "
-                         f"z0..z{{d-1}}, t, + - * / **, {', '.join(sorted(_FUNCS))}).")
+        raise ValueError(
+            f"user term {expr!r}: {ast.dump(node)[:60]} is outside the grammar (numbers, "
+            f"z0..z{{d-1}}, t, + - * / **, {', '.join(sorted(_FUNCS))})."
+        )
 
     return tree, check(tree)
 
@@ -66,8 +80,13 @@ def _eval_term(node, z, t):
     if isinstance(node, ast.BinOp):
         a, b = _eval_term(node.left, z, t), _eval_term(node.right, z, t)
         op = type(node.op)
-        return {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
-                ast.Div: lambda: a / b, ast.Pow: lambda: a**b}[op]()
+        return {
+            ast.Add: lambda: a + b,
+            ast.Sub: lambda: a - b,
+            ast.Mult: lambda: a * b,
+            ast.Div: lambda: a / b,
+            ast.Pow: lambda: a**b,
+        }[op]()
     if isinstance(node, ast.UnaryOp):
         v = _eval_term(node.operand, z, t)
         return -v if isinstance(node.op, ast.USub) else v

@@ -54,8 +54,9 @@ class FitSettings:
     gate: float
 
 
-def fit_dimension(dim: int, train, heldout, groups: list, settings: FitSettings, out_path: str,
-                  windows: list | None = None) -> dict:
+def fit_dimension(
+    dim: int, train, heldout, groups: list, settings: FitSettings, out_path: str, windows: list | None = None
+) -> dict:
     """Threshold sweep, chosen model, bagging and metrics for one target dimension; writes JSON.
 
     Args:
@@ -81,31 +82,54 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: FitSettings,
 
     def per_window(coef: np.ndarray, col: int) -> list:
         edges = settings.window_edges or []
-        return [{"t_from": edges[w], "t_to": edges[w + 1],
-                 "r2_heldout": None if s is None else float(s.r2(coef[None], [col])[0])}
-                for w, s in enumerate(windows or [])]
+        return [
+            {
+                "t_from": edges[w],
+                "t_to": edges[w + 1],
+                "r2_heldout": None if s is None else float(s.r2(coef[None], [col])[0]),
+            }
+            for w, s in enumerate(windows or [])
+        ]
 
     def one(col: int) -> tuple[dict, Any]:
-        sw, gate = sweep_with_gate(train, heldout, col, opt, settings.gated_columns or [],
-                                   settings.gate, n_thresholds=settings.n_thresholds, tol=settings.tol,
-                                   max_terms=budget)
+        sw, gate = sweep_with_gate(
+            train,
+            heldout,
+            col,
+            opt,
+            settings.gated_columns or [],
+            settings.gate,
+            n_thresholds=settings.n_thresholds,
+            tol=settings.tol,
+            max_terms=budget,
+        )
         coef = sw.chosen_coef
         rss_tr = float(train.rss(coef[None], [col])[0])
         rss_ho = float(heldout.rss(coef[None], [col])[0])
         un = sw.coefs[sw.unrestricted]
-        res = {"threshold": sw.chosen_threshold, "method": "forward stepwise" if np.isnan(sw.chosen_threshold) else "STLSQ",
-               "n_terms": int(np.count_nonzero(coef)),
-               "r2_train": float(sw.r2_train[sw.chosen]), "r2_heldout": float(sw.r2_heldout[sw.chosen]),
-               "rmse_train": (rss_tr / train.n_samples) ** 0.5, "rmse_heldout": (rss_ho / heldout.n_samples) ** 0.5,
-               "rss_heldout": rss_ho, "tss_heldout": float(heldout.tss([col])[0]),
-               "r2_heldout_windows": per_window(coef, col),
-               "unrestricted": {"n_terms": int(np.count_nonzero(un)), "threshold": float(sw.thresholds[sw.unrestricted]),
-                                "r2_train": float(sw.r2_train[sw.unrestricted]),
-                                "r2_heldout": float(sw.r2_heldout[sw.unrestricted]),
-                                "r2_heldout_windows": per_window(un, col),
-                                "terms": [{"index": int(k), "name": names[k], "coef": float(un[k])} for k in np.flatnonzero(un)]},
-               "sweep": sw.table(), "rule": sw.rule,
-               "gated_families": None if gate is None else {k: v for k, v in gate.items() if k != "keep"}}
+        res = {
+            "threshold": sw.chosen_threshold,
+            "method": "forward stepwise" if np.isnan(sw.chosen_threshold) else "STLSQ",
+            "n_terms": int(np.count_nonzero(coef)),
+            "r2_train": float(sw.r2_train[sw.chosen]),
+            "r2_heldout": float(sw.r2_heldout[sw.chosen]),
+            "rmse_train": (rss_tr / train.n_samples) ** 0.5,
+            "rmse_heldout": (rss_ho / heldout.n_samples) ** 0.5,
+            "rss_heldout": rss_ho,
+            "tss_heldout": float(heldout.tss([col])[0]),
+            "r2_heldout_windows": per_window(coef, col),
+            "unrestricted": {
+                "n_terms": int(np.count_nonzero(un)),
+                "threshold": float(sw.thresholds[sw.unrestricted]),
+                "r2_train": float(sw.r2_train[sw.unrestricted]),
+                "r2_heldout": float(sw.r2_heldout[sw.unrestricted]),
+                "r2_heldout_windows": per_window(un, col),
+                "terms": [{"index": int(k), "name": names[k], "coef": float(un[k])} for k in np.flatnonzero(un)],
+            },
+            "sweep": sw.table(),
+            "rule": sw.rule,
+            "gated_families": None if gate is None else {k: v for k, v in gate.items() if k != "keep"},
+        }
         res["_keep"] = None if gate is None else gate["keep"]
         return res, sw
 
@@ -116,18 +140,33 @@ def fit_dimension(dim: int, train, heldout, groups: list, settings: FitSettings,
     incl = std = mean = None
     if settings.n_bootstrap > 0 and len(groups) >= 2 and support.size:
         cols = np.arange(train.n_terms) if keep is None else np.asarray(keep)  # a dropped family stays dropped
-        chosen_opt = (ForwardStepwise(int(np.count_nonzero(coef)), settings.normalize) if np.isnan(sw.chosen_threshold)
-                      else opt.with_threshold(sw.chosen_threshold))
+        chosen_opt = (
+            ForwardStepwise(int(np.count_nonzero(coef)), settings.normalize)
+            if np.isnan(sw.chosen_threshold)
+            else opt.with_threshold(sw.chosen_threshold)
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            bag = bagging_gram([g.subset(cols) for g in groups] if keep is not None else groups, chosen_opt,
-                               settings.n_bootstrap, settings.seed + dim, dims=[dim])
+            bag = bagging_gram(
+                [g.subset(cols) for g in groups] if keep is not None else groups,
+                chosen_opt,
+                settings.n_bootstrap,
+                settings.seed + dim,
+                dims=[dim],
+            )
         incl, std, mean = (np.zeros(train.n_terms) for _ in range(3))
         incl[cols], std[cols], mean[cols] = bag.inclusion_probability[0], bag.coef_std[0], bag.coef_mean[0]
-    main["terms"] = [{"index": int(k), "name": names[k], "coef": float(coef[k]),
-                      "inclusion_probability": None if incl is None else float(incl[k]),
-                      "coef_std": None if std is None else float(std[k]),
-                      "coef_mean_bagged": None if mean is None else float(mean[k])} for k in support]
+    main["terms"] = [
+        {
+            "index": int(k),
+            "name": names[k],
+            "coef": float(coef[k]),
+            "inclusion_probability": None if incl is None else float(incl[k]),
+            "coef_std": None if std is None else float(std[k]),
+            "coef_mean_bagged": None if mean is None else float(mean[k]),
+        }
+        for k in support
+    ]
     if incl is not None:  # terms the bootstrap picks often although the chosen model dropped them
         others = [k for k in np.argsort(-incl) if coef[k] == 0 and incl[k] >= 0.5][:10]
         main["frequent_excluded_terms"] = [{"name": names[k], "inclusion_probability": float(incl[k])} for k in others]

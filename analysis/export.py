@@ -18,15 +18,23 @@ text and LaTeX equations and ``SINDy.print`` (through ``ReportSINDy.equations``)
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from analysis.library import Library, PysindyLibrary
 
-__all__ = ["number_text", "rhs_text", "equation_text", "equation_latex", "ReportSINDy", "to_pysindy",
-           "xi_from_report", "load_pysindy"]
+__all__ = [
+    "number_text",
+    "rhs_text",
+    "equation_text",
+    "equation_latex",
+    "ReportSINDy",
+    "to_pysindy",
+    "xi_from_report",
+    "load_pysindy",
+]
 
 
 def number_text(c: float, style: str = "text") -> str:
@@ -64,12 +72,12 @@ def _terms_row(terms: list[dict], names: Sequence[str]) -> tuple[list[float], li
 
 
 def equation_text(j: int, terms: list[dict]) -> str:
-    """"dz{j}/dt = ..." from the report's term list [{"index", "name", "coef"}]."""
+    """ "dz{j}/dt = ..." from the report's term list [{"index", "name", "coef"}]."""
     return f"dz{j}/dt = " + rhs_text(*_terms_row(terms, []))
 
 
 def equation_latex(j: int, terms: list[dict], latex_names: Sequence[str]) -> str:
-    """"\\dot z_{j} &= ..." for an align environment."""
+    """ "\\dot z_{j} &= ..." for an align environment."""
     return rf"\dot z_{{{j}}} &= " + rhs_text(*_terms_row(terms, latex_names), style="latex")
 
 
@@ -86,7 +94,7 @@ except ImportError:  # pragma: no cover - pysindy is a dependency of the project
     ReportSINDy = None
 
 
-def to_pysindy(library: Library, xi: np.ndarray, state_names: Sequence[str] | None = None) -> "ReportSINDy":
+def to_pysindy(library: Library, xi: np.ndarray, state_names: Sequence[str] | None = None) -> ReportSINDy:
     """A fitted ``pysindy.SINDy`` whose coefficients are exactly ``xi``.
 
     pysindy builds its pipeline only in ``fit``, so the model is fitted once on a few synthetic rows
@@ -111,8 +119,9 @@ def to_pysindy(library: Library, xi: np.ndarray, state_names: Sequence[str] | No
     z = rng.normal(size=(n, d)) * 0.1
     t = np.linspace(0.0, 1.0, n)
     theta = library.transform(z, t if timed else None)
-    model = ReportSINDy(feature_library=PysindyLibrary(library, time_column=timed),
-                        optimizer=pysindy.STLSQ(threshold=0.0, alpha=0.0))
+    model = ReportSINDy(
+        feature_library=PysindyLibrary(library, time_column=timed), optimizer=pysindy.STLSQ(threshold=0.0, alpha=0.0)
+    )
     import warnings
 
     with warnings.catch_warnings():
@@ -137,7 +146,7 @@ def xi_from_report(eq: dict, which: str = "chosen") -> np.ndarray:
     return xi
 
 
-def load_pysindy(report_dir: str | Path, which: str = "chosen") -> "ReportSINDy":
+def load_pysindy(report_dir: str | Path, which: str = "chosen") -> ReportSINDy:
     """The report's equations as one ``pysindy.SINDy`` for all dimensions, from equations.json.
 
     Args:

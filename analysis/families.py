@@ -29,8 +29,17 @@ from analysis.terms import (
     _to_numpy,
 )
 
-__all__ = ["Polynomial", "TimePolynomial", "TimeTimesState", "ExpNegTimeState", "ExpNegSquare", "TimeSpline",
-           "TimeProduct", "Tanh", "time_functions"]
+__all__ = [
+    "Polynomial",
+    "TimePolynomial",
+    "TimeTimesState",
+    "ExpNegTimeState",
+    "ExpNegSquare",
+    "TimeSpline",
+    "TimeProduct",
+    "Tanh",
+    "time_functions",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,11 +66,7 @@ class Polynomial(TermFamily):
         """Index tuples of the monomials, () for the bias, in column order."""
         _check_d(d)
         start = 0 if self.include_bias else 1
-        return [
-            c
-            for k in range(start, self.degree + 1)
-            for c in itertools.combinations_with_replacement(range(d), k)
-        ]
+        return [c for k in range(start, self.degree + 1) for c in itertools.combinations_with_replacement(range(d), k)]
 
     def n_output_features(self, d: int) -> int:
         _check_d(d)
@@ -111,9 +116,7 @@ class TimePolynomial(TermFamily):
 
     def __post_init__(self):
         if not isinstance(self.degree, (int, np.integer)) or self.degree < 1:
-            raise ValueError(
-                f"TimePolynomial degree must be an int >= 1; got {self.degree!r}."
-            )
+            raise ValueError(f"TimePolynomial degree must be an int >= 1; got {self.degree!r}.")
 
     def n_output_features(self, d):
         _check_d(d)
@@ -144,13 +147,8 @@ class TimeTimesState(TermFamily):
 
     def __post_init__(self):
         object.__setattr__(self, "powers", tuple(self.powers))
-        if not self.powers or any(
-            not isinstance(k, (int, np.integer)) or k < 1 for k in self.powers
-        ):
-            raise ValueError(
-                f"TimeTimesState powers must be a non-empty list of ints >= 1; "
-                f"got {self.powers!r}."
-            )
+        if not self.powers or any(not isinstance(k, (int, np.integer)) or k < 1 for k in self.powers):
+            raise ValueError(f"TimeTimesState powers must be a non-empty list of ints >= 1; got {self.powers!r}.")
         if len(set(self.powers)) != len(self.powers):
             raise ValueError(f"TimeTimesState powers repeat a value: {self.powers!r}.")
 
@@ -363,8 +361,11 @@ class Tanh(TermFamily):
         return self.time_degree > 0
 
     def params(self) -> dict:
-        return {"scales": list(self.scales), "projections": [list(u) for u in self.projections],
-                "time_degree": self.time_degree}
+        return {
+            "scales": list(self.scales),
+            "projections": [list(u) for u in self.projections],
+            "time_degree": self.time_degree,
+        }
 
     def _n_proj(self, d: int) -> int:
         _check_d(d)

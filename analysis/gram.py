@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.linalg
@@ -71,9 +72,7 @@ class GramStats:
     n_samples: float = 0
 
     @classmethod
-    def zeros(
-        cls, n_terms: int, n_targets: int, device: str | torch.device | None = None
-    ) -> "GramStats":
+    def zeros(cls, n_terms: int, n_targets: int, device: str | torch.device | None = None) -> GramStats:
         """Empty statistics for p = n_terms and m = n_targets on ``device``."""
         dev = resolve_device(device)
         z = dict(dtype=torch.float64, device=dev)
@@ -97,9 +96,7 @@ class GramStats:
     def n_targets(self) -> int:
         return int(self.cross.shape[1])
 
-    def update(
-        self, theta_chunk: Any, target_chunk: Any, weights: Any | None = None
-    ) -> "GramStats":
+    def update(self, theta_chunk: Any, target_chunk: Any, weights: Any | None = None) -> GramStats:
         """Add a chunk of samples in place.
 
         Args:
@@ -118,10 +115,7 @@ class GramStats:
                 "Use the same library for every chunk."
             )
         if y.shape != (th.shape[0], self.n_targets):
-            raise ValueError(
-                f"target_chunk must have shape ({th.shape[0]}, {self.n_targets}); got "
-                f"{tuple(y.shape)}."
-            )
+            raise ValueError(f"target_chunk must have shape ({th.shape[0]}, {self.n_targets}); got {tuple(y.shape)}.")
         if weights is None:
             thw, yw, n = th, y, th.shape[0]
         else:
@@ -136,7 +130,7 @@ class GramStats:
         self.n_samples += n
         return self
 
-    def merge(self, other: "GramStats") -> "GramStats":
+    def merge(self, other: GramStats) -> GramStats:
         """Sum of two statistics (e.g. from two workers), as a new object on self's device."""
         if (other.n_terms, other.n_targets) != (self.n_terms, self.n_targets):
             raise ValueError(
@@ -156,12 +150,11 @@ class GramStats:
     __add__ = merge
 
     @staticmethod
-    def weighted_sum(stats: Sequence["GramStats"], weights: Sequence[float]) -> "GramStats":
+    def weighted_sum(stats: Sequence[GramStats], weights: Sequence[float]) -> GramStats:
         """sum_g w_g S_g (bootstrap over groups with counts w_g)."""
         if len(stats) != len(weights) or not stats:
             raise ValueError(
-                f"need one weight per statistics object; got {len(stats)} stats and "
-                f"{len(weights)} weights."
+                f"need one weight per statistics object; got {len(stats)} stats and {len(weights)} weights."
             )
         out = GramStats.zeros(stats[0].n_terms, stats[0].n_targets, stats[0].device)
         for s, w in zip(stats, weights):
@@ -174,12 +167,16 @@ class GramStats:
             out.n_samples += w * s.n_samples
         return out
 
-    def subset(self, cols: Sequence[int]) -> "GramStats":
+    def subset(self, cols: Sequence[int]) -> GramStats:
         """The statistics of the library restricted to the columns ``cols`` (targets unchanged)."""
         idx = torch.as_tensor(np.asarray(cols, dtype=np.int64), device=self.device)
-        return GramStats(gram=self.gram[idx][:, idx].clone(), cross=self.cross[idx].clone(),
-                         target_gram=self.target_gram.clone(), target_sum=self.target_sum.clone(),
-                         n_samples=self.n_samples)
+        return GramStats(
+            gram=self.gram[idx][:, idx].clone(),
+            cross=self.cross[idx].clone(),
+            target_gram=self.target_gram.clone(),
+            target_sum=self.target_sum.clone(),
+            n_samples=self.n_samples,
+        )
 
     def to_numpy(self) -> dict:
         """{"gram", "cross", "target_gram", "target_sum": float64 arrays, "n_samples"}."""
@@ -192,7 +189,7 @@ class GramStats:
         }
 
     @classmethod
-    def from_numpy(cls, arrays: dict, device: str | torch.device | None = "cpu") -> "GramStats":
+    def from_numpy(cls, arrays: dict, device: str | torch.device | None = "cpu") -> GramStats:
         """Inverse of ``to_numpy``."""
         dev = resolve_device(device)
         return cls(
@@ -210,7 +207,7 @@ class GramStats:
         targets: Any,
         chunk_size: int = 65536,
         device: str | torch.device | None = None,
-    ) -> "GramStats":
+    ) -> GramStats:
         """Statistics of an in-memory Theta (n, p) and targets (n, m), chunk by chunk."""
         targets = as_2d_targets(targets)
         stats = cls.zeros(theta.shape[1], targets.shape[1], device)
@@ -225,7 +222,7 @@ class GramStats:
         batches: Iterable[tuple[Any, Any, Any]],
         device: str | torch.device | None = None,
         chunk_size: int = 65536,
-    ) -> "GramStats":
+    ) -> GramStats:
         """Stream (z, t, zdot) batches through ``library`` without materializing Theta.
 
         Args:
@@ -281,10 +278,7 @@ class GramStats:
         coef = np.atleast_2d(np.asarray(coef, dtype=np.float64))
         dims = list(range(self.n_targets)) if dims is None else list(dims)
         if coef.shape != (len(dims), self.n_terms):
-            raise ValueError(
-                f"coef must have shape ({len(dims)}, {self.n_terms}) for dims={dims}; got "
-                f"{coef.shape}."
-            )
+            raise ValueError(f"coef must have shape ({len(dims)}, {self.n_terms}) for dims={dims}; got {coef.shape}.")
         quad = np.einsum("jp,pq,jq->j", coef, G, coef)
         lin = np.einsum("jp,pj->j", coef, B[:, dims])
         return np.maximum(quad - 2 * lin + np.diag(YY)[dims], 0.0)

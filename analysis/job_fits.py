@@ -44,15 +44,22 @@ def make_library(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinat
         steps = np.arange(schedule.T - 1, -1, -1)  # network step of state k (analysis/theory.py's order)
         p, q = linear_part(schedule, tset.manifest.get("sampler") or cfg.sindy.sampler)
         feats = tuple("drift" if (f == "eps" and plan.targets[0] != "eps") else f for f in lib_cfg.mixture_features)
-        mixture = MixtureEps.from_mixture(latent_mixture(cfg, plan, coords)["mix"],
-                                          schedule.alpha_bars.double().cpu().numpy()[steps], feats, p, q)
+        mixture = MixtureEps.from_mixture(
+            latent_mixture(cfg, plan, coords)["mix"], schedule.alpha_bars.double().cpu().numpy()[steps], feats, p, q
+        )
     return build_library(lib_cfg, coords.dim, (float(np.min(t)), float(np.max(t))), proj, mixture)
 
 
 # Config family names -> the TermFamily kinds they build (analysis.library.build_library).
-FAMILY_KINDS = {"polynomial": ("Polynomial",), "time": ("TimePolynomial", "TimeSpline"), "time_state": ("TimeProduct",),
-                "exp": ("ExpNegTimeState", "ExpNegSquare"), "tanh": ("Tanh",), "terms": ("CustomTerms",),
-                "mixture": ("MixtureEps",)}
+FAMILY_KINDS = {
+    "polynomial": ("Polynomial",),
+    "time": ("TimePolynomial", "TimeSpline"),
+    "time_state": ("TimeProduct",),
+    "exp": ("ExpNegTimeState", "ExpNegSquare"),
+    "tanh": ("Tanh",),
+    "terms": ("CustomTerms",),
+    "mixture": ("MixtureEps",),
+}
 
 
 def gated_columns(lib: Library, gated: list[str]) -> list[int]:
@@ -63,20 +70,30 @@ def gated_columns(lib: Library, gated: list[str]) -> list[int]:
 
 def fit_key(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinates) -> str:
     s = cfg.sindy
-    ident = {"data": tset.manifest.get("sha256") or [b["sha256"] for b in tset.manifest["blocks"]],
-             "n": tset.n, "split": [s.seed, s.heldout_fraction, plan.n_groups], "targets": plan.targets,
-             "coords": coords.kind, "pca": s.pca_components if coords.kind == "pca" else 0,
-             "components": (hashlib.sha256(coords.components.tobytes() + coords.mean.tobytes()).hexdigest()
-                            if coords.kind == "modes" else None), "record": 2,
-             "fit": [s.alpha, s.normalize, s.n_thresholds, s.threshold_tol, s.n_bootstrap, s.term_budget, s.time_windows],
-             "library": to_dict(plan.library_cfg),
-             "optimizer": [s.optimizer, s.sr3_nu if s.optimizer == "sr3" else None],
-             "free_time_degree": s.ceiling_degree}
+    ident = {
+        "data": tset.manifest.get("sha256") or [b["sha256"] for b in tset.manifest["blocks"]],
+        "n": tset.n,
+        "split": [s.seed, s.heldout_fraction, plan.n_groups],
+        "targets": plan.targets,
+        "coords": coords.kind,
+        "pca": s.pca_components if coords.kind == "pca" else 0,
+        "components": (
+            hashlib.sha256(coords.components.tobytes() + coords.mean.tobytes()).hexdigest()
+            if coords.kind == "modes"
+            else None
+        ),
+        "record": 2,
+        "fit": [s.alpha, s.normalize, s.n_thresholds, s.threshold_tol, s.n_bootstrap, s.term_budget, s.time_windows],
+        "library": to_dict(plan.library_cfg),
+        "optimizer": [s.optimizer, s.sr3_nu if s.optimizer == "sr3" else None],
+        "free_time_degree": s.ceiling_degree,
+    }
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def stage_fits(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinates, split: np.ndarray,
-               fit_dir: Path, times: dict) -> tuple[list[dict], Library]:
+def stage_fits(
+    cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinates, split: np.ndarray, fit_dir: Path, times: dict
+) -> tuple[list[dict], Library]:
     """Stage 2 in one coordinate system: stream the statistics once (one task per block), then one fit task per
     dimension; fits already in ``fit_dir`` are reused. Returns the per-dimension results and the library."""
     import ray
@@ -95,8 +112,22 @@ def stage_fits(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinates
         device = "cuda" if gpus else "cpu"
         task = ray_utils.accumulate_task(gpus)
         tref = ray.put(tset)
-        refs = [task.remote(tref, i, coords, split, plan.targets, lib.spec(), plan.n_groups, device, s.chunk_size,
-                            s.ceiling_degree, edges) for i in range(tset.n_blocks)]
+        refs = [
+            task.remote(
+                tref,
+                i,
+                coords,
+                split,
+                plan.targets,
+                lib.spec(),
+                plan.n_groups,
+                device,
+                s.chunk_size,
+                s.ceiling_degree,
+                edges,
+            )
+            for i in range(tset.n_blocks)
+        ]
         parts = ray_utils.wait_all(refs, "statistics (blocks)")
         if s.ceiling_degree > 0:
             write_free_time(parts, s.ceiling_degree, fit_dir / "free_time.json")
@@ -108,23 +139,44 @@ def stage_fits(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinates
             train = train.merge(g)
         if not all(bool(x.gram.isfinite().all() and x.cross.isfinite().all()) for x in (train, heldout)):
             zmax = max(float(np.abs(coords.states(b.z)).max()) for b in tset.blocks())
-            raise UserError(f"the library overflows on these trajectories (max |z| = {zmax:.3g}; exp(-t z) and cubes "
-                            "need O(1) states): the DiT's sampler diverges, usually an undertrained model (with the cosine "
-                            "T=50 schedule the first step amplifies eps errors ~31x); train the DiT longer")
-        times["statistics"] = (time.time() - t0, f"{tset.n_blocks} block tasks, {lib.n_terms} terms, "
-                                                 f"{int(train.n_samples)} training + {int(heldout.n_samples)} held-out rows")
+            raise UserError(
+                f"the library overflows on these trajectories (max |z| = {zmax:.3g}; exp(-t z) and cubes "
+                "need O(1) states): the DiT's sampler diverges, usually an undertrained model (with the cosine "
+                "T=50 schedule the first step amplifies eps errors ~31x); train the DiT longer"
+            )
+        times["statistics"] = (
+            time.time() - t0,
+            f"{tset.n_blocks} block tasks, {lib.n_terms} terms, "
+            f"{int(train.n_samples)} training + {int(heldout.n_samples)} held-out rows",
+        )
         t0 = time.time()
-        settings = FitSettings(optimizer=s.optimizer, sr3_nu=s.sr3_nu, alpha=s.alpha, normalize=s.normalize,
-                               n_thresholds=s.n_thresholds, tol=s.threshold_tol, n_bootstrap=s.n_bootstrap, seed=s.seed,
-                               d=d, compare=len(plan.targets) > 1, targets=list(plan.targets),
-                               names=lib.get_feature_names("text"), term_budget=s.term_budget, window_edges=edges,
-                               gated_columns=gated_columns(lib, s.library.gated), gate=s.library.gate)
+        settings = FitSettings(
+            optimizer=s.optimizer,
+            sr3_nu=s.sr3_nu,
+            alpha=s.alpha,
+            normalize=s.normalize,
+            n_thresholds=s.n_thresholds,
+            tol=s.threshold_tol,
+            n_bootstrap=s.n_bootstrap,
+            seed=s.seed,
+            d=d,
+            compare=len(plan.targets) > 1,
+            targets=list(plan.targets),
+            names=lib.get_feature_names("text"),
+            term_budget=s.term_budget,
+            window_edges=edges,
+            gated_columns=gated_columns(lib, s.library.gated),
+            gate=s.library.gate,
+        )
         train_ref, ho_ref, groups_ref = ray.put(train), ray.put(heldout), ray.put(groups)
         win_ref = ray.put(windows)
         fit = ray_utils.fit_task()
         refs = [fit.remote(j, train_ref, ho_ref, groups_ref, settings, str(files[j]), win_ref) for j in todo]
         ray_utils.wait_all(refs, f"fits ({len(todo)} dimensions)")
-        times["fits"] = (time.time() - t0, f"{len(todo)} dimension tasks" + (f", {d - len(todo)} reused" if len(todo) < d else ""))
+        times["fits"] = (
+            time.time() - t0,
+            f"{len(todo)} dimension tasks" + (f", {d - len(todo)} reused" if len(todo) < d else ""),
+        )
     else:
         times["statistics"] = (0.0, "skipped: all fits reused")
         times["fits"] = (0.0, f"reused {fit_dir}")
@@ -133,14 +185,21 @@ def stage_fits(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinates
     if s.ceiling_degree > 0 and ceiling.is_file():
         ref = json.loads(ceiling.read_text())
         for r in fits:
-            r["free_time"] = ({"degree": ref["degree"], "skipped": ref["skipped"]} if "skipped" in ref else
-                              {"degree": ref["degree"], "r2_train": ref["r2_train"][r["dim"]],
-                               "r2_heldout": ref["r2_heldout"][r["dim"]]})
+            r["free_time"] = (
+                {"degree": ref["degree"], "skipped": ref["skipped"]}
+                if "skipped" in ref
+                else {
+                    "degree": ref["degree"],
+                    "r2_train": ref["r2_train"][r["dim"]],
+                    "r2_heldout": ref["r2_heldout"][r["dim"]],
+                }
+            )
     return fits, lib
 
 
 def write_free_time(parts: list[dict], degree: int, path: Path) -> None:
     """Merge the blocks' per-step statistics and write the free-time reference R^2 per dimension."""
+
     def merged(split: str) -> list[GramStats]:
         blocks = [p["steps"][split] for p in parts if p["steps"][split] is not None]
         return [ray_utils.merge_numpy_stats([b[k] for b in blocks]) for k in range(len(blocks[0]))]
@@ -148,11 +207,28 @@ def write_free_time(parts: list[dict], degree: int, path: Path) -> None:
     train, heldout = merged("train"), merged("heldout")
     rows, unknowns = min(int(s.n_samples) for s in train), train[0].n_terms
     if rows <= unknowns:  # an underdetermined fit per step would print a meaningless "reference"
-        path.write_text(json.dumps({"degree": degree, "skipped": (
-            f"The free-time reference (a separate degree-{degree} polynomial in z per sampler step) needs more training "
-            f"rows per step than its {unknowns} unknowns, but these data have {rows} training trajectories per step; "
-            "it is not computed. Lower sindy.ceiling_degree or use more trajectories.")}))
+        path.write_text(
+            json.dumps(
+                {
+                    "degree": degree,
+                    "skipped": (
+                        f"The free-time reference (a separate degree-{degree} polynomial in z per sampler step) needs more training "
+                        f"rows per step than its {unknowns} unknowns, but these data have {rows} training trajectories per step; "
+                        "it is not computed. Lower sindy.ceiling_degree or use more trajectories."
+                    ),
+                }
+            )
+        )
         return
     r2_tr, r2_ho = free_time_r2(train, heldout)
-    path.write_text(json.dumps({"degree": degree, "r2_train": r2_tr.tolist(), "r2_heldout": r2_ho.tolist(),
-                                "rows_per_step": rows, "unknowns": unknowns}))
+    path.write_text(
+        json.dumps(
+            {
+                "degree": degree,
+                "r2_train": r2_tr.tolist(),
+                "r2_heldout": r2_ho.tolist(),
+                "rows_per_step": rows,
+                "unknowns": unknowns,
+            }
+        )
+    )

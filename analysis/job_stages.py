@@ -34,10 +34,12 @@ from configs.schema import Config
 
 __all__ = ["stage_trajectories", "split_trajectories", "stage_report", "provenance"]
 
-TARGET_NOTES = {"drift": "the sampler's deterministic mean step as dz/dt, free of injected noise",
-                "central_diff": "(z[k+1] - z[k-1]) / (2 dt), one-sided at the ends (the reference method)",
-                "eps": "the DiT's own output eps_theta(z, t); the drift is composed exactly as p(t) z + q(t) eps_fit "
-                       "(sindy.fit_space=eps, analysis/theory.py)"}
+TARGET_NOTES = {
+    "drift": "the sampler's deterministic mean step as dz/dt, free of injected noise",
+    "central_diff": "(z[k+1] - z[k-1]) / (2 dt), one-sided at the ends (the reference method)",
+    "eps": "the DiT's own output eps_theta(z, t); the drift is composed exactly as p(t) z + q(t) eps_fit "
+    "(sindy.fit_space=eps, analysis/theory.py)",
+}
 
 
 def stage_trajectories(cfg: Config, plan: Plan) -> tuple[TrajectorySet, str]:
@@ -69,7 +71,9 @@ def stage_trajectories(cfg: Config, plan: Plan) -> tuple[TrajectorySet, str]:
         regenerated = f" ({len(bad)} failed their check on reuse)" if bad else ""
     blocks = plan_blocks(s.n_trajectories, s.block_size)
     bmeta = {"seed": s.seed, "sampler": s.sampler, **plan.digests}
-    todo = [(b, c) for b, c in blocks if not block_is_complete(folder / block_name(b, c), {**bmeta, "block": b, "count": c})]
+    todo = [
+        (b, c) for b, c in blocks if not block_is_complete(folder / block_name(b, c), {**bmeta, "block": b, "count": c})
+    ]
     if todo:
         gpus = int(ray.cluster_resources().get("GPU", 0)) if s.device != "cpu" else 0
         if s.device == "cuda" and gpus == 0:
@@ -78,18 +82,33 @@ def stage_trajectories(cfg: Config, plan: Plan) -> tuple[TrajectorySet, str]:
         n_workers = min(s.workers or (gpus or cpus), len(todo))
         Actor = ray_utils.trajectory_actor_class(1 if gpus else 0)
         threads = max(1, cpus // n_workers)
-        actors = [Actor.remote(str(plan.run_dir.resolve()), "cuda" if gpus else "cpu", threads)
-                  for _ in range(n_workers)]
-        refs = [actors[i % n_workers].generate.remote(str(folder.resolve()), b, c, s.sampler, s.seed, bmeta)
-                for i, (b, c) in enumerate(todo)]
+        actors = [
+            Actor.remote(str(plan.run_dir.resolve()), "cuda" if gpus else "cpu", threads) for _ in range(n_workers)
+        ]
+        refs = [
+            actors[i % n_workers].generate.remote(str(folder.resolve()), b, c, s.sampler, s.seed, bmeta)
+            for i, (b, c) in enumerate(todo)
+        ]
         ray_utils.wait_all(refs, f"trajectories ({n_workers} {'GPU' if gpus else 'CPU'} workers)")
         for a in actors:
             ray.kill(a)
-    write_manifest(folder, s.n_trajectories, blocks, {
-        **bmeta, "block_size": s.block_size, "timesteps": plan.T, "latent_shape": meta["latent_shape"],
-        "kind": meta["kind"], "schedule": meta["schedule"]})
-    return (TrajectorySet.from_manifest(manifest_path, verify=False),
-            f"generated {len(todo)} of {len(blocks)} blocks{regenerated}")
+    write_manifest(
+        folder,
+        s.n_trajectories,
+        blocks,
+        {
+            **bmeta,
+            "block_size": s.block_size,
+            "timesteps": plan.T,
+            "latent_shape": meta["latent_shape"],
+            "kind": meta["kind"],
+            "schedule": meta["schedule"],
+        },
+    )
+    return (
+        TrajectorySet.from_manifest(manifest_path, verify=False),
+        f"generated {len(todo)} of {len(blocks)} blocks{regenerated}",
+    )
 
 
 def split_trajectories(n: int, n_heldout: int, n_groups: int, seed: int) -> np.ndarray:
@@ -101,8 +120,18 @@ def split_trajectories(n: int, n_heldout: int, n_groups: int, seed: int) -> np.n
     return split
 
 
-def stage_report(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinates, split: np.ndarray,
-                 fits: list[dict], lib: Library, times: dict, ray_how: str, choice: dict) -> Path:
+def stage_report(
+    cfg: Config,
+    plan: Plan,
+    tset: TrajectorySet,
+    coords: Coordinates,
+    split: np.ndarray,
+    fits: list[dict],
+    lib: Library,
+    times: dict,
+    ray_how: str,
+    choice: dict,
+) -> Path:
     """Stage 3: integrate the equations from held-out noise, decode, write everything; returns report.md."""
     report_t0 = time.time()
     s, d = cfg.sindy, coords.dim
@@ -122,22 +151,51 @@ def stage_report(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinat
     sim, diverged = integrate(rhs, ref[0], blk.t, s.integrator)
     with np.errstate(invalid="ignore"):
         rmse_step = np.sqrt(np.nanmean((sim - ref) ** 2, axis=(1, 2)))
-    roll = {"t": blk.t, "index": heldout, "reference": ref, "sindy": sim, "rmse_per_step": rmse_step, "diverged": diverged}
+    roll = {
+        "t": blk.t,
+        "index": heldout,
+        "reference": ref,
+        "sindy": sim,
+        "rmse_per_step": rmse_step,
+        "diverged": diverged,
+    }
     images = decode_end_states(plan, coords, ref[-1], sim[-1]) if tset.source == "generated" else None
     ctx = ReportContext(
-        run=cfg.run.name, n=tset.n, n_train=int((split >= 0).sum()), n_heldout=int((split < 0).sum()),
-        seed=s.seed, sampler=tset.manifest.get("sampler"), T=tset.T, target=plan.targets[0],
-        target_note=("the file's 'velocities' array (dz/dt given with the states)" if tset.source == "npz"
-                     and plan.targets[0] == "drift" else TARGET_NOTES[plan.targets[0]]),
-        t_convention=tset.manifest.get("t_convention", T_CONVENTION), coordinates=coords.describe(),
-        optimizer=s.optimizer, sr3_nu=s.sr3_nu, term_budget=s.term_budget, report_t0=report_t0,
-        alpha=s.alpha, normalize=s.normalize, n_thresholds=s.n_thresholds, n_groups=plan.n_groups,
-        n_bootstrap=s.n_bootstrap, poor_r2=s.poor_r2, integrator=s.integrator, stage_times=times,
-        source=tset.source, warnings=plan.warnings,
+        run=cfg.run.name,
+        n=tset.n,
+        n_train=int((split >= 0).sum()),
+        n_heldout=int((split < 0).sum()),
+        seed=s.seed,
+        sampler=tset.manifest.get("sampler"),
+        T=tset.T,
+        target=plan.targets[0],
+        target_note=(
+            "the file's 'velocities' array (dz/dt given with the states)"
+            if tset.source == "npz" and plan.targets[0] == "drift"
+            else TARGET_NOTES[plan.targets[0]]
+        ),
+        t_convention=tset.manifest.get("t_convention", T_CONVENTION),
+        coordinates=coords.describe(),
+        optimizer=s.optimizer,
+        sr3_nu=s.sr3_nu,
+        term_budget=s.term_budget,
+        report_t0=report_t0,
+        alpha=s.alpha,
+        normalize=s.normalize,
+        n_thresholds=s.n_thresholds,
+        n_groups=plan.n_groups,
+        n_bootstrap=s.n_bootstrap,
+        poor_r2=s.poor_r2,
+        integrator=s.integrator,
+        stage_times=times,
+        source=tset.source,
+        warnings=plan.warnings,
         digests=plan.digests or {"external_sha256": tset.manifest.get("sha256")},
-        provenance=provenance(plan, tset, ray_how))
-    return write_report(plan.run_dir / "report", plan.run_dir / "tb" / "sindy", fits, lib, ctx, roll, images,
-                        views=views)
+        provenance=provenance(plan, tset, ray_how),
+    )
+    return write_report(
+        plan.run_dir / "report", plan.run_dir / "tb" / "sindy", fits, lib, ctx, roll, images, views=views
+    )
 
 
 def provenance(plan: Plan, tset: TrajectorySet, ray_how: str) -> str:
@@ -145,5 +203,7 @@ def provenance(plan: Plan, tset: TrajectorySet, ray_how: str) -> str:
     m = tset.manifest
     if tset.source == "npz":
         return f"{m['path']} (sha256 {m['sha256'][:16]}, arrays {m['extra_arrays']}); Ray: {ray_how}"
-    return (f"dit_ema sha256 {m['dit_ema_sha256'][:16]}, ae sha256 {m['ae_sha256'][:16]}, "
-            f"schedule {m.get('schedule')}, blocks of {m['block_size']}; Ray: {ray_how}")
+    return (
+        f"dit_ema sha256 {m['dit_ema_sha256'][:16]}, ae sha256 {m['ae_sha256'][:16]}, "
+        f"schedule {m.get('schedule')}, blocks of {m['block_size']}; Ray: {ray_how}"
+    )

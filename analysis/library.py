@@ -64,7 +64,8 @@ docstring).
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -109,8 +110,17 @@ SPEC_FORMAT = "latent-sindy.library/1"
 
 FAMILIES: dict[str, type[TermFamily]] = {
     cls.kind: cls
-    for cls in (Polynomial, TimePolynomial, TimeTimesState, ExpNegTimeState, ExpNegSquare, TimeSpline,
-                TimeProduct, Tanh, CustomTerms)
+    for cls in (
+        Polynomial,
+        TimePolynomial,
+        TimeTimesState,
+        ExpNegTimeState,
+        ExpNegSquare,
+        TimeSpline,
+        TimeProduct,
+        Tanh,
+        CustomTerms,
+    )
 }
 
 
@@ -137,8 +147,13 @@ def reference_families() -> list[TermFamily]:
 LIBRARY_FAMILIES = ("polynomial", "time", "time_state", "exp", "tanh", "terms", "mixture")
 
 
-def build_library(cfg: Any, d: int, t_range: tuple[float, float] = (0.0, 1.0),
-                  projections: np.ndarray | None = None, mixture: TermFamily | None = None) -> "Library":
+def build_library(
+    cfg: Any,
+    d: int,
+    t_range: tuple[float, float] = (0.0, 1.0),
+    projections: np.ndarray | None = None,
+    mixture: TermFamily | None = None,
+) -> Library:
     """The library a ``sindy.library`` config describes (configs/schema.py, SindyLibraryConfig).
 
     Args:
@@ -167,8 +182,16 @@ def build_library(cfg: Any, d: int, t_range: tuple[float, float] = (0.0, 1.0),
     if "time" in want:
         fams.append(time_functions(cfg.time_basis, cfg.time_degree, cfg.spline_basis, t_min, t_max))
     if "time_state" in want:
-        fams.append(TimeProduct(time_basis=cfg.time_basis, degree=cfg.time_degree, state_degree=cfg.time_state_degree,
-                                n_basis=cfg.spline_basis, t_min=t_min, t_max=t_max))
+        fams.append(
+            TimeProduct(
+                time_basis=cfg.time_basis,
+                degree=cfg.time_degree,
+                state_degree=cfg.time_state_degree,
+                n_basis=cfg.spline_basis,
+                t_min=t_min,
+                t_max=t_max,
+            )
+        )
     if "exp" in want:
         fams += [ExpNegTimeState(), ExpNegSquare()]
     if "tanh" in want:
@@ -183,8 +206,10 @@ def build_library(cfg: Any, d: int, t_range: tuple[float, float] = (0.0, 1.0),
         fams.append(CustomTerms(terms=tuple(cfg.terms)))
     if "mixture" in want:
         if mixture is None:
-            raise ValueError("the mixture family needs a fitted mixture (mixture=...; the SINDy job fits one to the "
-                             "run's training latents).")
+            raise ValueError(
+                "the mixture family needs a fitted mixture (mixture=...; the SINDy job fits one to the "
+                "run's training latents)."
+            )
         fams.append(mixture)
     if not fams:
         raise ValueError("sindy.library.families is empty; list at least one family.")
@@ -241,7 +266,7 @@ class Library:
         self.n_state = None if n_state is None else _check_d(n_state)
 
     @classmethod
-    def reference(cls, d: int | None = None) -> "Library":
+    def reference(cls, d: int | None = None) -> Library:
         """The reference library (module docstring), optionally bound to dimension d."""
         return cls(reference_families(), n_state=d)
 
@@ -302,7 +327,7 @@ class Library:
 
     # -- fit / transform
 
-    def fit(self, z: Any, t: Any = None) -> "Library":
+    def fit(self, z: Any, t: Any = None) -> Library:
         """Learn (or check) the state dimension from z of shape (n, d); returns self."""
         shape = tuple(z.shape) if hasattr(z, "shape") else np.shape(z)
         if len(shape) != 2:
@@ -350,7 +375,7 @@ class Library:
         }
 
     @classmethod
-    def from_spec(cls, spec: dict) -> "Library":
+    def from_spec(cls, spec: dict) -> Library:
         """Rebuild a Library from ``spec()`` output."""
         if not isinstance(spec, dict) or spec.get("format") != SPEC_FORMAT:
             raise ValueError(
@@ -365,18 +390,12 @@ class Library:
             if kind == "MixtureEps" and kind not in FAMILIES:  # registers itself; it imports this module
                 import analysis.mixture  # noqa: F401
             if kind not in FAMILIES:
-                raise ValueError(
-                    f"unknown term family kind {kind!r} in spec; known: {sorted(FAMILIES)}."
-                )
+                raise ValueError(f"unknown term family kind {kind!r} in spec; known: {sorted(FAMILIES)}.")
             families.append(FAMILIES[kind](**entry))
         return cls(families, n_state=spec.get("n_state"))
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, Library)
-            and self.families == other.families
-            and self.n_state == other.n_state
-        )
+        return isinstance(other, Library) and self.families == other.families and self.n_state == other.n_state
 
     def __repr__(self) -> str:
         fams = ", ".join(repr(f) for f in self.families)
@@ -465,11 +484,7 @@ class PysindyLibrary(BaseFeatureLibrary):
             return self.library.get_feature_names("text")
         names = list(input_features)
         if len(names) != self.n_features_in_:
-            raise ValueError(
-                f"input_features has {len(names)} names for {self.n_features_in_} inputs."
-            )
+            raise ValueError(f"input_features has {len(names)} names for {self.n_features_in_} inputs.")
         if self.time_column:
-            return self.library.get_feature_names(
-                "text", state_names=names[:-1], time_name=names[-1]
-            )
+            return self.library.get_feature_names("text", state_names=names[:-1], time_name=names[-1])
         return self.library.get_feature_names("text", state_names=names)

@@ -4,7 +4,7 @@ refitted at every sampler step, gets: the ceiling the state dependence allows)."
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -52,8 +52,9 @@ def stepwise_stats(z: np.ndarray, y: np.ndarray, degree: int) -> list[dict]:
     return [GramStats.from_arrays(theta[k], y[k], device="cpu").to_numpy() for k in range(T)]
 
 
-def free_time_r2(train_steps: Sequence[GramStats], heldout_steps: Sequence[GramStats],
-                 ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+def free_time_r2(
+    train_steps: Sequence[GramStats], heldout_steps: Sequence[GramStats], ridge: float = 1e-3
+) -> tuple[np.ndarray, np.ndarray]:
     """R^2 of a separate ridge fit per sampler step (any time dependence), pooled over steps.
 
     The global library can only change its coefficients with t through its time terms; this

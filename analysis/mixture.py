@@ -29,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy.special import logsumexp
@@ -55,8 +56,10 @@ class GaussianMixtureEps:
         K, d = self.means.shape
         self.covariances = np.asarray(covariances, np.float64).reshape(-1, d, d)
         if self.weights.shape != (K,) or self.covariances.shape != (K, d, d):
-            raise ValueError(f"weights (K,), means (K, d), covariances (K, d, d); got {self.weights.shape}, "
-                             f"{self.means.shape}, {self.covariances.shape}")
+            raise ValueError(
+                f"weights (K,), means (K, d), covariances (K, d, d); got {self.weights.shape}, "
+                f"{self.means.shape}, {self.covariances.shape}"
+            )
         lam, U = np.linalg.eigh((self.covariances + self.covariances.transpose(0, 2, 1)) / 2)
         self.lam = np.clip(lam, 0.0, None)  # (K, d)
         self.U = U  # (K, d, d), columns eigenvectors
@@ -71,7 +74,7 @@ class GaussianMixtureEps:
         return self.means.shape[1]
 
     @classmethod
-    def from_sklearn(cls, gm) -> "GaussianMixtureEps":
+    def from_sklearn(cls, gm) -> GaussianMixtureEps:
         """From a fitted ``sklearn.mixture.GaussianMixture`` (any covariance_type)."""
         K, d = gm.means_.shape
         cov = gm.covariances_
@@ -85,8 +88,9 @@ class GaussianMixtureEps:
             full = np.stack([c * np.eye(d) for c in cov])
         return cls(gm.weights_, gm.means_, np.array(full))
 
-    def posterior_and_eps(self, z: np.ndarray, a: np.ndarray | float, s: np.ndarray | float,
-                          chunk: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    def posterior_and_eps(
+        self, z: np.ndarray, a: np.ndarray | float, s: np.ndarray | float, chunk: int = 4096
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Responsibilities r (n, K) and eps* (n, d) at states z (n, d) with noise levels a, s (scalars or (n,))."""
         z = np.asarray(z, np.float64)
         n = z.shape[0]
@@ -117,14 +121,19 @@ class GaussianMixtureEps:
         return self.posterior_and_eps(z, a, s)[1]
 
     def spec(self) -> dict:
-        return {"weights": self.weights.tolist(), "means": self.means.tolist(), "covariances": self.covariances.tolist()}
+        return {
+            "weights": self.weights.tolist(),
+            "means": self.means.tolist(),
+            "covariances": self.covariances.tolist(),
+        }
 
 
 # ----------------------------------------------------------------------------- fitting
 
 
-def fit_mixture(train: np.ndarray, heldout: np.ndarray, ks: Sequence[int] = DEFAULT_GRID, seed: int = 0,
-                max_iter: int = 200) -> tuple[GaussianMixtureEps, list[dict], list[GaussianMixtureEps]]:
+def fit_mixture(
+    train: np.ndarray, heldout: np.ndarray, ks: Sequence[int] = DEFAULT_GRID, seed: int = 0, max_iter: int = 200
+) -> tuple[GaussianMixtureEps, list[dict], list[GaussianMixtureEps]]:
     """Fit full-covariance mixtures for every K in ``ks`` (EM, scikit-learn) and keep the best held-out one.
 
     Args:
@@ -143,10 +152,18 @@ def fit_mixture(train: np.ndarray, heldout: np.ndarray, ks: Sequence[int] = DEFA
     rows, models = [], []
     for k in ks:
         t0 = time.time()
-        gm = GaussianMixture(n_components=int(k), covariance_type="full", reg_covar=1e-6, max_iter=max_iter,
-                             random_state=seed).fit(train)
-        rows.append({"k": int(k), "loglik_train": float(gm.score(train)), "loglik_heldout": float(gm.score(heldout)),
-                     "seconds": round(time.time() - t0, 2), "converged": bool(gm.converged_)})
+        gm = GaussianMixture(
+            n_components=int(k), covariance_type="full", reg_covar=1e-6, max_iter=max_iter, random_state=seed
+        ).fit(train)
+        rows.append(
+            {
+                "k": int(k),
+                "loglik_train": float(gm.score(train)),
+                "loglik_heldout": float(gm.score(heldout)),
+                "seconds": round(time.time() - t0, 2),
+                "converged": bool(gm.converged_),
+            }
+        )
         models.append(gm)
     best = int(np.argmax([r["loglik_heldout"] for r in rows]))
     for i, r in enumerate(rows):
@@ -196,26 +213,40 @@ class MixtureEps(TermFamily):
             object.__setattr__(self, f, _nested_tuple(getattr(self, f)))
         object.__setattr__(self, "features", tuple(self.features))
         if not self.features or any(f not in ("eps", "drift", "posterior") for f in self.features):
-            raise ValueError(f"MixtureEps features must be a non-empty subset of ('eps', 'drift', 'posterior'); "
-                             f"got {self.features!r}")
+            raise ValueError(
+                f"MixtureEps features must be a non-empty subset of ('eps', 'drift', 'posterior'); "
+                f"got {self.features!r}"
+            )
         if not self.weights or not self.alpha_bars:
             raise ValueError("MixtureEps needs the mixture (weights, means, covariances) and alpha_bars per state")
         if "drift" in self.features and not (len(self.p) == len(self.q) == len(self.alpha_bars)):
             raise ValueError("MixtureEps feature 'drift' needs the sampler's p and q for every state (as alpha_bars)")
-        object.__setattr__(self, "_mix", GaussianMixtureEps(np.array(self.weights), np.array(self.means),
-                                                           np.array(self.covariances)))
+        object.__setattr__(
+            self, "_mix", GaussianMixtureEps(np.array(self.weights), np.array(self.means), np.array(self.covariances))
+        )
 
     @classmethod
-    def from_mixture(cls, mix: GaussianMixtureEps, alpha_bars: np.ndarray, features=("eps",),
-                     p: np.ndarray | None = None, q: np.ndarray | None = None) -> "MixtureEps":
+    def from_mixture(
+        cls,
+        mix: GaussianMixtureEps,
+        alpha_bars: np.ndarray,
+        features=("eps",),
+        p: np.ndarray | None = None,
+        q: np.ndarray | None = None,
+    ) -> MixtureEps:
         lin = {} if p is None else {"p": tuple(np.asarray(p, np.float64)), "q": tuple(np.asarray(q, np.float64))}
-        return cls(mix.weights, mix.means, mix.covariances, tuple(np.asarray(alpha_bars, np.float64)), tuple(features),
-                   **lin)
+        return cls(
+            mix.weights, mix.means, mix.covariances, tuple(np.asarray(alpha_bars, np.float64)), tuple(features), **lin
+        )
 
     def params(self) -> dict:
-        out = {"weights": list(self.weights), "means": [list(m) for m in self.means],
-               "covariances": [[list(r) for r in c] for c in self.covariances],
-               "alpha_bars": list(self.alpha_bars), "features": list(self.features)}
+        out = {
+            "weights": list(self.weights),
+            "means": [list(m) for m in self.means],
+            "covariances": [[list(r) for r in c] for c in self.covariances],
+            "alpha_bars": list(self.alpha_bars),
+            "features": list(self.features),
+        }
         if self.p:
             out.update(p=list(self.p), q=list(self.q))
         return out
@@ -248,7 +279,9 @@ class MixtureEps(TermFamily):
         k = state_index(tn, len(self.alpha_bars))
         ab = np.asarray(self.alpha_bars)[k]
         r, eps = self._mix.posterior_and_eps(zn, np.sqrt(ab), np.sqrt(1.0 - ab))
-        drift = (np.asarray(self.p)[k, None] * zn + np.asarray(self.q)[k, None] * eps) if "drift" in self.features else None
+        drift = (
+            (np.asarray(self.p)[k, None] * zn + np.asarray(self.q)[k, None] * eps) if "drift" in self.features else None
+        )
         cols = np.concatenate([{"eps": eps, "drift": drift, "posterior": r}[f] for f in self.features], axis=1)
         if is_torch:
             import torch

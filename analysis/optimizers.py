@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -69,6 +69,7 @@ def column_norms(sq_norms: np.ndarray) -> np.ndarray:
         )
     return norms
 
+
 def _stlsq_loop(p, ridge, refit, threshold, max_iter, unbias, dim):
     """The STLSQ iteration shared by both paths, in normalized units.
 
@@ -83,7 +84,7 @@ def _stlsq_loop(p, ridge, refit, threshold, max_iter, unbias, dim):
     ind = np.ones(p, dtype=bool)
     prev_pattern = np.ones(p, dtype=bool)  # pattern of the dense least-squares start
     coef = np.zeros(p)
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iter + 1):  # noqa: B007 (returned: the iterations run)
         if not ind.any():
             coef = np.zeros(p)
             break
@@ -98,9 +99,9 @@ def _stlsq_loop(p, ridge, refit, threshold, max_iter, unbias, dim):
         prev_pattern = pattern
     else:
         warnings.warn(
-            f"STLSQ did not converge after max_iter={max_iter} iterations for target "
-            f"{dim}; raise max_iter.",
+            f"STLSQ did not converge after max_iter={max_iter} iterations for target {dim}; raise max_iter.",
             ConvergenceWarning,
+            stacklevel=2,
         )
     if unbias:
         support = np.abs(coef) > _SUPPORT_EPS
@@ -158,7 +159,7 @@ class STLSQ:
             unbias=self.unbias,
         )
 
-    def with_threshold(self, threshold: float) -> "STLSQ":
+    def with_threshold(self, threshold: float) -> STLSQ:
         """A copy with another threshold (for sweeps)."""
         return STLSQ(**{**self.get_params(), "threshold": threshold})
 
@@ -166,13 +167,13 @@ class STLSQ:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
         return f"STLSQ({args})"
 
-    def _finish(self, coefs: list, iters: list) -> "STLSQ":
+    def _finish(self, coefs: list, iters: list) -> STLSQ:
         self.coef_ = np.stack(coefs)  # (m, p)
         self.ind_ = self.coef_ != 0
         self.n_iter_ = np.asarray(iters)
         return self
 
-    def fit_gram(self, stats: GramStats, dims: Sequence[int] | None = None) -> "STLSQ":
+    def fit_gram(self, stats: GramStats, dims: Sequence[int] | None = None) -> STLSQ:
         """STLSQ from (G, b) only.
 
         Args:
@@ -265,7 +266,7 @@ class ForwardStepwise:
             out.append(c)
         return out
 
-    def fit_gram(self, stats: GramStats, dims: Sequence[int] | None = None) -> "ForwardStepwise":
+    def fit_gram(self, stats: GramStats, dims: Sequence[int] | None = None) -> ForwardStepwise:
         """Fit the targets ``dims`` (default all); coef_ is the model with ``n_terms`` terms (or fewer)."""
         G, B, _, _ = stats.numpy_parts()
         dims = list(range(stats.n_targets)) if dims is None else list(dims)
@@ -326,11 +327,17 @@ class SR3:
         self.unbias = bool(unbias)
 
     def get_params(self) -> dict:
-        return dict(threshold=self.threshold, relax_coeff_nu=self.relax_coeff_nu,
-                    regularizer=self.regularizer, max_iter=self.max_iter, tol=self.tol,
-                    normalize_columns=self.normalize_columns, unbias=self.unbias)
+        return dict(
+            threshold=self.threshold,
+            relax_coeff_nu=self.relax_coeff_nu,
+            regularizer=self.regularizer,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            normalize_columns=self.normalize_columns,
+            unbias=self.unbias,
+        )
 
-    def with_threshold(self, threshold: float) -> "SR3":
+    def with_threshold(self, threshold: float) -> SR3:
         """A copy with another threshold (for sweeps)."""
         return SR3(**{**self.get_params(), "threshold": threshold})
 
@@ -345,21 +352,28 @@ class SR3:
     def _pysindy(self):
         import pysindy
 
-        return pysindy.SR3(reg_weight_lam=self.reg_weight_lam, regularizer=self.regularizer,
-                           relax_coeff_nu=self.relax_coeff_nu, max_iter=self.max_iter, tol=self.tol,
-                           normalize_columns=self.normalize_columns, unbias=self.unbias)
+        return pysindy.SR3(
+            reg_weight_lam=self.reg_weight_lam,
+            regularizer=self.regularizer,
+            relax_coeff_nu=self.relax_coeff_nu,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            normalize_columns=self.normalize_columns,
+            unbias=self.unbias,
+        )
 
-    def fit(self, theta: np.ndarray, targets: np.ndarray) -> "SR3":
+    def fit(self, theta: np.ndarray, targets: np.ndarray) -> SR3:
         """Fit on Theta (n, p) and targets (n, m) or (n,); sets coef_ (m, p)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            opt = self._pysindy().fit(np.asarray(theta, dtype=np.float64),
-                                      as_2d_targets(np.asarray(targets, dtype=np.float64)))
+            opt = self._pysindy().fit(
+                np.asarray(theta, dtype=np.float64), as_2d_targets(np.asarray(targets, dtype=np.float64))
+            )
         self.coef_ = np.asarray(opt.coef_)
         self.ind_ = self.coef_ != 0
         return self
 
-    def fit_gram(self, stats: GramStats, dims: Sequence[int] | None = None) -> "SR3":
+    def fit_gram(self, stats: GramStats, dims: Sequence[int] | None = None) -> SR3:
         """Fit the targets ``dims`` (default all) from statistics; sets coef_ (len(dims), p)."""
         G, B, _, _ = stats.numpy_parts()
         dims = list(range(stats.n_targets)) if dims is None else list(dims)

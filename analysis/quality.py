@@ -36,9 +36,10 @@ import argparse
 import json
 import sys
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.stats
@@ -48,9 +49,21 @@ from configs.cli import OneLineParser, call_cli
 from configs.io import file_sha256, read_safetensors
 from data_pipeline.loader import load_split_in_memory
 from data_pipeline.shards import manifest_sha256
-from models.classifier import (FLOOR_N, NUM_CLASSES, TRAIN_HINT, MnistClassifier, QualityError, frechet_distance,
-                               gaussian_fit, load_classifier, predict, read_reference, reference_path,
-                               resolve_device, save_reference)
+from models.classifier import (
+    FLOOR_N,
+    NUM_CLASSES,
+    TRAIN_HINT,
+    MnistClassifier,
+    QualityError,
+    frechet_distance,
+    gaussian_fit,
+    load_classifier,
+    predict,
+    read_reference,
+    reference_path,
+    resolve_device,
+    save_reference,
+)
 
 __all__ = [
     "ReferenceStats",
@@ -286,8 +299,9 @@ def load_images_safetensors(path: str | Path) -> torch.Tensor:
         (N, 1, 28, 28) float32 in [0, 1].
     """
     path = Path(path)
-    tensors = read_safetensors(path, missing=f"images file {str(path)!r} not found", what=repr(str(path)),
-                               error=QualityError)
+    tensors = read_safetensors(
+        path, missing=f"images file {str(path)!r} not found", what=repr(str(path)), error=QualityError
+    )
     if "images" not in tensors:
         raise QualityError(f"{str(path)!r} has no tensor named 'images' (found {sorted(tensors)})")
     return as_float_images(tensors["images"], what=f"'images' in {path}")
@@ -368,8 +382,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
     else:
         path = Path(args.run) / RUN_SAMPLES
         if not path.is_file():
-            raise QualityError(f"run directory {args.run!r} has no {RUN_SAMPLES}; sample it with "
-                                  "python analysis/score_samples.py --config ... (after the DiT training)")
+            raise QualityError(
+                f"run directory {args.run!r} has no {RUN_SAMPLES}; sample it with "
+                "python analysis/score_samples.py --config ... (after the DiT training)"
+            )
         source, images = str(path), load_images_safetensors(path)
     metrics = score_images(images, args.classifier, args.shards, args.device)
     print(_format_table(metrics))

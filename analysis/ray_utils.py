@@ -66,7 +66,7 @@ def choose_address(address: str, env_address: str, submitted: bool) -> tuple[str
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
-    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    rest = address[len("ray://") :] if address.startswith("ray://") else address
     host, sep, port = rest.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or "/" in rest or not port.isdigit() or not 0 < int(port) < 65536:
@@ -80,8 +80,10 @@ def _probe(address: str, source: str) -> None:
 
     hp = _host_port(address)
     if hp is None:
-        raise UserError(f"{source}={address!r} is not a Ray address: use HOST:PORT (the head's GCS port, "
-                        "6379 by default), ray://HOST:PORT, auto (this node's `ray start`) or local")
+        raise UserError(
+            f"{source}={address!r} is not a Ray address: use HOST:PORT (the head's GCS port, "
+            "6379 by default), ray://HOST:PORT, auto (this node's `ray start`) or local"
+        )
     targets = [hp]
     if not address.startswith("ray://"):
         try:  # Ray reaches 127.0.0.1/localhost through this node's IP: probe what it will dial too
@@ -98,8 +100,10 @@ def _probe(address: str, source: str) -> None:
                 pass
         except OSError as e:
             why = e.strerror or str(e) or type(e).__name__
-            raise UserError(f"no Ray cluster answers at {source}={address} ({host}:{port}: {why}); start it, or "
-                            "name a running one (sindy.ray_address=HOST:PORT, or local for a private instance)") from None
+            raise UserError(
+                f"no Ray cluster answers at {source}={address} ({host}:{port}: {why}); start it, or "
+                "name a running one (sindy.ray_address=HOST:PORT, or local for a private instance)"
+            ) from None
 
 
 def _auto_address(source: str) -> str:
@@ -116,8 +120,10 @@ def _auto_address(source: str) -> str:
         f = Path("/tmp/ray/ray_current_cluster")
         found = f.read_text().strip() if f.is_file() else None
     if not found:
-        raise UserError(f"{source}: address=auto, but no `ray start --head` on this node recorded its address "
-                        "(/tmp/ray/ray_current_cluster); start the cluster first or pass sindy.ray_address=HOST:PORT")
+        raise UserError(
+            f"{source}: address=auto, but no `ray start --head` on this node recorded its address "
+            "(/tmp/ray/ray_current_cluster); start the cluster first or pass sindy.ray_address=HOST:PORT"
+        )
     return found
 
 
@@ -169,21 +175,32 @@ def connect(address: str, num_cpus: int, submitted: bool = False) -> str:
     _probe(resolved, source)
     import threading
 
-    timer = threading.Timer(JOIN_TIMEOUT_S, _give_up, args=(
-        f"could not join Ray at {source}={resolved} within {JOIN_TIMEOUT_S:.0f} s (the port answers, "
-        "but not as a Ray head's GCS?); check the address",))
+    timer = threading.Timer(
+        JOIN_TIMEOUT_S,
+        _give_up,
+        args=(
+            f"could not join Ray at {source}={resolved} within {JOIN_TIMEOUT_S:.0f} s (the port answers, "
+            "but not as a Ray head's GCS?); check the address",
+        ),
+    )
     timer.daemon = True
     timer.start()
     try:
         ray.init(address=resolved, runtime_env=runtime_env, log_to_driver=True)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        raise UserError(f"could not join Ray at {source}={resolved}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        raise UserError(
+            f"could not join Ray at {source}={resolved}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        ) from None
     finally:
         timer.cancel()
     if source == "$RAY_ADDRESS":
         return f"joined $RAY_ADDRESS={target}"
     if target == "auto":
-        via = "the cluster this job was submitted to with ray submit" if source == "ray submit" else "this node's ray start"
+        via = (
+            "the cluster this job was submitted to with ray submit"
+            if source == "ray submit"
+            else "this node's ray start"
+        )
         return f"joined {via} (address=auto: {resolved})"
     return f"joined {resolved}"
 
@@ -226,23 +243,35 @@ class TrajectoryWorker:
         expect = {**meta, "block": block, "count": count}
         if block_is_complete(path, expect):
             return str(path)
-        tensors = generate_block(self.model, self.schedule, tuple(self.meta["latent_shape"]), sampler, seed,
-                                 block, count, self.device)
+        tensors = generate_block(
+            self.model, self.schedule, tuple(self.meta["latent_shape"]), sampler, seed, block, count, self.device
+        )
         return str(write_block(Path(folder), block, tensors, meta))
 
 
 def trajectory_actor_class(num_gpus: int):
     ray = _ray()
-    return ray.remote(num_cpus=0 if num_gpus else 1, num_gpus=num_gpus, max_restarts=RETRIES,
-                      max_task_retries=RETRIES)(TrajectoryWorker)
+    return ray.remote(num_cpus=0 if num_gpus else 1, num_gpus=num_gpus, max_restarts=RETRIES, max_task_retries=RETRIES)(
+        TrajectoryWorker
+    )
 
 
 # ----------------------------------------------------------------------------- statistics
 
 
-def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tuple[str, ...],
-                     library_spec: dict, n_groups: int, device: str, chunk_size: int,
-                     ceiling_degree: int = 0, window_edges: list[float] | None = None) -> dict:
+def accumulate_block(
+    tset,
+    block_i: int,
+    coords,
+    split: np.ndarray,
+    targets: tuple[str, ...],
+    library_spec: dict,
+    n_groups: int,
+    device: str,
+    chunk_size: int,
+    ceiling_degree: int = 0,
+    window_edges: list[float] | None = None,
+) -> dict:
     """Gram statistics of one trajectory block: one per bootstrap group (training) and the held-out one.
 
     Args:
@@ -281,8 +310,13 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
     step_rows: dict[str, list] = {"train": [], "heldout": []}  # (T, b, d) states and main targets per group
     for g in np.unique(labels).tolist():
         cols = np.flatnonzero(labels == g)
-        zs, ts, ys = regression_samples(z[:, cols], blk.t, None if drift is None else drift[:, cols], targets,
-                                        eps=None if eps is None else eps[:, cols])
+        zs, ts, ys = regression_samples(
+            z[:, cols],
+            blk.t,
+            None if drift is None else drift[:, cols],
+            targets,
+            eps=None if eps is None else eps[:, cols],
+        )
         stats = GramStats.from_library(lib, [(zs, ts, ys)], device=device, chunk_size=chunk_size)
         if g < 0:
             out["heldout"] = stats.to_numpy()
@@ -290,17 +324,26 @@ def accumulate_block(tset, block_i: int, coords, split: np.ndarray, targets: tup
                 win = window_index(ts, edges)
                 for w in np.unique(win).tolist():
                     rows = win == w
-                    out["windows"][w] = GramStats.from_library(lib, [(zs[rows], ts[rows], ys[rows])], device=device,
-                                                               chunk_size=chunk_size).to_numpy()
+                    out["windows"][w] = GramStats.from_library(
+                        lib, [(zs[rows], ts[rows], ys[rows])], device=device, chunk_size=chunk_size
+                    ).to_numpy()
         else:
             out["groups"][g] = stats.to_numpy()
         if ceiling_degree > 0:  # rows are step-major, so (T, b) is a reshape
             step_rows["heldout" if g < 0 else "train"].append(
-                (zs.reshape(T, cols.size, d), ys.reshape(T, cols.size, -1)[:, :, :d]))
+                (zs.reshape(T, cols.size, d), ys.reshape(T, cols.size, -1)[:, :, :d])
+            )
     if ceiling_degree > 0:
-        out["steps"] = {name: stepwise_stats(np.concatenate([r[0] for r in rows], axis=1),
-                                             np.concatenate([r[1] for r in rows], axis=1), ceiling_degree)
-                        if rows else None for name, rows in step_rows.items()}
+        out["steps"] = {
+            name: stepwise_stats(
+                np.concatenate([r[0] for r in rows], axis=1),
+                np.concatenate([r[1] for r in rows], axis=1),
+                ceiling_degree,
+            )
+            if rows
+            else None
+            for name, rows in step_rows.items()
+        }
     return out
 
 
@@ -336,8 +379,9 @@ def _maybe_fault(dim: int, out_dir: Path) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def fit_dimension_task(dim: int, train, heldout, groups: list, settings, out_path: str,
-                       windows: list | None = None) -> dict:
+def fit_dimension_task(
+    dim: int, train, heldout, groups: list, settings, out_path: str, windows: list | None = None
+) -> dict:
     """analysis.dimension_fit.fit_dimension behind the fault-injection test hook."""
     from analysis.dimension_fit import fit_dimension
 

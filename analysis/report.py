@@ -82,8 +82,16 @@ def flag_of(r: dict, poor: float) -> str:
     return ""
 
 
-def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: ReportContext, roll: dict,
-                 images: dict | None, views: dict | None = None) -> Path:
+def write_report(
+    out: Path,
+    tb_dir: Path,
+    fits: list[dict],
+    library,
+    ctx: ReportContext,
+    roll: dict,
+    images: dict | None,
+    views: dict | None = None,
+) -> Path:
     """Write report.md, equations.json, equations.tex, rollouts.npz, plots and TensorBoard; returns report.md.
 
     Args:
@@ -106,7 +114,9 @@ def write_report(out: Path, tb_dir: Path, fits: list[dict], library, ctx: Report
             xi[r["dim"], term["index"]] = term["coef"]
         r["flag"] = flag_of(r, ctx.poor_r2)
     pngs = fit_plots(out, fits, xi, names, roll, images) + theory_plots(out, views)
-    end_err = float(np.nanmean(np.abs(roll["sindy"][-1] - roll["reference"][-1]))) if roll["sindy"].size else float("nan")
+    end_err = (
+        float(np.nanmean(np.abs(roll["sindy"][-1] - roll["reference"][-1]))) if roll["sindy"].size else float("nan")
+    )
     if ctx.report_t0 is not None:
         ctx.stage_times["report"] = (time.time() - ctx.report_t0, "integration, decoding, plots (until report.md)")
     md = report_markdown(fits, library, xi, ctx, roll, images, views, pngs, end_err)

@@ -11,7 +11,9 @@ import numpy as np
 __all__ = ["fit_plots", "theory_plots", "write_tensorboard"]
 
 
-def fit_plots(out: Path, fits: list[dict], xi: np.ndarray, names: list[str], roll: dict, images: dict | None) -> list[str]:
+def fit_plots(
+    out: Path, fits: list[dict], xi: np.ndarray, names: list[str], roll: dict, images: dict | None
+) -> list[str]:
     """pareto.png, r2.png, coefficients.png, rollouts.png, rollout_error.png and samples_vs_sindy.png (with images);
     returns the names."""
     import matplotlib
@@ -116,7 +118,7 @@ def fit_plots(out: Path, fits: list[dict], xi: np.ndarray, names: list[str], rol
         n = dit.shape[0]
         fig, axes = plt.subplots(2, n, figsize=(0.9 * n, 2.1), squeeze=False)
         for i in range(n):
-            for r, (imgs, label) in enumerate(((dit, "DiT"), (sin, "SINDy"))):
+            for r, imgs in enumerate((dit, sin)):
                 axes[r, i].imshow(imgs[i], cmap="gray", vmin=0, vmax=1)
                 axes[r, i].set_xticks([])
                 axes[r, i].set_yticks([])

@@ -20,19 +20,18 @@ line on stderr and exit code 2, before any sampling.
 from __future__ import annotations
 
 import json
-import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from analysis.quality import RUN_SAMPLES, score_images
+from configs.cli import parse_cli, run_cli
 from configs.io import atomic_save_safetensors, atomic_write_text, file_sha256
+from configs.schema import Config
+from models.artifacts import load_autoencoder, load_denoiser, load_latent_stats
 from models.classifier import load_classifier
 from models.generate import decode_samples
-from configs.schema import Config
-from configs.cli import parse_cli, run_cli
-from models.artifacts import load_autoencoder, load_denoiser, load_latent_stats
 
 QUALITY_FILE = "quality.json"
 TB_DIR = Path("tb") / "dit"
@@ -42,8 +41,12 @@ def log_to_tensorboard(log_dir: Path, q: dict, step: int) -> None:
     """The scalars and class histogram under the tags the DiT's training logged them with before."""
     from torch.utils.tensorboard import SummaryWriter
 
-    scalars = {"eval/fd_mnist": q["fd_mnist"], "eval/fd_floor_at_n": q["fd_floor_at_n"],
-               "eval/mean_confidence": q["mean_confidence"], "eval/chi2_uniform": q["chi2"]}
+    scalars = {
+        "eval/fd_mnist": q["fd_mnist"],
+        "eval/fd_floor_at_n": q["fd_floor_at_n"],
+        "eval/mean_confidence": q["mean_confidence"],
+        "eval/chi2_uniform": q["chi2"],
+    }
     with SummaryWriter(str(log_dir)) as writer:
         for tag, value in scalars.items():
             if value is not None:
@@ -60,15 +63,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     ae, _ = load_autoencoder(run_dir, device)
     mean, std = (t.to(device) for t in load_latent_stats(run_dir))
     classifier = Path(cfg.dit.classifier)
-    record = {"eval_samples": n, "dit_steps": meta["steps"],
-              "dit_ema_sha256": file_sha256(run_dir / "dit_ema.safetensors"), "classifier": str(classifier),
-              "quality": None}
+    record = {
+        "eval_samples": n,
+        "dit_steps": meta["steps"],
+        "dit_ema_sha256": file_sha256(run_dir / "dit_ema.safetensors"),
+        "classifier": str(classifier),
+        "quality": None,
+    }
     skip = None
     if n == 0:
         skip = "dit.eval_samples=0"
     elif not classifier.is_file():
-        skip = (f"no classifier at {classifier} (train one with python training/train_classifier.py "
-                f"--shards {cfg.data.shards} --out {classifier})")
+        skip = (
+            f"no classifier at {classifier} (train one with python training/train_classifier.py "
+            f"--shards {cfg.data.shards} --out {classifier})"
+        )
     else:
         load_classifier(classifier, "cpu")  # a corrupt file: one line (QualityError) now, not after sampling
 
@@ -86,8 +95,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         q = score_images(images_u8, classifier, cfg.data.shards, device)  # QualityError: one line, exit 2
         log_to_tensorboard(run_dir / TB_DIR, q, meta["steps"])
         floor = "n/a" if q["fd_floor_at_n"] is None else f"{q['fd_floor_at_n']:.2f}"
-        print(f"score: FD-MNIST {q['fd_mnist']:.2f} (floor at this n: {floor}), "
-              f"confidence {q['mean_confidence']:.3f}, classes {q['class_counts']}")
+        print(
+            f"score: FD-MNIST {q['fd_mnist']:.2f} (floor at this n: {floor}), "
+            f"confidence {q['mean_confidence']:.3f}, classes {q['class_counts']}"
+        )
         record["quality"] = q
     atomic_write_text(run_dir / QUALITY_FILE, json.dumps(record, indent=1))
     print(f"score: {run_dir / QUALITY_FILE}")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -147,13 +147,16 @@ UV_FLOOR = 1e-10
 def select_rule(tol: float, max_terms: int | None = None) -> str:
     """The selection rule in words (the report and equations.json quote it)."""
     budget = "" if max_terms is None else f" among the models with at most {max_terms} terms"
-    return (f"the sparsest model{budget} whose held-out unexplained variance 1 - R^2 is at most "
-            f"(1 + {tol:g}) x the best's{budget and ' (the best among them)'} + {UV_FLOOR:g} "
-            "(ties: higher held-out R^2, then larger threshold)")
+    return (
+        f"the sparsest model{budget} whose held-out unexplained variance 1 - R^2 is at most "
+        f"(1 + {tol:g}) x the best's{budget and ' (the best among them)'} + {UV_FLOOR:g} "
+        "(ties: higher held-out R^2, then larger threshold)"
+    )
 
 
-def choose_model(n_terms: np.ndarray, r2_heldout: np.ndarray, thresholds: np.ndarray, tol: float,
-                 max_terms: int | None = None) -> int:
+def choose_model(
+    n_terms: np.ndarray, r2_heldout: np.ndarray, thresholds: np.ndarray, tol: float, max_terms: int | None = None
+) -> int:
     """Index of the model the rule picks (see ``select_rule``).
 
     Args:
@@ -230,9 +233,7 @@ def sweep_thresholds(
     r2_tr = train.r2(coefs, dims=[dim] * len(thr))
     r2_ho = heldout.r2(coefs, dims=[dim] * len(thr))
     if not np.isfinite(r2_ho).any():
-        raise ValueError(
-            f"held-out R^2 is undefined for target {dim} (constant target in held-out data)."
-        )
+        raise ValueError(f"held-out R^2 is undefined for target {dim} (constant target in held-out data).")
     score = np.where(np.isfinite(r2_ho), r2_ho, -np.inf)
     chosen = choose_model(n_terms, r2_ho, thr, tol, max_terms)
     return ThresholdSweep(
@@ -250,8 +251,9 @@ def sweep_thresholds(
     )
 
 
-def sweep_with_gate(train: GramStats, heldout: GramStats, dim: int, optimizer, gated: Sequence[int],
-                    gate: float = 0.5, **kw) -> tuple[ThresholdSweep, dict | None]:
+def sweep_with_gate(
+    train: GramStats, heldout: GramStats, dim: int, optimizer, gated: Sequence[int], gate: float = 0.5, **kw
+) -> tuple[ThresholdSweep, dict | None]:
     """``sweep_thresholds`` with optional families that must earn their place on held-out data.
 
     The sweep runs with and without the columns ``gated``; they are kept only if the best held-out
@@ -277,8 +279,13 @@ def sweep_with_gate(train: GramStats, heldout: GramStats, dim: int, optimizer, g
     sub = sweep_thresholds(train.subset(keep), heldout.subset(keep), dim, optimizer, **kw)
     uv_with, uv_without = 1.0 - float(np.nanmax(sw.r2_heldout)), 1.0 - float(np.nanmax(sub.r2_heldout))
     kept = uv_with <= gate * uv_without
-    info = {"kept": bool(kept), "uv_with": uv_with, "uv_without": uv_without, "gate": gate,
-            "keep": None if kept else keep.tolist()}
+    info = {
+        "kept": bool(kept),
+        "uv_with": uv_with,
+        "uv_without": uv_without,
+        "gate": gate,
+        "keep": None if kept else keep.tolist(),
+    }
     if kept:
         return sw, info
     full = np.zeros((len(sub.coefs), train.n_terms))
@@ -344,10 +351,7 @@ def bagging_gram(
     """
     n_groups = len(stats_per_group)
     if n_groups < 2 or n_bootstrap < 1:
-        raise ValueError(
-            f"need >= 2 groups and n_bootstrap >= 1; got {n_groups} groups, "
-            f"n_bootstrap={n_bootstrap}."
-        )
+        raise ValueError(f"need >= 2 groups and n_bootstrap >= 1; got {n_groups} groups, n_bootstrap={n_bootstrap}.")
     dims = list(range(stats_per_group[0].n_targets)) if dims is None else list(dims)
     rng = np.random.default_rng(seed)
     coefs = []

@@ -25,8 +25,8 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 
 def _find_repo() -> Path:
@@ -40,8 +40,10 @@ def _find_repo() -> Path:
     if env and (Path(env) / "configs" / "schema.py").is_file():
         os.chdir(env)
         return Path(env)
-    sys.exit(f"{Path(__file__).name}: error: cannot find the latent-sindy repository next to {__file__}; "
-             "set LATENT_SINDY_REPO=/path/to/repo")
+    sys.exit(
+        f"{Path(__file__).name}: error: cannot find the latent-sindy repository next to {__file__}; "
+        "set LATENT_SINDY_REPO=/path/to/repo"
+    )
 
 
 REPO = _find_repo()
@@ -59,12 +61,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     times: dict = {}
     # 1. Check every input before starting anything.
     plan = check_inputs(cfg)
-    print(f"sindy: {plan.n} trajectories, {plan.d}-D fit ({plan.kind}), targets {plan.targets}, "
-          f"~{plan.memory_gib:.2f} GiB for the statistics", flush=True)
+    print(
+        f"sindy: {plan.n} trajectories, {plan.d}-D fit ({plan.kind}), targets {plan.targets}, "
+        f"~{plan.memory_gib:.2f} GiB for the statistics",
+        flush=True,
+    )
     # 2. Ray: join the cluster the user named or start a private one (a lone copy of this script
     # outside the repository is one `ray submit` put on a head: that head's cluster is named).
-    ray_how = ray_utils.connect(cfg.sindy.ray_address, cfg.sindy.num_cpus,
-                                submitted=REPO != Path(__file__).resolve().parents[1])
+    ray_how = ray_utils.connect(
+        cfg.sindy.ray_address, cfg.sindy.num_cpus, submitted=REPO != Path(__file__).resolve().parents[1]
+    )
     print(f"sindy: Ray {ray_how}", flush=True)
     # 3. Stage 1: trajectories.
     t0 = time.time()
@@ -78,8 +84,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     path = stage_report(cfg, plan, tset, coords, split, fits, lib, times, ray_how, choice)
     if coords.file_name:
         coords.save(path.parent / coords.file_name)
-    print(f"sindy: report stage {time.time() - t0:.1f} s; stage times "
-          + ", ".join(f"{k} {v[0]:.1f} s" for k, v in times.items()), flush=True)
+    print(
+        f"sindy: report stage {time.time() - t0:.1f} s; stage times "
+        + ", ".join(f"{k} {v[0]:.1f} s" for k, v in times.items()),
+        flush=True,
+    )
     flagged = json.loads((path.parent / "equations.json").read_text())["flagged_dims"]
     print(f"sindy: {len(flagged)} of {len(fits)} dimensions flagged as not generalising", flush=True)
     print(f"sindy: report {path.resolve()}")

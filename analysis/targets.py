@@ -67,8 +67,9 @@ def central_diff(z: np.ndarray, t: np.ndarray) -> np.ndarray:
     return out
 
 
-def regression_samples(z: np.ndarray, t: np.ndarray, drift: np.ndarray | None,
-                       targets: tuple[str, ...], eps: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def regression_samples(
+    z: np.ndarray, t: np.ndarray, drift: np.ndarray | None, targets: tuple[str, ...], eps: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Flatten a block of trajectories into regression rows.
 
     Args:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -90,8 +91,7 @@ def _prepare(z: Any, t: Any, needs_time: bool) -> tuple[Any, Any]:
         t = t.reshape(n, 1)
     elif not (t.ndim == 2 and tuple(t.shape) == (n, 1)):
         raise ValueError(
-            f"t must be a scalar, ({n},) or ({n}, 1) to match z of shape "
-            f"{tuple(z.shape)}; got shape {tuple(t.shape)}."
+            f"t must be a scalar, ({n},) or ({n}, 1) to match z of shape {tuple(z.shape)}; got shape {tuple(t.shape)}."
         )
     return z, t
 
@@ -106,8 +106,7 @@ def _state_names(d: int, style: str, state_names: Sequence[str] | None) -> list[
         return [f"z{i}" if style == "text" else f"z_{{{i}}}" for i in range(d)]
     if len(state_names) != d:
         raise ValueError(
-            f"state_names has {len(state_names)} entries but the state has d={d}; "
-            "pass one name per state dimension."
+            f"state_names has {len(state_names)} entries but the state has d={d}; pass one name per state dimension."
         )
     return list(state_names)
 

@@ -123,6 +123,8 @@ class LinearPart:
 
     def describe(self, sampler: str) -> str:
         k_mid = self.T // 2
-        return (f"{sampler}: drift = p(t) z + q(t) eps, with p, q from the schedule; p = {self.p[0]:.3g}, "
-                f"q = {self.q[0]:.3g} at t = 1, p = {self.p[k_mid]:.3g}, q = {self.q[k_mid]:.3g} at "
-                f"t = {1 - k_mid / self.T:.2g}, p = {self.p[-1]:.3g}, q = {self.q[-1]:.3g} at t = {1 / self.T:.2g}")
+        return (
+            f"{sampler}: drift = p(t) z + q(t) eps, with p, q from the schedule; p = {self.p[0]:.3g}, "
+            f"q = {self.q[0]:.3g} at t = 1, p = {self.p[k_mid]:.3g}, q = {self.q[k_mid]:.3g} at "
+            f"t = {1 - k_mid / self.T:.2g}, p = {self.p[-1]:.3g}, q = {self.q[-1]:.3g} at t = {1 / self.T:.2g}"
+        )

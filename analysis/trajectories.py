@@ -33,14 +33,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from configs.cli import UserError
 from configs.io import atomic_save_safetensors, atomic_write_text, file_sha256
@@ -73,8 +73,16 @@ def trajectory_dir(run_dir: Path, sampler: str, seed: int, block_size: int, dit_
 
 
 @torch.no_grad()
-def generate_block(model: torch.nn.Module, schedule, latent_shape: tuple[int, int], sampler: str,
-                   seed: int, block: int, count: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+def generate_block(
+    model: torch.nn.Module,
+    schedule,
+    latent_shape: tuple[int, int],
+    sampler: str,
+    seed: int,
+    block: int,
+    count: int,
+    device: torch.device | str,
+) -> dict[str, torch.Tensor]:
     """Sample ``count`` trajectories of block ``block`` and record every state.
 
     Args:
@@ -96,11 +104,24 @@ def generate_block(model: torch.nn.Module, schedule, latent_shape: tuple[int, in
     s = block_seed(seed, block)
     z_T = torch.randn((count, *latent_shape), generator=torch.Generator().manual_seed(s))  # (B, N, C)
     g = torch.Generator(device=device).manual_seed(s + 1)
-    res = sample(model, schedule, (count, *latent_shape), sampler=sampler, generator=g, noise=z_T.to(device),
-                 record=True, record_device="cpu", device=device)
+    res = sample(
+        model,
+        schedule,
+        (count, *latent_shape),
+        sampler=sampler,
+        generator=g,
+        noise=z_T.to(device),
+        record=True,
+        record_device="cpu",
+        device=device,
+    )
     flat = lambda x: x.reshape(x.shape[0], count, -1).float().contiguous()  # noqa: E731
-    return {"z": flat(res.z), "eps": flat(res.eps), "drift": flat(res.drift),
-            "t": res.t_norm.to(torch.float64).contiguous()}
+    return {
+        "z": flat(res.z),
+        "eps": flat(res.eps),
+        "drift": flat(res.drift),
+        "t": res.t_norm.to(torch.float64).contiguous(),
+    }
 
 
 def write_block(folder: Path, block: int, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -151,8 +172,9 @@ def read_trajectory_manifest(path: Path) -> dict:
         raise UserError(f"trajectory manifest {path} is unreadable ({type(e).__name__}: {e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise UserError(f"{path} is not a trajectory manifest of this project (format {got!r}, "
-                        f"expected {MANIFEST_FORMAT!r})")
+        raise UserError(
+            f"{path} is not a trajectory manifest of this project (format {got!r}, expected {MANIFEST_FORMAT!r})"
+        )
     try:
         for b in manifest["blocks"]:
             int(b["block"]), int(b["count"]), str(b["file"]), str(b["sha256"])
@@ -186,12 +208,16 @@ def block_problems(path: Path, manifest: dict) -> list[tuple[Path, str]]:
             continue
         digest = file_sha256(f)
         if digest != entry["sha256"]:
-            bad.append((f, f"has sha256 {digest[:12]}, the manifest recorded {entry['sha256'][:12]} "
-                           f"({f.stat().st_size} bytes: truncated or modified)"))
+            bad.append(
+                (
+                    f,
+                    f"has sha256 {digest[:12]}, the manifest recorded {entry['sha256'][:12]} "
+                    f"({f.stat().st_size} bytes: truncated or modified)",
+                )
+            )
         elif not block_is_complete(f, {**common, "block": entry["block"], "count": entry["count"]}):
             bad.append((f, "has metadata (block, count, seed, sampler, digests) that differ from its manifest entry"))
     return bad
-
 
 
 def write_manifest(folder: Path, n: int, blocks: list[tuple[int, int]], meta: dict) -> Path:
@@ -200,8 +226,7 @@ def write_manifest(folder: Path, n: int, blocks: list[tuple[int, int]], meta: di
     for b, count in blocks:
         p = folder / block_name(b, count)
         entries.append({"block": b, "count": count, "file": p.name, "sha256": file_sha256(p)})
-    manifest = {"format": MANIFEST_FORMAT, "n_trajectories": n, "t_convention": T_CONVENTION, **meta,
-                "blocks": entries}
+    manifest = {"format": MANIFEST_FORMAT, "n_trajectories": n, "t_convention": T_CONVENTION, **meta, "blocks": entries}
     return atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=1))
 
 
@@ -238,8 +263,7 @@ class TrajectorySet:
         manifest: provenance (for the report).
     """
 
-    def __init__(self, n: int, T: int, dim: int, source: str, manifest: dict,
-                 loader, n_blocks: int):
+    def __init__(self, n: int, T: int, dim: int, source: str, manifest: dict, loader, n_blocks: int):
         self.n, self.T, self.dim, self.source, self.manifest = n, T, dim, source, manifest
         self._loader, self.n_blocks = loader, n_blocks
 
@@ -262,8 +286,11 @@ class TrajectorySet:
         for blk in self.blocks():
             for p, g in enumerate(blk.index.tolist()):
                 if g in want:
-                    cols[g] = (blk.z[:, p], None if blk.drift is None else blk.drift[:, p],
-                               None if blk.eps is None else blk.eps[:, p])
+                    cols[g] = (
+                        blk.z[:, p],
+                        None if blk.drift is None else blk.drift[:, p],
+                        None if blk.eps is None else blk.eps[:, p],
+                    )
                     t = blk.t
         missing = sorted(want - set(cols))
         if missing:
@@ -276,7 +303,7 @@ class TrajectorySet:
         return TrajectoryBlock(index=idx, z=z, t=t, drift=drift, eps=eps)
 
     @classmethod
-    def from_manifest(cls, path: Path, verify: bool = True) -> "TrajectorySet":
+    def from_manifest(cls, path: Path, verify: bool = True) -> TrajectorySet:
         """Open a finished generation stage (``manifest.json`` or its folder).
 
         Args:
@@ -297,9 +324,11 @@ class TrajectorySet:
             if bad:
                 f, why = bad[0]
                 more = f" (and {len(bad) - 1} more bad blocks)" if len(bad) > 1 else ""
-                raise UserError(f"trajectory block {f} listed in {path} {why}{more}; it cannot be used or "
-                                "regenerated from here: rerun the job that wrote it without sindy.trajectories "
-                                "(it regenerates bad blocks), or delete the folder")
+                raise UserError(
+                    f"trajectory block {f} listed in {path} {why}{more}; it cannot be used or "
+                    "regenerated from here: rerun the job that wrote it without sindy.trajectories "
+                    "(it regenerates bad blocks), or delete the folder"
+                )
         folder = path.parent
         starts = np.cumsum([0] + [b["count"] for b in manifest["blocks"]])
         bs = manifest["block_size"]
@@ -311,15 +340,17 @@ class TrajectorySet:
                 raise UserError(f"{f} listed in {path} is missing; delete {folder} to regenerate")
             d = load_file(str(f))
             index = entry["block"] * bs + np.arange(entry["count"])
-            return TrajectoryBlock(index=index, z=d["z"].numpy(), t=d["t"].numpy(), drift=d["drift"].numpy(),
-                                   eps=d["eps"].numpy())
+            return TrajectoryBlock(
+                index=index, z=d["z"].numpy(), t=d["t"].numpy(), drift=d["drift"].numpy(), eps=d["eps"].numpy()
+            )
 
         dim = int(np.prod(manifest["latent_shape"]))
-        return cls(int(starts[-1]), int(manifest["timesteps"]), dim, "generated", manifest, load,
-                   len(manifest["blocks"]))
+        return cls(
+            int(starts[-1]), int(manifest["timesteps"]), dim, "generated", manifest, load, len(manifest["blocks"])
+        )
 
     @classmethod
-    def from_npz(cls, path: Path, order: str = "descending") -> "TrajectorySet":
+    def from_npz(cls, path: Path, order: str = "descending") -> TrajectorySet:
         """An external file: 'trajectories' (n, T+1, d), 'num_timesteps', optional 'velocities' and 't'.
 
         Args:
@@ -355,7 +386,9 @@ class TrajectorySet:
         if "velocities" in data.files:
             vel = np.asarray(data["velocities"], dtype=np.float64)
             if vel.shape != traj.shape:
-                raise UserError(f"{path}: 'velocities' must have the shape of 'trajectories' {traj.shape}, got {vel.shape}")
+                raise UserError(
+                    f"{path}: 'velocities' must have the shape of 'trajectories' {traj.shape}, got {vel.shape}"
+                )
             if not np.isfinite(vel[:, :-1]).all():
                 raise UserError(f"{path}: 'velocities' hold NaN or inf at states 0..T-1")
         if not np.isfinite(traj).all():
@@ -374,11 +407,22 @@ class TrajectorySet:
         z = np.ascontiguousarray(traj.transpose(1, 0, 2))  # (T+1, n, d)
         drift = None if vel is None else np.ascontiguousarray(vel.transpose(1, 0, 2)[:-1])  # (T, n, d)
         n = traj.shape[0]
-        manifest = {"format": "npz", "path": str(path), "sha256": file_sha256(path), "n_trajectories": n,
-                    "timesteps": T, "latent_shape": [traj.shape[2], 1], "order": order,
-                    "t_convention": T_CONVENTION if "t" not in data.files else "t from the file; velocities are dz/dt",
-                    "sampler": "unknown (external file)", "velocities": vel is not None,
-                    "extra_arrays": {k: data[k].tolist() for k in data.files
-                                     if k not in ("trajectories", "velocities", "t") and data[k].size == 1}}
+        manifest = {
+            "format": "npz",
+            "path": str(path),
+            "sha256": file_sha256(path),
+            "n_trajectories": n,
+            "timesteps": T,
+            "latent_shape": [traj.shape[2], 1],
+            "order": order,
+            "t_convention": T_CONVENTION if "t" not in data.files else "t from the file; velocities are dz/dt",
+            "sampler": "unknown (external file)",
+            "velocities": vel is not None,
+            "extra_arrays": {
+                k: data[k].tolist()
+                for k in data.files
+                if k not in ("trajectories", "velocities", "t") and data[k].size == 1
+            },
+        }
         blk = TrajectoryBlock(index=np.arange(n), z=z, t=t, drift=drift)
         return cls(n, T, traj.shape[2], "npz", manifest, lambda i: blk, 1)

@@ -17,10 +17,11 @@ latent error can be followed step by step.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
+
 
 def r2_per_dim(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """R^2 per last-axis column over all other axes: (..., d) x (..., d) -> (d,); NaN where constant."""
@@ -51,8 +52,13 @@ def windowed_r2(y_true: np.ndarray, y_pred: np.ndarray, t: np.ndarray, edges: li
     for w in range(len(edges) - 1):
         sel = win == w
         if sel.any():
-            wins.append({"t_from": float(edges[w]), "t_to": float(edges[w + 1]),
-                         "r2": r2_per_dim(y_true[sel], y_pred[sel]).tolist()})
+            wins.append(
+                {
+                    "t_from": float(edges[w]),
+                    "t_to": float(edges[w + 1]),
+                    "r2": r2_per_dim(y_true[sel], y_pred[sel]).tolist(),
+                }
+            )
     pooled = r2_per_dim(y_true, y_pred)
     return {"pooled": pooled.tolist(), "median": float(np.nanmedian(pooled)), "windows": wins}
 
@@ -79,13 +85,20 @@ def rollout(rhs: Callable, reference: np.ndarray, t: np.ndarray, integrator: str
     sim, diverged_at = integrate(rhs, reference[0], t, integrator)
     ok = diverged_at < 0
     with np.errstate(invalid="ignore"):
-        rmse = np.sqrt(np.mean((sim[:, ok] - reference[:, ok]) ** 2, axis=(1, 2))) if ok.any() else np.full(len(t), np.nan)
-    return {"states": sim, "rmse_per_step": rmse, "diverged": int((diverged_at >= 0).sum()),
-            "end_rmse": float(rmse[-1])}
+        rmse = (
+            np.sqrt(np.mean((sim[:, ok] - reference[:, ok]) ** 2, axis=(1, 2))) if ok.any() else np.full(len(t), np.nan)
+        )
+    return {
+        "states": sim,
+        "rmse_per_step": rmse,
+        "diverged": int((diverged_at >= 0).sum()),
+        "end_rmse": float(rmse[-1]),
+    }
 
 
-def image_metrics(dit_images: np.ndarray, gen_images: np.ndarray, classifier_path: str | Path,
-                  shard_dir: str | Path | None) -> dict:
+def image_metrics(
+    dit_images: np.ndarray, gen_images: np.ndarray, classifier_path: str | Path, shard_dir: str | Path | None
+) -> dict:
     """Class agreement, FD-MNIST and confidence of generated images next to the DiT's from the same noise.
 
     Args:
@@ -125,9 +138,16 @@ def image_metrics(dit_images: np.ndarray, gen_images: np.ndarray, classifier_pat
     return out
 
 
-def validate(rhs: Callable, reference: np.ndarray, t: np.ndarray, integrator: str,
-             decode: Callable | None, classifier_path: str | Path, shard_dir: str | Path | None,
-             no_images_reason: str = "") -> dict:
+def validate(
+    rhs: Callable,
+    reference: np.ndarray,
+    t: np.ndarray,
+    integrator: str,
+    decode: Callable | None,
+    classifier_path: str | Path,
+    shard_dir: str | Path | None,
+    no_images_reason: str = "",
+) -> dict:
     """Rollouts of ``rhs`` from the reference's initial noise, their latent error, and image metrics.
 
     Args:
@@ -145,11 +165,16 @@ def validate(rhs: Callable, reference: np.ndarray, t: np.ndarray, integrator: st
     t0 = time.time()
     roll = rollout(rhs, reference, t, integrator)
     T = reference.shape[0] - 1
-    out = {"n_noises": int(reference.shape[1]), "integrator": integrator,
-           "latent_rmse_per_step": [float(x) for x in roll["rmse_per_step"]],
-           "latent_rmse_mid": float(roll["rmse_per_step"][T // 2]), "latent_rmse_end": roll["end_rmse"],
-           "latent_scale_end": float(np.sqrt(np.mean(reference[-1] ** 2))), "diverged": roll["diverged"],
-           "_states": roll["states"]}
+    out = {
+        "n_noises": int(reference.shape[1]),
+        "integrator": integrator,
+        "latent_rmse_per_step": [float(x) for x in roll["rmse_per_step"]],
+        "latent_rmse_mid": float(roll["rmse_per_step"][T // 2]),
+        "latent_rmse_end": roll["end_rmse"],
+        "latent_scale_end": float(np.sqrt(np.mean(reference[-1] ** 2))),
+        "diverged": roll["diverged"],
+        "_states": roll["states"],
+    }
     if decode is None:
         out["images_skipped"] = no_images_reason or "no decoder for these trajectories"
     else:

@@ -19,8 +19,16 @@ from analysis.targets import time_windows
 from analysis.trajectories import TrajectorySet
 from configs.schema import Config
 
-__all__ = ["make_decoder", "decode_end_states", "run_schedule", "heldout_block", "theory_views", "latent_mixture",
-           "mixture_view", "validate_equations"]
+__all__ = [
+    "make_decoder",
+    "decode_end_states",
+    "run_schedule",
+    "heldout_block",
+    "theory_views",
+    "latent_mixture",
+    "mixture_view",
+    "validate_equations",
+]
 
 
 def make_decoder(plan: Plan, coords: Coordinates):
@@ -31,8 +39,11 @@ def make_decoder(plan: Plan, coords: Coordinates):
 
     ae, _ = load_autoencoder(plan.run_dir, "cpu")
     mean, std = load_latent_stats(plan.run_dir)
-    shape = tuple(plan.meta["latent_shape"]) if plan.meta is not None else tuple(json.loads(
-        (plan.run_dir / "dit.json").read_text())["latent_shape"])
+    shape = (
+        tuple(plan.meta["latent_shape"])
+        if plan.meta is not None
+        else tuple(json.loads((plan.run_dir / "dit.json").read_text())["latent_shape"])
+    )
 
     def dec(c: np.ndarray) -> np.ndarray:
         ok = np.all(np.isfinite(c), axis=1)
@@ -63,16 +74,23 @@ def heldout_block(plan: Plan, tset: TrajectorySet, coords: Coordinates, split: n
     if cache is None or len(cache["index"]) < len(idx):
         blk = tset.select(idx)
         cache = plan.heldout_cache = {
-            "index": idx, "t": blk.t, "z": coords.states(blk.z),
+            "index": idx,
+            "t": blk.t,
+            "z": coords.states(blk.z),
             "eps": None if blk.eps is None else coords.velocities(blk.eps),
-            "drift": None if blk.drift is None else coords.velocities(blk.drift)}
+            "drift": None if blk.drift is None else coords.velocities(blk.drift),
+        }
     m = len(idx)
-    return {"index": cache["index"][:m], "t": cache["t"],
-            **{k: None if cache[k] is None else cache[k][:, :m] for k in ("z", "eps", "drift")}}
+    return {
+        "index": cache["index"][:m],
+        "t": cache["t"],
+        **{k: None if cache[k] is None else cache[k][:, :m] for k in ("z", "eps", "drift")},
+    }
 
 
-def theory_views(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinates, split: np.ndarray,
-                 lib: Library, xi: np.ndarray) -> dict:
+def theory_views(
+    cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinates, split: np.ndarray, lib: Library, xi: np.ndarray
+) -> dict:
     """Held-out R^2 of the chosen model in eps and drift space, and the Gaussian-mixture view.
 
     Returns:
@@ -86,8 +104,11 @@ def theory_views(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinat
     views: dict = {"linear_part": None}
     sampler = tset.manifest.get("sampler")
     if tset.source != "generated" or sampler not in SAMPLERS_WITH_THEORY:
-        reason = (f"these trajectories ({tset.source}, sampler {sampler}) carry no recorded eps and no known schedule"
-                  if tset.source != "generated" else f"sampler {sampler} has no closed-form linear part")
+        reason = (
+            f"these trajectories ({tset.source}, sampler {sampler}) carry no recorded eps and no known schedule"
+            if tset.source != "generated"
+            else f"sampler {sampler} has no closed-form linear part"
+        )
         views["fit_space"] = views["mixture"] = {"skipped": reason}
         return views
     t0 = time.time()
@@ -100,27 +121,36 @@ def theory_views(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinat
     edges = time_windows(tset.block(0).t, s.time_windows)
     T, n, d = ho["eps"].shape
     zs, ts = ho["z"][:-1].reshape(-1, d), np.repeat(ho["t"][:-1], n)
-    pred = np.concatenate([lib.transform(zs[i:i + 8192], ts[i:i + 8192]) @ xi.T for i in range(0, len(zs), 8192)])
+    pred = np.concatenate([lib.transform(zs[i : i + 8192], ts[i : i + 8192]) @ xi.T for i in range(0, len(zs), 8192)])
     if s.fit_space == "eps":
         eps_pred, drift_pred = pred, lp.drift(zs, ts, pred)
     else:
         eps_pred, drift_pred = lp.eps(zs, ts, pred), pred
     shape = (T, n, d)
     views["fit_space"] = {
-        "fit_space": s.fit_space, "sampler": sampler, "n_heldout": n, "theory": lp.describe(sampler),
-        "p": p.tolist(), "q": q.tolist(),
+        "fit_space": s.fit_space,
+        "sampler": sampler,
+        "n_heldout": n,
+        "theory": lp.describe(sampler),
+        "p": p.tolist(),
+        "q": q.tolist(),
         "eps": windowed_r2(ho["eps"], eps_pred.reshape(shape), ho["t"][:-1], edges),
         "drift": windowed_r2(ho["drift"], drift_pred.reshape(shape), ho["t"][:-1], edges),
-        "seconds": round(time.time() - t0, 2)}
+        "seconds": round(time.time() - t0, 2),
+    }
     if not s.mixture_components:
         views["mixture"] = {"skipped": "sindy.mixture_components is empty"}
     elif not (coords.kind == "latent" or coords.is_rotation):
-        views["mixture"] = {"skipped": f"the mixture view works in the latent's own coordinates or a rotation of "
-                                       f"them; this fit uses {coords.kind} coordinates of a "
-                                       f"{coords.components.shape[1]}-D latent"}
+        views["mixture"] = {
+            "skipped": f"the mixture view works in the latent's own coordinates or a rotation of "
+            f"them; this fit uses {coords.kind} coordinates of a "
+            f"{coords.components.shape[1]}-D latent"
+        }
     elif not (plan.run_dir / "latents" / "train.safetensors").is_file():
-        views["mixture"] = {"skipped": f"{plan.run_dir / 'latents' / 'train.safetensors'} not found (the mixture is "
-                                       "fitted to the training latents; run training/encode_latents.py for this run)"}
+        views["mixture"] = {
+            "skipped": f"{plan.run_dir / 'latents' / 'train.safetensors'} not found (the mixture is "
+            "fitted to the training latents; run training/encode_latents.py for this run)"
+        }
     else:
         views["mixture"], views["_mixture"] = mixture_view(cfg, plan, ho, lp, schedule, coords, edges)
     return views
@@ -150,7 +180,9 @@ def latent_mixture(cfg: Config, plan: Plan, coords: Coordinates) -> dict:
     train = train[rng.permutation(len(train))[: s.mixture_samples]]
     test_file = plan.run_dir / "latents" / "test.safetensors"
     if test_file.is_file():
-        test = ((load_file(str(test_file))["latents"] - data.mean) / data.std).reshape(-1, train.shape[1]).double().numpy()
+        test = (
+            ((load_file(str(test_file))["latents"] - data.mean) / data.std).reshape(-1, train.shape[1]).double().numpy()
+        )
         held_what = f"the encoded test split ({len(test)} latents)"
     else:  # keep a tenth of the training subset aside
         cut = len(train) // 10
@@ -160,13 +192,20 @@ def latent_mixture(cfg: Config, plan: Plan, coords: Coordinates) -> dict:
         train, test = coords.states(train), coords.states(test)
     t0 = time.time()
     mix, rows, mixtures = fit_mixture(train, test, s.mixture_components, seed=s.seed, max_iter=100)
-    cache[key] = {"mix": mix, "rows": rows, "mixtures": mixtures, "n_train": len(train), "heldout": held_what,
-                  "seconds": round(time.time() - t0, 2)}
+    cache[key] = {
+        "mix": mix,
+        "rows": rows,
+        "mixtures": mixtures,
+        "n_train": len(train),
+        "heldout": held_what,
+        "seconds": round(time.time() - t0, 2),
+    }
     return cache[key]
 
 
-def mixture_view(cfg: Config, plan: Plan, ho: dict, lp, schedule, coords: Coordinates,
-                 edges: list[float]) -> tuple[dict, tuple]:
+def mixture_view(
+    cfg: Config, plan: Plan, ho: dict, lp, schedule, coords: Coordinates, edges: list[float]
+) -> tuple[dict, tuple]:
     """Fit the mixtures (K by held-out likelihood) and score their closed-form eps* against the DiT, no fitting.
 
     In rotated coordinates u = C z the latents are rotated before EM: the noising a x + s eps keeps its form, so the
@@ -192,14 +231,23 @@ def mixture_view(cfg: Config, plan: Plan, ho: dict, lp, schedule, coords: Coordi
         k = int(state_index(t, T))
         return lp.drift(z, t, mix.eps(z, a[k], sg[k]))
 
-    out = {"n_train": fitted["n_train"], "heldout": fitted["heldout"], "grid": rows,
-           "k": mix.K, "eps": best["eps"], "drift": best["drift"], "weights": mix.weights.tolist(),
-           "means": mix.means.tolist(), "seconds": round(time.time() - t0, 2)}
+    out = {
+        "n_train": fitted["n_train"],
+        "heldout": fitted["heldout"],
+        "grid": rows,
+        "k": mix.K,
+        "eps": best["eps"],
+        "drift": best["drift"],
+        "weights": mix.weights.tolist(),
+        "means": mix.means.tolist(),
+        "seconds": round(time.time() - t0, 2),
+    }
     return out, (mix, rhs)
 
 
-def validate_equations(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinates, split: np.ndarray,
-                       rhs, views: dict) -> dict:
+def validate_equations(
+    cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinates, split: np.ndarray, rhs, views: dict
+) -> dict:
     """Integrate the equations (and the mixture's ODE) from held-out noise; decode, classify, compare with the DiT.
 
     Also decodes the mixture's component means into ``views["mixture"]["_mean_images"]`` for the report.
@@ -218,13 +266,17 @@ def validate_equations(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coo
         decode = make_decoder(plan, coords)
     else:
         why = f"external trajectories ({tset.manifest.get('path')}): no decoder of theirs, so no images to classify"
-    out = {"equations": validate(rhs, ho["z"], ho["t"], s.integrator, decode, cfg.dit.classifier, cfg.data.shards, why),
-           "heldout_available": n_ho, "classifier": str(cfg.dit.classifier)}
+    out = {
+        "equations": validate(rhs, ho["z"], ho["t"], s.integrator, decode, cfg.dit.classifier, cfg.data.shards, why),
+        "heldout_available": n_ho,
+        "classifier": str(cfg.dit.classifier),
+    }
     if mixture is not None and decode is not None:
         views["mixture"]["_mean_images"] = decode(mixture[0].means)
     if mixture is not None:
-        out["mixture"] = validate(mixture[1], ho["z"], ho["t"], "euler", decode, cfg.dit.classifier,
-                                  cfg.data.shards, why)
+        out["mixture"] = validate(
+            mixture[1], ho["z"], ho["t"], "euler", decode, cfg.dit.classifier, cfg.data.shards, why
+        )
     return out
 
 

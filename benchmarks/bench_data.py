@@ -36,8 +36,12 @@ def plain_epoch(shard_dir: Path, batch_size: int) -> int:
     def pil_gray(data: bytes) -> np.ndarray:
         return np.asarray(Image.open(io.BytesIO(data)).convert("L"))
 
-    ds = (wds.WebDataset(urls, shardshuffle=False, empty_check=False).map_dict(png=pil_gray, cls=lambda b: int(b))
-          .to_tuple("png", "cls").batched(batch_size))
+    ds = (
+        wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+        .map_dict(png=pil_gray, cls=lambda b: int(b))
+        .to_tuple("png", "cls")
+        .batched(batch_size)
+    )
     n = 0
     for images, labels in ds:
         torch.from_numpy(np.asarray(images))
@@ -47,8 +51,9 @@ def plain_epoch(shard_dir: Path, batch_size: int) -> int:
 
 def loader_epoch(shard_dir: Path, batch_size: int, workers: int) -> int:
     n = 0
-    for images, _ in make_loader(shard_dir, "train", batch_size, num_workers=workers, shuffle_buffer=1000,
-                                 drop_last=False):
+    for images, _ in make_loader(
+        shard_dir, "train", batch_size, num_workers=workers, shuffle_buffer=1000, drop_last=False
+    ):
         n += images.shape[0]
     return n
 
@@ -75,16 +80,27 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row(name, config, secs, total, "images/s", check=f"{counts[name]} images"))
 
     timed("plain webdataset + PIL, 1 process", lambda: plain_epoch(shard_dir, a.batch_size), cfg)
-    timed("make_loader, num_workers=0 (one process)", lambda: loader_epoch(shard_dir, a.batch_size, 0),
-          {**cfg, "num_workers": 0, "shuffle_buffer": 1000})
+    timed(
+        "make_loader, num_workers=0 (one process)",
+        lambda: loader_epoch(shard_dir, a.batch_size, 0),
+        {**cfg, "num_workers": 0, "shuffle_buffer": 1000},
+    )
     if a.workers > 0:
-        timed(f"make_loader, num_workers={a.workers} (total)", lambda: loader_epoch(shard_dir, a.batch_size, a.workers),
-              {**cfg, "num_workers": a.workers, "shuffle_buffer": 1000})
+        timed(
+            f"make_loader, num_workers={a.workers} (total)",
+            lambda: loader_epoch(shard_dir, a.batch_size, a.workers),
+            {**cfg, "num_workers": a.workers, "shuffle_buffer": 1000},
+        )
     if len(set(counts.values())) != 1:
         raise SystemExit(f"the pipelines read different numbers of images: {counts}")
     per_worker = rows[1]["median"]
-    targets = [{"target": f"loader >= {TARGET:,} images/s per worker process (CPU)", "met": per_worker >= TARGET,
-                "measured": f"{per_worker:,.0f} images/s, {rows[1]['median'] / rows[0]['median']:.2f}x plain"}]
+    targets = [
+        {
+            "target": f"loader >= {TARGET:,} images/s per worker process (CPU)",
+            "met": per_worker >= TARGET,
+            "measured": f"{per_worker:,.0f} images/s, {rows[1]['median'] / rows[0]['median']:.2f}x plain",
+        }
+    ]
     return finish("data", cpu, rows, targets, Path(a.out) if a.out else None)
 
 

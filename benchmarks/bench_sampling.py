@@ -52,11 +52,15 @@ def main(argv: list[str] | None = None) -> dict:
     model = bench_model(a.kind, a.preset, device).eval()
     schedule = schedule_for(a.kind).to(device)
     latent = LATENTS[a.kind][0]
-    variants = [("plain: eager fp32, batch 256", CHECK_BATCH, False, None),
-                (f"fp32, batch {large}", large, False, None)]
+    variants = [
+        ("plain: eager fp32, batch 256", CHECK_BATCH, False, None),
+        (f"fp32, batch {large}", large, False, None),
+    ]
     if cuda:
-        variants += [(f"bf16, batch {large}", large, True, None),
-                     (f"bf16 + compile, batch {large}", large, True, "default")]
+        variants += [
+            (f"bf16, batch {large}", large, True, None),
+            (f"bf16 + compile, batch {large}", large, True, "default"),
+        ]
     else:
         variants += [(f"compile, batch {large}", large, False, "default")]
     plain = make_sampler(model, schedule, (CHECK_BATCH, *latent), device, False, None)(seed=1)
@@ -69,15 +73,36 @@ def main(argv: list[str] | None = None) -> dict:
         tol = 0.05 if bf16 else 1e-4
         check = f"max |z - plain| / std(z) = {err:.1e} ({'ok' if err <= tol else 'FAILS'} at {tol:g})"
         secs = time_calls(run, device, a.repeats, warmup=1)
-        rows.append(row(name, {"kind": a.kind, "preset": a.preset, "batch": batch, "steps": schedule.T, "bf16": bf16,
-                               "compile": mode, "sampler": "ddpm", "record": True}, secs, batch, "trajectories/s", check))
+        rows.append(
+            row(
+                name,
+                {
+                    "kind": a.kind,
+                    "preset": a.preset,
+                    "batch": batch,
+                    "steps": schedule.T,
+                    "bf16": bf16,
+                    "compile": mode,
+                    "sampler": "ddpm",
+                    "record": True,
+                },
+                secs,
+                batch,
+                "trajectories/s",
+                check,
+            )
+        )
         del run
     best = max(rows, key=lambda r: r["median"])
     ok = cuda and a.preset == "reference"
-    targets = [{"target": f">= {TARGETS[a.kind]:,} trajectories/s, {a.kind}, {schedule.T} DDPM steps, recorded (one H100)",
-                "met": (best["median"] >= TARGETS[a.kind] and "FAILS" not in best["check"]) if ok else None,
-                "measured": f"{best['median']:,.0f} trajectories/s ({best['variant']}), "
-                            f"{best['median'] / rows[0]['median']:.1f}x plain"}]
+    targets = [
+        {
+            "target": f">= {TARGETS[a.kind]:,} trajectories/s, {a.kind}, {schedule.T} DDPM steps, recorded (one H100)",
+            "met": (best["median"] >= TARGETS[a.kind] and "FAILS" not in best["check"]) if ok else None,
+            "measured": f"{best['median']:,.0f} trajectories/s ({best['variant']}), "
+            f"{best['median'] / rows[0]['median']:.1f}x plain",
+        }
+    ]
     return finish(f"sampling_{a.kind}", device, rows, targets, Path(a.out) if a.out else None)
 
 

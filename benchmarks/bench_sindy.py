@@ -58,8 +58,14 @@ def pysindy_fit(lib: Library, z, t, y) -> np.ndarray:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=1_000_000, help="samples of the large Gram-path row (the GPU target)")
-    ap.add_argument("--n-pysindy", "--n-compare", dest="n_compare", type=int, default=20_000,
-                    help="samples of the side-by-side rows: pysindy and the Gram path on the same data")
+    ap.add_argument(
+        "--n-pysindy",
+        "--n-compare",
+        dest="n_compare",
+        type=int,
+        default=20_000,
+        help="samples of the side-by-side rows: pysindy and the Gram path on the same data",
+    )
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--chunk", type=int, default=65536)
     ap.add_argument("--repeats", type=int, default=3)
@@ -88,29 +94,49 @@ def main(argv: list[str] | None = None) -> dict:
     for _ in range(a.repeats):
         t_pysindy += time_calls(lambda: pysindy_fit(lib, zs, ts, ys), cpu, 1, 0)
         t_gram += time_calls(lambda: gram_fit(lib, zs_d, ts_d, ys_d, device, a.chunk), device, 1, 0)
-    rows = [row(f"pysindy STLSQ (CPU), library built in memory, n = {n_c:,}", {**cfg, "n": n_c}, t_pysindy, n_c,
-                "samples/s"),
-            row(f"Gram path on {device.type}: library + statistics + 16 fits, same n = {n_c:,}",
-                {**cfg, "n": n_c, "chunk": a.chunk}, t_gram, n_c, "samples/s", check)]
+    rows = [
+        row(
+            f"pysindy STLSQ (CPU), library built in memory, n = {n_c:,}", {**cfg, "n": n_c}, t_pysindy, n_c, "samples/s"
+        ),
+        row(
+            f"Gram path on {device.type}: library + statistics + 16 fits, same n = {n_c:,}",
+            {**cfg, "n": n_c, "chunk": a.chunk},
+            t_gram,
+            n_c,
+            "samples/s",
+            check,
+        ),
+    ]
     equal_n_ratio = rows[1]["median"] / rows[0]["median"]
     # Per repeat (each pair ran back to back): shows how much the background load moved the ratio.
     rows[1]["paired_ratios"] = [round(p / g, 2) for p, g in zip(t_pysindy, t_gram)]
     big = rows[1]
     if a.n != n_c:
         zt, tt, yt = (torch.from_numpy(x[: a.n]).to(device) for x in (z, t, y))  # resident on the device
-        big = row(f"Gram path on {device.type}: library + statistics + 16 fits, n = {a.n:,}",
-                  {**cfg, "n": a.n, "chunk": a.chunk},
-                  time_calls(lambda: gram_fit(lib, zt, tt, yt, device, a.chunk), device, a.repeats, 1), a.n,
-                  "samples/s", "another n than the baseline: its ratio is not like for like")
+        big = row(
+            f"Gram path on {device.type}: library + statistics + 16 fits, n = {a.n:,}",
+            {**cfg, "n": a.n, "chunk": a.chunk},
+            time_calls(lambda: gram_fit(lib, zt, tt, yt, device, a.chunk), device, a.repeats, 1),
+            a.n,
+            "samples/s",
+            "another n than the baseline: its ratio is not like for like",
+        )
         rows.append(big)
     seconds = big["seconds_median"]
-    targets = [{"target": "1,000,000 x 16 x library in < 10 s (one H100)",
-                "met": (bool(a.n >= 1_000_000 and seconds < 10 and diff < 1e-8 and same_support)
-                        if device.type == "cuda" else None),
-                "measured": f"{seconds:.2f} s for {big['config']['n']:,} samples on {device.type}; "
-                            f"{equal_n_ratio:.1f}x pysindy per sample at equal n = {n_c:,} (per repeat: "
-                            f"{', '.join(f'{r:.1f}x' for r in rows[1]['paired_ratios'])})"
-                            + ("" if device.type == "cuda" else " (not the target's device)")}]
+    targets = [
+        {
+            "target": "1,000,000 x 16 x library in < 10 s (one H100)",
+            "met": (
+                bool(a.n >= 1_000_000 and seconds < 10 and diff < 1e-8 and same_support)
+                if device.type == "cuda"
+                else None
+            ),
+            "measured": f"{seconds:.2f} s for {big['config']['n']:,} samples on {device.type}; "
+            f"{equal_n_ratio:.1f}x pysindy per sample at equal n = {n_c:,} (per repeat: "
+            f"{', '.join(f'{r:.1f}x' for r in rows[1]['paired_ratios'])})"
+            + ("" if device.type == "cuda" else " (not the target's device)"),
+        }
+    ]
     return finish("sindy", device, rows, targets, Path(a.out) if a.out else None)
 
 

@@ -39,9 +39,20 @@ from benchmarks.common import RESULTS  # noqa: E402
 
 # A term linear in z times a function of t only (the exact form of DDIM on Gaussian data).
 Z_LINEAR = re.compile(r"^(1|z\d+|t(\^\d+)?|z\d+ t(\^\d+)?)$")
-DEFAULT_LIB = dict(preset="standard", families=["polynomial", "time", "time_state", "tanh"], poly_degree=2,
-                   time_basis="poly", time_degree=4, spline_basis=6, time_state_degree=1, tanh_on="principal",
-                   tanh_projections=2, tanh_scales=[0.5, 1.0, 2.0], tanh_time_degree=4, terms=[])
+DEFAULT_LIB = dict(
+    preset="standard",
+    families=["polynomial", "time", "time_state", "tanh"],
+    poly_degree=2,
+    time_basis="poly",
+    time_degree=4,
+    spline_basis=6,
+    time_state_degree=1,
+    tanh_on="principal",
+    tanh_projections=2,
+    tanh_scales=[0.5, 1.0, 2.0],
+    tanh_time_degree=4,
+    terms=[],
+)
 
 
 def split_stats(data: dict, lib_cfg: dict, seed: int = 0, coords: str = "latent"):
@@ -50,7 +61,7 @@ def split_stats(data: dict, lib_cfg: dict, seed: int = 0, coords: str = "latent"
     n, T1, d = z.shape
     t = np.asarray(data["t"]) if "t" in data else 1.0 - np.arange(T1) / (T1 - 1)
     perm = np.random.default_rng(seed).permutation(n)
-    ho, tr = perm[: max(1, n // 5)], perm[max(1, n // 5):]
+    ho, tr = perm[: max(1, n // 5)], perm[max(1, n // 5) :]
     if coords == "modes":  # as the job: from the training trajectories' states 0..T-1 and their velocities
         m = linear_modes(z[tr, :-1].transpose(1, 0, 2), v[tr, :-1].transpose(1, 0, 2))
         z, v = z @ m.T, v @ m.T
@@ -75,8 +86,18 @@ def old_rule(sw, tol: float) -> int:
     return int(min(ok, key=lambda i: (sw.n_terms[i], -score[i], -sw.thresholds[i])))
 
 
-def run(system: str, data: dict, lib_cfg: dict, alpha: float, tol: float, n_thr: int, budget: int | None,
-        rule: str = "uv", gate: float | None = 0.5, coords: str = "latent") -> dict:
+def run(
+    system: str,
+    data: dict,
+    lib_cfg: dict,
+    alpha: float,
+    tol: float,
+    n_thr: int,
+    budget: int | None,
+    rule: str = "uv",
+    gate: float | None = 0.5,
+    coords: str = "latent",
+) -> dict:
     t0 = time.time()
     key = (system, json.dumps(lib_cfg, sort_keys=True), coords)
     if key not in _CACHE:  # statistics depend on the data, the library and the coordinates only
@@ -85,8 +106,10 @@ def run(system: str, data: dict, lib_cfg: dict, alpha: float, tol: float, n_thr:
     names = lib.get_feature_names()
     opt = STLSQ(alpha=alpha, normalize_columns=True)
     gated = [i for f, sl in lib.family_slices() if f.kind == "Tanh" for i in range(sl.start, sl.stop)] if gate else []
-    rows = [sweep_with_gate(tr, ho, j, opt, gated, gate or 1.0, n_thresholds=n_thr, tol=tol, max_terms=budget)[0]
-            for j in range(tr.n_targets)]
+    rows = [
+        sweep_with_gate(tr, ho, j, opt, gated, gate or 1.0, n_thresholds=n_thr, tol=tol, max_terms=budget)[0]
+        for j in range(tr.n_targets)
+    ]
     if rule == "r2":
         for sw in rows:
             sw.chosen = sw.unrestricted = old_rule(sw, tol)
@@ -96,11 +119,26 @@ def run(system: str, data: dict, lib_cfg: dict, alpha: float, tol: float, n_thr:
     terms = np.array([np.count_nonzero(c) for c in coefs])
     tss = ho.tss()
     uv = float(sum(ho.rss(c[None], [j])[0] for j, c in enumerate(coefs)) / tss.sum())
-    out = {"system": system, "coords": coords, "library": lib_cfg["preset"], "rule": rule, "gate": gate, "alpha": alpha, "tol": tol, "n_thresholds": n_thr, "budget": budget,
-           "terms_total": int(terms.sum()), "uv_pooled": uv,
-           "library_terms": lib.n_terms, "terms_median": float(np.median(terms)), "terms_max": int(terms.max()),
-           "r2_min": float(r2.min()), "r2_median": float(np.median(r2)), "r2_unrestricted_min": float(best.min()),
-           "seconds": round(time.time() - t0, 2)}
+    out = {
+        "system": system,
+        "coords": coords,
+        "library": lib_cfg["preset"],
+        "rule": rule,
+        "gate": gate,
+        "alpha": alpha,
+        "tol": tol,
+        "n_thresholds": n_thr,
+        "budget": budget,
+        "terms_total": int(terms.sum()),
+        "uv_pooled": uv,
+        "library_terms": lib.n_terms,
+        "terms_median": float(np.median(terms)),
+        "terms_max": int(terms.max()),
+        "r2_min": float(r2.min()),
+        "r2_median": float(np.median(r2)),
+        "r2_unrestricted_min": float(best.min()),
+        "seconds": round(time.time() - t0, 2),
+    }
     if system == "lorenz":
         err, exact = 0.0, True
         for j, truth in enumerate(ks.LORENZ_TERMS):
@@ -141,18 +179,23 @@ def main(argv=None) -> dict:
     if args.coords:
         grid = [g for g in grid if g[2:] == (0.0, 0.05, 30, 30, 0.5, "latent")] + grid[-1:]
     rows = []
-    print(f"{'system':9} {'coords':6} {'library':9} {'rule':4} {'gate':>4} {'alpha':>6} {'tol':>5} {'thr':>4} {'budget':>6} "
-          f"{'terms med/max/all':>17} {'R2 min':>8} {'R2 med':>8} {'R2 unres':>8} {'1-R2 pooled':>11}  check")
+    print(
+        f"{'system':9} {'coords':6} {'library':9} {'rule':4} {'gate':>4} {'alpha':>6} {'tol':>5} {'thr':>4} {'budget':>6} "
+        f"{'terms med/max/all':>17} {'R2 min':>8} {'R2 med':>8} {'R2 unres':>8} {'1-R2 pooled':>11}  check"
+    )
     for lib_cfg, rule, alpha, tol, n_thr, budget, gate, coords in grid:
         for name, data in systems.items():
             if lib_cfg["preset"] == "reference" and name != "lorenz" and not args.full:
                 continue  # 1035 terms x 16 dimensions: > 10 min on 2 shared cores (issue 10 has those figures)
             r = run(name, data, lib_cfg, alpha, tol, n_thr, budget, rule, gate, coords)
             rows.append(r)
-            print(f"{name:9} {coords:6} {lib_cfg['preset']:9} {rule:4} {str(gate):>4} {alpha:6g} {tol:5g} {n_thr:4d} "
-                  f"{str(budget):>6} {r['terms_median']:>7g}/{r['terms_max']:<3d}/{r['terms_total']:<5d} "
-                  f"{r['r2_min']:8.5f} {r['r2_median']:8.5f} {r['r2_unrestricted_min']:8.5f} {r['uv_pooled']:11.3g}  {r['check']}"
-                  f"{'' if r['ok'] else '  FAIL'}", flush=True)
+            print(
+                f"{name:9} {coords:6} {lib_cfg['preset']:9} {rule:4} {str(gate):>4} {alpha:6g} {tol:5g} {n_thr:4d} "
+                f"{str(budget):>6} {r['terms_median']:>7g}/{r['terms_max']:<3d}/{r['terms_total']:<5d} "
+                f"{r['r2_min']:8.5f} {r['r2_median']:8.5f} {r['r2_unrestricted_min']:8.5f} {r['uv_pooled']:11.3g}  {r['check']}"
+                f"{'' if r['ok'] else '  FAIL'}",
+                flush=True,
+            )
             res = {"library": DEFAULT_LIB, "rows": rows}  # written after every row: a long run keeps its part
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps(res, indent=1))

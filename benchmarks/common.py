@@ -10,8 +10,8 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -49,19 +49,34 @@ def time_calls(fn: Callable[[], object], device: torch.device, repeats: int, war
 def row(variant: str, config: dict, seconds: list[float], work: float, unit: str, check: str = "") -> dict:
     """A result row: throughput ``work / seconds`` in ``unit`` (median, min, max over repeats)."""
     rates = sorted(work / s for s in seconds)
-    return {"variant": variant, "config": config, "unit": unit, "median": statistics.median(rates),
-            "min": rates[0], "max": rates[-1], "seconds_median": statistics.median(seconds),
-            "repeats": len(seconds), "check": check}
+    return {
+        "variant": variant,
+        "config": config,
+        "unit": unit,
+        "median": statistics.median(rates),
+        "min": rates[0],
+        "max": rates[-1],
+        "seconds_median": statistics.median(seconds),
+        "repeats": len(seconds),
+        "check": check,
+    }
 
 
-def finish(name: str, device: torch.device, rows: list[dict], targets: list[dict] | None = None,
-           out: Path | None = None) -> dict:
+def finish(
+    name: str, device: torch.device, rows: list[dict], targets: list[dict] | None = None, out: Path | None = None
+) -> dict:
     """Ratios to the first row (the baseline), the table on stdout and ``results/<name>.json``."""
     base = rows[0]["median"]
     for r in rows:
         r["ratio"] = r["median"] / base if base else float("nan")
-    payload = {"benchmark": name, "device": device_name(device), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-               "baseline": rows[0]["variant"], "rows": rows, "targets": targets or []}
+    payload = {
+        "benchmark": name,
+        "device": device_name(device),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "baseline": rows[0]["variant"],
+        "rows": rows,
+        "targets": targets or [],
+    }
     print(f"\n{name} on {payload['device']}")
     print(format_table(rows))
     for t in payload["targets"]:
@@ -80,8 +95,18 @@ def verdict(met: bool | None) -> str:
 
 def format_table(rows: list[dict]) -> str:
     head = ["variant", "median", "min", "max", "unit", "ratio", "check"]
-    body = [[r["variant"], f"{r['median']:,.0f}", f"{r['min']:,.0f}", f"{r['max']:,.0f}", r["unit"],
-             f"{r['ratio']:.2f}x", r.get("check", "")] for r in rows]
+    body = [
+        [
+            r["variant"],
+            f"{r['median']:,.0f}",
+            f"{r['min']:,.0f}",
+            f"{r['max']:,.0f}",
+            r["unit"],
+            f"{r['ratio']:.2f}x",
+            r.get("check", ""),
+        ]
+        for r in rows
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body])

@@ -24,15 +24,16 @@ import torch
 
 LORENZ = {"sigma": 10.0, "rho": 28.0, "beta": 8.0 / 3.0}
 # The 7 true terms: dx = -s x + s y; dy = r x - y - x z; dz = x y - b z (text names of our library).
-LORENZ_TERMS = [{"z0": -10.0, "z1": 10.0}, {"z0": 28.0, "z1": -1.0, "z0 z2": -1.0},
-                {"z0 z1": 1.0, "z2": -8.0 / 3.0}]
+LORENZ_TERMS = [{"z0": -10.0, "z1": 10.0}, {"z0": 28.0, "z1": -1.0, "z0 z2": -1.0}, {"z0 z1": 1.0, "z2": -8.0 / 3.0}]
 
 
 def lorenz_rhs(x: np.ndarray) -> np.ndarray:
     """(..., 3) -> (..., 3) Lorenz-63 velocity with the classic parameters."""
     s, r, b = LORENZ["sigma"], LORENZ["rho"], LORENZ["beta"]
-    return np.stack([s * (x[..., 1] - x[..., 0]), x[..., 0] * (r - x[..., 2]) - x[..., 1],
-                     x[..., 0] * x[..., 1] - b * x[..., 2]], axis=-1)
+    return np.stack(
+        [s * (x[..., 1] - x[..., 0]), x[..., 0] * (r - x[..., 2]) - x[..., 1], x[..., 0] * x[..., 1] - b * x[..., 2]],
+        axis=-1,
+    )
 
 
 def lorenz(n: int = 8, steps: int = 400, dt: float = 0.005, seed: int = 0) -> dict:
@@ -63,8 +64,7 @@ def _ddim(eps_fn, n: int, d: int, T: int, seed: int) -> dict:
         a, s = float(np.sqrt(ab[k])), float(np.sqrt(1.0 - ab[k]))
         return torch.from_numpy(eps_fn(x.numpy(), a, s))
 
-    res = sample(eps_model, sched, (n, d), sampler="ddim", noise=noise, record=True, device="cpu",
-                 dtype=torch.float64)
+    res = sample(eps_model, sched, (n, d), sampler="ddim", noise=noise, record=True, device="cpu", dtype=torch.float64)
     z = res.z.numpy().transpose(1, 0, 2)  # (n, T+1, d)
     v = np.zeros_like(z)
     v[:, :T] = res.drift.numpy().transpose(1, 0, 2)

@@ -29,12 +29,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     q = a.quick
     runs = [
         ("data", bench_data.main, ["--shards", a.shards] + (["--repeats", "1", "--workers", "0"] if q else [])),
-        ("train_conv", bench_train.main, ["--kind", "conv"] + (["--preset", "tiny", "--steps", "1", "--repeats", "1",
-                                                               "--large-batch", "512"] if q else [])),
-        ("sampling_conv", bench_sampling.main, ["--kind", "conv"] + (["--preset", "tiny", "--repeats", "1",
-                                                                      "--large-batch", "256"] if q else [])),
-        ("sampling_vae16", bench_sampling.main, ["--kind", "vae16"] + (["--preset", "tiny", "--repeats", "1",
-                                                                        "--large-batch", "256"] if q else [])),
+        (
+            "train_conv",
+            bench_train.main,
+            ["--kind", "conv"]
+            + (["--preset", "tiny", "--steps", "1", "--repeats", "1", "--large-batch", "512"] if q else []),
+        ),
+        (
+            "sampling_conv",
+            bench_sampling.main,
+            ["--kind", "conv"] + (["--preset", "tiny", "--repeats", "1", "--large-batch", "256"] if q else []),
+        ),
+        (
+            "sampling_vae16",
+            bench_sampling.main,
+            ["--kind", "vae16"] + (["--preset", "tiny", "--repeats", "1", "--large-batch", "256"] if q else []),
+        ),
         ("sindy", bench_sindy.main, (["--n", "4000", "--n-pysindy", "2000", "--repeats", "1"] if q else [])),
     ]
     results = [fn(args + ["--out", str(out / f"{name}.json")]) for name, fn, args in runs]
@@ -42,8 +52,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in results:
         for t in r["targets"]:
             print(f"- {r['benchmark']}: {t['target']}: {verdict(t['met'])} ({t['measured']})")
-    (out / "summary.json").write_text(json.dumps(
-        [{"benchmark": r["benchmark"], "device": r["device"], "targets": r["targets"]} for r in results], indent=1))
+    (out / "summary.json").write_text(
+        json.dumps(
+            [{"benchmark": r["benchmark"], "device": r["device"], "targets": r["targets"]} for r in results], indent=1
+        )
+    )
     return results
 
 

@@ -4,7 +4,7 @@ shell-quoted assignments for ``eval``; a bad config is one line on stderr and ex
 from __future__ import annotations
 
 import shlex
-from typing import Sequence
+from collections.abc import Sequence
 
 from configs.cli import OneLineParser, run_cli
 from configs.schema import load_config

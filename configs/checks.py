@@ -10,6 +10,7 @@ import re
 
 from configs.cli import UserError
 
+
 class ConfigError(UserError, ValueError):
     """A configuration problem the user must fix; the message names the key and the fix."""
 
@@ -41,9 +42,11 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _name(key: str, value: str) -> None:
-    _check(NAME_RE.fullmatch(value) is not None and ".." not in value,
-           f"{key} must be 1-100 characters of letters, digits, '.', '_' or '-', starting with a letter or "
-           f"digit and without '..', got {value!r}")
+    _check(
+        NAME_RE.fullmatch(value) is not None and ".." not in value,
+        f"{key} must be 1-100 characters of letters, digits, '.', '_' or '-', starting with a letter or "
+        f"digit and without '..', got {value!r}",
+    )
 
 
 def _one_line(key: str, value: str) -> None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, NoReturn, Sequence
+from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from configs.schema import Config
@@ -39,7 +40,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def parse_cli(argv: Sequence[str] | None, description: str) -> "Config":
+def parse_cli(argv: Sequence[str] | None, description: str) -> Config:
     """``--config X.yaml key=value ...`` -> validated Config."""
     from configs.schema import load_config
 
@@ -50,8 +51,9 @@ def parse_cli(argv: Sequence[str] | None, description: str) -> "Config":
     return load_config(args.config, args.overrides)
 
 
-def call_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None,
-             prog: str | None = None) -> int:
+def call_cli(
+    main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None, prog: str | None = None
+) -> int:
     """Run ``main(argv)`` and return the process's exit code: main's own when it returns an int,
     0 when it returns anything else, 2 after an expected error (printed as one line).
 
@@ -65,8 +67,9 @@ def call_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
     return rc if isinstance(rc, int) and not isinstance(rc, bool) else 0
 
 
-def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None,
-            prog: str | None = None) -> NoReturn:
+def run_cli(
+    main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None, prog: str | None = None
+) -> NoReturn:
     """``sys.exit(call_cli(main, argv, prog))``: the last line of every entry point."""
     sys.exit(call_cli(main, argv, prog))
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -25,8 +26,16 @@ if TYPE_CHECKING:
 TMP_PREFIX = ".tmp-"
 _HASH_CHUNK = 1 << 20
 
-__all__ = ["TMP_PREFIX", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_save_safetensors",
-           "fsync_path", "file_sha256", "resolve_device"]
+__all__ = [
+    "TMP_PREFIX",
+    "atomic_write",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_save_safetensors",
+    "fsync_path",
+    "file_sha256",
+    "resolve_device",
+]
 
 
 def fsync_path(path: str | os.PathLike[str]) -> None:
@@ -73,8 +82,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_save_safetensors(tensors: dict[str, "torch.Tensor"], path: str | os.PathLike[str],
-                            metadata: dict[str, str] | None = None) -> Path:
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> Path:
     """``safetensors.torch.save_file`` made atomic (see :func:`atomic_write`); the tensors are
     saved as given (callers choose dtype, device and contiguity)."""
     from safetensors.torch import save_file
@@ -82,8 +92,14 @@ def atomic_save_safetensors(tensors: dict[str, "torch.Tensor"], path: str | os.P
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def read_safetensors(path: str | os.PathLike[str], *, missing: str, what: str | None = None, hint: str = "",
-                     error: type[Exception] | None = None) -> dict[str, "torch.Tensor"]:
+def read_safetensors(
+    path: str | os.PathLike[str],
+    *,
+    missing: str,
+    what: str | None = None,
+    hint: str = "",
+    error: type[Exception] | None = None,
+) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, on the CPU, or one clear error.
 
     Args:
@@ -117,7 +133,7 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def resolve_device(device: "str | torch.device | None" = None) -> "torch.device":
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """The torch device to compute on.
 
     Args:
@@ -134,6 +150,7 @@ def resolve_device(device: "str | torch.device | None" = None) -> "torch.device"
     if dev.type == "cuda" and not torch.cuda.is_available():
         from configs.cli import UserError
 
-        raise UserError(f"device={str(device)!r} was requested but CUDA is not available here; use "
-                        "device='cpu' or device='auto'")
+        raise UserError(
+            f"device={str(device)!r} was requested but CUDA is not available here; use device='cpu' or device='auto'"
+        )
     return dev

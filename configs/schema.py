@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
@@ -24,9 +25,24 @@ from configs.io import atomic_write_text
 from configs.sindy import SindyConfig, SindyLibraryConfig
 from configs.slurm import SlurmConfig
 
-__all__ = ["Config", "ConfigError", "RunConfig", "DataConfig", "OptimConfig", "AEConfig", "LatentConfig", "DiTConfig",
-           "SindyConfig", "SindyLibraryConfig", "SlurmConfig", "load_config", "to_dict", "to_yaml", "config_digest",
-           "save_config"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "RunConfig",
+    "DataConfig",
+    "OptimConfig",
+    "AEConfig",
+    "LatentConfig",
+    "DiTConfig",
+    "SindyConfig",
+    "SindyLibraryConfig",
+    "SlurmConfig",
+    "load_config",
+    "to_dict",
+    "to_yaml",
+    "config_digest",
+    "save_config",
+]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
@@ -120,17 +136,34 @@ class OptimConfig:
     """Use the fused AdamW kernel (CUDA only)."""
 
     def _validate(self, section: str) -> None:
-        _positive(section, batch_size=self.batch_size, lr=self.lr, grad_accum=self.grad_accum,
-                  checkpoint_every=self.checkpoint_every, keep_checkpoints=self.keep_checkpoints,
-                  log_every=self.log_every, image_every=self.image_every)
-        _non_negative(section, epochs=self.epochs, max_steps=self.max_steps, weight_decay=self.weight_decay,
-                      warmup_steps=self.warmup_steps, grad_clip=self.grad_clip)
+        _positive(
+            section,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            grad_accum=self.grad_accum,
+            checkpoint_every=self.checkpoint_every,
+            keep_checkpoints=self.keep_checkpoints,
+            log_every=self.log_every,
+            image_every=self.image_every,
+        )
+        _non_negative(
+            section,
+            epochs=self.epochs,
+            max_steps=self.max_steps,
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup_steps,
+            grad_clip=self.grad_clip,
+        )
         _check(self.max_steps > 0 or self.epochs > 0, f"{section}: set epochs > 0 or max_steps > 0")
         _check(0 <= self.min_lr_ratio <= 1, f"{section}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-               f"{section}.betas must be two numbers in [0, 1), got {list(self.betas)}")
-        _check(self.mixed_precision in MIXED_PRECISION,
-               f"{section}.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"{section}.betas must be two numbers in [0, 1), got {list(self.betas)}",
+        )
+        _check(
+            self.mixed_precision in MIXED_PRECISION,
+            f"{section}.mixed_precision must be one of {MIXED_PRECISION}, got {self.mixed_precision!r}",
+        )
 
 
 @dataclass
@@ -185,8 +218,10 @@ class DiTConfig(OptimConfig):
 
     def __post_init__(self) -> None:
         self._validate("dit")
-        _check(self.schedule in ("auto", "cosine", "linear"),
-               f"dit.schedule must be auto | cosine | linear, got {self.schedule!r}")
+        _check(
+            self.schedule in ("auto", "cosine", "linear"),
+            f"dit.schedule must be auto | cosine | linear, got {self.schedule!r}",
+        )
         _non_negative("dit", timesteps=self.timesteps, eval_samples=self.eval_samples)
         _check(0 <= self.ema_decay < 1, f"dit.ema_decay must be in [0, 1), got {self.ema_decay}")
         _positive("dit", sample_every=self.sample_every, num_samples=self.num_samples)
@@ -253,8 +288,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             if loaded is not None:
                 schema = OmegaConf.merge(schema, loaded)
         for item in overrides:
-            _check("=" in item and not item.startswith("="),
-                   f"override {item!r} is not of the form key=value (e.g. ae.lr=1e-3)")
+            _check(
+                "=" in item and not item.startswith("="),
+                f"override {item!r} is not of the form key=value (e.g. ae.lr=1e-3)",
+            )
         for item in overrides:  # one at a time, so that a parse error names its override
             try:
                 schema = OmegaConf.merge(schema, OmegaConf.from_dotlist([item]))

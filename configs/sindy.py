@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from configs.checks import _check, _non_negative, _positive
 
+
 @dataclass
 class SindyLibraryConfig:
     """The SINDy candidate library (analysis/library.py, build_library); defaults chosen on known systems
@@ -58,30 +59,58 @@ class SindyLibraryConfig:
 
     def __post_init__(self) -> None:
         known = ("polynomial", "time", "time_state", "exp", "tanh", "terms", "mixture")
-        _check(self.preset in ("standard", "reference"),
-               f"sindy.library.preset must be standard | reference, got {self.preset!r}")
+        _check(
+            self.preset in ("standard", "reference"),
+            f"sindy.library.preset must be standard | reference, got {self.preset!r}",
+        )
         bad = [f for f in self.families if f not in known]
         _check(not bad, f"sindy.library.families: unknown family {bad[0] if bad else ''!r}; known: {', '.join(known)}")
-        _check(len(set(self.families)) == len(self.families), f"sindy.library.families repeats a family: {self.families}")
+        _check(
+            len(set(self.families)) == len(self.families), f"sindy.library.families repeats a family: {self.families}"
+        )
         _check(self.preset == "reference" or bool(self.families), "sindy.library.families is empty; list at least one")
         _check(1 <= self.poly_degree <= 4, f"sindy.library.poly_degree must be 1..4, got {self.poly_degree}")
-        _check(self.time_basis in ("poly", "spline"), f"sindy.library.time_basis must be poly | spline, got {self.time_basis!r}")
+        _check(
+            self.time_basis in ("poly", "spline"),
+            f"sindy.library.time_basis must be poly | spline, got {self.time_basis!r}",
+        )
         _check(1 <= self.time_degree <= 8, f"sindy.library.time_degree must be 1..8, got {self.time_degree}")
-        _check(2 <= self.spline_basis <= 32 and (self.time_basis != "spline" or self.spline_basis > min(self.time_degree, 5)),
-               f"sindy.library.spline_basis must be 2..32 and > the spline degree, got {self.spline_basis}")
-        _check(1 <= self.time_state_degree <= 3, f"sindy.library.time_state_degree must be 1..3, got {self.time_state_degree}")
-        _check(self.tanh_on in ("principal", "coordinates"),
-               f"sindy.library.tanh_on must be principal | coordinates, got {self.tanh_on!r}")
+        _check(
+            2 <= self.spline_basis <= 32
+            and (self.time_basis != "spline" or self.spline_basis > min(self.time_degree, 5)),
+            f"sindy.library.spline_basis must be 2..32 and > the spline degree, got {self.spline_basis}",
+        )
+        _check(
+            1 <= self.time_state_degree <= 3,
+            f"sindy.library.time_state_degree must be 1..3, got {self.time_state_degree}",
+        )
+        _check(
+            self.tanh_on in ("principal", "coordinates"),
+            f"sindy.library.tanh_on must be principal | coordinates, got {self.tanh_on!r}",
+        )
         _check(self.tanh_projections >= 1, f"sindy.library.tanh_projections must be >= 1, got {self.tanh_projections}")
-        _check(bool(self.tanh_scales) and all(c > 0 for c in self.tanh_scales),
-               f"sindy.library.tanh_scales must be a non-empty list of numbers > 0, got {self.tanh_scales}")
-        _check(0 <= self.tanh_time_degree <= 8, f"sindy.library.tanh_time_degree must be 0..8, got {self.tanh_time_degree}")
-        _check(all(f in known for f in self.gated), f"sindy.library.gated: unknown family in {self.gated}; known: {', '.join(known)}")
+        _check(
+            bool(self.tanh_scales) and all(c > 0 for c in self.tanh_scales),
+            f"sindy.library.tanh_scales must be a non-empty list of numbers > 0, got {self.tanh_scales}",
+        )
+        _check(
+            0 <= self.tanh_time_degree <= 8, f"sindy.library.tanh_time_degree must be 0..8, got {self.tanh_time_degree}"
+        )
+        _check(
+            all(f in known for f in self.gated),
+            f"sindy.library.gated: unknown family in {self.gated}; known: {', '.join(known)}",
+        )
         _check(0 < self.gate <= 1, f"sindy.library.gate must be in (0, 1], got {self.gate}")
-        _check(bool(self.mixture_features) and all(f in ("eps", "posterior") for f in self.mixture_features)
-               and len(set(self.mixture_features)) == len(self.mixture_features),
-               f"sindy.library.mixture_features must be a non-empty subset of [eps, posterior], got {self.mixture_features}")
-        _check("terms" not in self.families or bool(self.terms), "sindy.library.families has 'terms' but sindy.library.terms is empty")
+        _check(
+            bool(self.mixture_features)
+            and all(f in ("eps", "posterior") for f in self.mixture_features)
+            and len(set(self.mixture_features)) == len(self.mixture_features),
+            f"sindy.library.mixture_features must be a non-empty subset of [eps, posterior], got {self.mixture_features}",
+        )
+        _check(
+            "terms" not in self.families or bool(self.terms),
+            "sindy.library.families has 'terms' but sindy.library.terms is empty",
+        )
 
 
 @dataclass
@@ -186,37 +215,61 @@ class SindyConfig:
     K up to 20: about 25 s of EM for 20,000 latents on 2 busy cores, half that for 10,000)."""
 
     def __post_init__(self) -> None:
-        _check(self.sampler in ("ddim", "ode", "ddpm"), f"sindy.sampler must be ddim | ode | ddpm, got {self.sampler!r}")
-        _check(self.target in ("drift", "central_diff"),
-               f"sindy.target must be drift | central_diff, got {self.target!r}")
-        _positive("sindy", n_trajectories=self.n_trajectories, block_size=self.block_size,
-                  pca_components=self.pca_components, chunk_size=self.chunk_size)
+        _check(
+            self.sampler in ("ddim", "ode", "ddpm"), f"sindy.sampler must be ddim | ode | ddpm, got {self.sampler!r}"
+        )
+        _check(
+            self.target in ("drift", "central_diff"), f"sindy.target must be drift | central_diff, got {self.target!r}"
+        )
+        _positive(
+            "sindy",
+            n_trajectories=self.n_trajectories,
+            block_size=self.block_size,
+            pca_components=self.pca_components,
+            chunk_size=self.chunk_size,
+        )
         _non_negative("sindy", alpha=self.alpha)
-        _check(self.threshold_tol <= 1, f"sindy.threshold_tol must be in 0..1 (relative to the best unexplained "
-               f"variance), got {self.threshold_tol}")
+        _check(
+            self.threshold_tol <= 1,
+            f"sindy.threshold_tol must be in 0..1 (relative to the best unexplained "
+            f"variance), got {self.threshold_tol}",
+        )
         _check(self.poor_r2 <= 1, f"sindy.poor_r2 must be <= 1 (an R^2), got {self.poor_r2}")
         _check(1 <= self.time_windows <= 50, f"sindy.time_windows must be 1..50, got {self.time_windows}")
-        _check(0 < self.heldout_fraction < 1,
-               f"sindy.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        _check(0 < self.heldout_fraction < 1, f"sindy.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         _check(self.n_thresholds >= 2, f"sindy.n_thresholds must be >= 2, got {self.n_thresholds}")
         _check(self.bootstrap_groups >= 2, f"sindy.bootstrap_groups must be >= 2, got {self.bootstrap_groups}")
-        _non_negative("sindy", threshold_tol=self.threshold_tol, n_bootstrap=self.n_bootstrap,
-                      rollouts=self.rollouts, workers=self.workers, num_cpus=self.num_cpus,
-                      max_memory_gb=self.max_memory_gb)
+        _non_negative(
+            "sindy",
+            threshold_tol=self.threshold_tol,
+            n_bootstrap=self.n_bootstrap,
+            rollouts=self.rollouts,
+            workers=self.workers,
+            num_cpus=self.num_cpus,
+            max_memory_gb=self.max_memory_gb,
+        )
         _check(self.optimizer in ("stlsq", "sr3"), f"sindy.optimizer must be stlsq | sr3, got {self.optimizer!r}")
         _positive("sindy", sr3_nu=self.sr3_nu, term_budget=self.term_budget)
         _check(self.ceiling_degree in (0, 1, 2, 3), f"sindy.ceiling_degree must be 0..3, got {self.ceiling_degree}")
         _check(self.integrator in ("euler", "rk4"), f"sindy.integrator must be euler | rk4, got {self.integrator!r}")
         _check(self.device in ("auto", "cpu", "cuda"), f"sindy.device must be auto | cpu | cuda, got {self.device!r}")
-        _check(self.trajectories_order in ("descending", "ascending"),
-               f"sindy.trajectories_order must be descending | ascending, got {self.trajectories_order!r}")
-        _check(self.coordinates in ("auto", "latent", "modes"),
-               f"sindy.coordinates must be auto | latent | modes, got {self.coordinates!r}")
+        _check(
+            self.trajectories_order in ("descending", "ascending"),
+            f"sindy.trajectories_order must be descending | ascending, got {self.trajectories_order!r}",
+        )
+        _check(
+            self.coordinates in ("auto", "latent", "modes"),
+            f"sindy.coordinates must be auto | latent | modes, got {self.coordinates!r}",
+        )
         _check(self.fit_space in ("drift", "eps"), f"sindy.fit_space must be drift | eps, got {self.fit_space!r}")
-        _check(self.fit_space == "drift" or self.target == "drift",
-               f"sindy.fit_space=eps fits the recorded eps and composes the drift; it cannot be combined with "
-               f"sindy.target={self.target} (set sindy.target=drift or sindy.fit_space=drift)")
+        _check(
+            self.fit_space == "drift" or self.target == "drift",
+            f"sindy.fit_space=eps fits the recorded eps and composes the drift; it cannot be combined with "
+            f"sindy.target={self.target} (set sindy.target=drift or sindy.fit_space=drift)",
+        )
         _non_negative("sindy", validation_noises=self.validation_noises)
-        _check(all(isinstance(k, int) and k >= 1 for k in self.mixture_components),
-               f"sindy.mixture_components must be a list of ints >= 1, got {list(self.mixture_components)}")
+        _check(
+            all(isinstance(k, int) and k >= 1 for k in self.mixture_components),
+            f"sindy.mixture_components must be a list of ints >= 1, got {list(self.mixture_components)}",
+        )
         _positive("sindy", mixture_samples=self.mixture_samples)

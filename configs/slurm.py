@@ -66,45 +66,69 @@ class SlurmConfig:
 
     def __post_init__(self) -> None:
         _positive("slurm", nodes=self.nodes, cpu_processes_per_node=self.cpu_processes_per_node)
-        _non_negative("slurm", gpus_per_node=self.gpus_per_node, cpus_per_task=self.cpus_per_task,
-                      signal_seconds=self.signal_seconds, main_process_port=self.main_process_port,
-                      ray_port=self.ray_port)
-        _check(self.main_process_port < 65536 and self.ray_port < 65536,
-               f"slurm ports must be < 65536, got main_process_port={self.main_process_port} "
-               f"ray_port={self.ray_port}")
+        _non_negative(
+            "slurm",
+            gpus_per_node=self.gpus_per_node,
+            cpus_per_task=self.cpus_per_task,
+            signal_seconds=self.signal_seconds,
+            main_process_port=self.main_process_port,
+            ray_port=self.ray_port,
+        )
+        _check(
+            self.main_process_port < 65536 and self.ray_port < 65536,
+            f"slurm ports must be < 65536, got main_process_port={self.main_process_port} ray_port={self.ray_port}",
+        )
         # Generous bounds that still catch a slipped digit before sbatch queues an impossible job.
         _at_most("slurm", 4096, nodes=self.nodes)
         _at_most("slurm", 64, gpus_per_node=self.gpus_per_node)
         _at_most("slurm", 1024, cpu_processes_per_node=self.cpu_processes_per_node, cpus_per_task=self.cpus_per_task)
         _at_most("slurm", 65535, signal_seconds=self.signal_seconds)  # sbatch --signal's own limit
-        time_re = r"(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)"
-        _check(self.time == "" or re.fullmatch(time_re, self.time) is not None,
-               f"slurm.time must be a Slurm time limit like 04:00:00 or 1-12:00:00, got {self.time!r}")
-        _check(self.mem == "" or re.fullmatch(r"\d+[KMGT]?", self.mem) is not None,
-               f"slurm.mem must be a size like 64G or 0 (all of the node), got {self.mem!r}")
+        time_re = (
+            r"(\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d+|\d+-\d+:\d{1,2}|\d+-\d+:\d{1,2}:\d{1,2}|UNLIMITED|INFINITE)"
+        )
+        _check(
+            self.time == "" or re.fullmatch(time_re, self.time) is not None,
+            f"slurm.time must be a Slurm time limit like 04:00:00 or 1-12:00:00, got {self.time!r}",
+        )
+        _check(
+            self.mem == "" or re.fullmatch(r"\d+[KMGT]?", self.mem) is not None,
+            f"slurm.mem must be a size like 64G or 0 (all of the node), got {self.mem!r}",
+        )
         # These go into #SBATCH lines: a newline there would end the comment and run the rest as
         # shell, and sbatch stops reading #SBATCH lines after it. Slurm's own names are plain words.
         for key, value, pattern, example in (
-                ("partition", self.partition, SLURM_NAMES_RE, "gpu or gpu,cpu"),
-                ("account", self.account, SLURM_NAME_RE, "proj123"),
-                ("qos", self.qos, SLURM_NAME_RE, "normal"),
-                ("constraint", self.constraint, CONSTRAINT_RE, "a100|h100 or [rack1*2&rack2*4]")):
-            _check(value == "" or pattern.fullmatch(value) is not None,
-                   f"slurm.{key} must look like {example} (letters, digits and Slurm's operators only), "
-                   f"got {value!r}")
-        _check(self.python == "" or self.python.startswith("/"),
-               f"slurm.python must be an absolute path (jobs start in other shells), got {self.python!r}")
-        for key, value in (("python", self.python), ("log_dir", self.log_dir),
-                           ("accelerate_config", self.accelerate_config)):
+            ("partition", self.partition, SLURM_NAMES_RE, "gpu or gpu,cpu"),
+            ("account", self.account, SLURM_NAME_RE, "proj123"),
+            ("qos", self.qos, SLURM_NAME_RE, "normal"),
+            ("constraint", self.constraint, CONSTRAINT_RE, "a100|h100 or [rack1*2&rack2*4]"),
+        ):
+            _check(
+                value == "" or pattern.fullmatch(value) is not None,
+                f"slurm.{key} must look like {example} (letters, digits and Slurm's operators only), got {value!r}",
+            )
+        _check(
+            self.python == "" or self.python.startswith("/"),
+            f"slurm.python must be an absolute path (jobs start in other shells), got {self.python!r}",
+        )
+        for key, value in (
+            ("python", self.python),
+            ("log_dir", self.log_dir),
+            ("accelerate_config", self.accelerate_config),
+        ):
             _one_line(f"slurm.{key}", value)
         stages = ("train-ae", "encode", "train-dit", "score", "sindy")
-        _check(len(self.pipeline) > 0 and all(s in stages for s in self.pipeline),
-               f"slurm.pipeline must be a non-empty list of {stages}, got {list(self.pipeline)}")
-        _check(len(set(self.pipeline)) == len(self.pipeline),
-               f"slurm.pipeline lists a stage twice: {list(self.pipeline)}")
+        _check(
+            len(self.pipeline) > 0 and all(s in stages for s in self.pipeline),
+            f"slurm.pipeline must be a non-empty list of {stages}, got {list(self.pipeline)}",
+        )
+        _check(
+            len(set(self.pipeline)) == len(self.pipeline), f"slurm.pipeline lists a stage twice: {list(self.pipeline)}"
+        )
         for arg in self.sbatch_args:
-            _check(SBATCH_ARG_RE.fullmatch(arg) is not None,
-                   f"slurm.sbatch_args items must be single sbatch options like --exclusive or --mail-type=END "
-                   f"(no spaces, quotes, '$', backticks, backslashes or control characters), got {arg!r}")
+            _check(
+                SBATCH_ARG_RE.fullmatch(arg) is not None,
+                f"slurm.sbatch_args items must be single sbatch options like --exclusive or --mail-type=END "
+                f"(no spaces, quotes, '$', backticks, backslashes or control characters), got {arg!r}",
+            )
         for line in self.setup:
             _one_line("slurm.setup items", line)

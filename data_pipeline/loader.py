@@ -19,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from collections.abc import Iterable, Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -60,7 +61,14 @@ def batches_per_epoch(manifest: dict[str, Any], split: str, batch_size: int, wor
 
 
 def _consumer_shards(
-    shards: list[dict[str, Any]], *, shuffle: bool, seed: int, epoch: int, pass_index: int, consumer: int, n_consumers: int
+    shards: list[dict[str, Any]],
+    *,
+    shuffle: bool,
+    seed: int,
+    epoch: int,
+    pass_index: int,
+    consumer: int,
+    n_consumers: int,
 ) -> tuple[list[dict[str, Any]], bool]:
     """This consumer's shards for one pass, and whether samples must be strided.
 
@@ -93,7 +101,9 @@ def _check_shard_bytes(data: bytes, shard: dict[str, Any], path: Path) -> None:
     """
     fix = f"re-run python -m data_pipeline.prepare --out {path.parent} to rewrite it"
     if len(data) != int(shard["bytes"]):
-        raise ShardError(f"truncated or corrupt shard {path}: {len(data)} bytes, the manifest says {shard['bytes']}; {fix}")
+        raise ShardError(
+            f"truncated or corrupt shard {path}: {len(data)} bytes, the manifest says {shard['bytes']}; {fix}"
+        )
     digest = hashlib.sha256(data).hexdigest()
     if digest != shard["sha256"]:
         raise ShardError(
@@ -125,13 +135,17 @@ def _read_shard(path: Path, shard: dict[str, Any]) -> Iterator[dict[str, Any]]:
         _check_shard_bytes(data, shard, path)
         for sample in iter_tar_samples(data, str(path)):
             if "png" not in sample or "cls" not in sample:
-                raise ShardError(f"sample {sample.get('__key__')!r} has members {sorted(k for k in sample if not k.startswith('__'))}, expected png and cls")
+                raise ShardError(
+                    f"sample {sample.get('__key__')!r} has members {sorted(k for k in sample if not k.startswith('__'))}, expected png and cls"
+                )
             count += 1
             yield sample
     except ShardError as exn:
         raise ShardError(str(exn) if str(path) in str(exn) else f"corrupt shard {path}: {exn}") from exn
     except Exception as exn:  # OS and decode errors
-        raise ShardError(f"corrupt or truncated shard {path}: {type(exn).__name__}: {exn.args[0] if exn.args else exn}") from exn
+        raise ShardError(
+            f"corrupt or truncated shard {path}: {type(exn).__name__}: {exn.args[0] if exn.args else exn}"
+        ) from exn
     if count != expected:
         raise ShardError(
             f"truncated or corrupt shard {path}: ended after {count} of {expected} samples; "
@@ -142,7 +156,7 @@ def _read_shard(path: Path, shard: dict[str, Any]) -> Iterator[dict[str, Any]]:
 class _ShardStream(IterableDataset):
     """One epoch of batches for one rank; splits itself across DataLoader workers."""
 
-    def __init__(self, loader: "ShardLoader", epoch: int) -> None:
+    def __init__(self, loader: ShardLoader, epoch: int) -> None:
         super().__init__()
         self.loader = loader
         self.epoch = epoch
@@ -201,7 +215,8 @@ class _ShardStream(IterableDataset):
                     raise ValueError(f"label {label} outside 0..9")
             except (ValueError, UnicodeDecodeError) as exn:
                 self._handle(
-                    ShardError(f"bad sample {sample['__key__']!r} in shard {sample['__url__']}: {exn}"), "skipped_samples"
+                    ShardError(f"bad sample {sample['__key__']!r} in shard {sample['__url__']}: {exn}"),
+                    "skipped_samples",
                 )
                 continue
             yield image, label
@@ -216,7 +231,9 @@ class _ShardStream(IterableDataset):
         worker = (real_worker + ld.start_batch) % n_workers
         stages: list[Any] = [lambda: self._samples(worker, n_workers, cycle=ld.drop_last)]
         if ld.shuffle_buffer > 1:
-            rng = random.Random(_derive_seed(ld.seed, self.epoch, ld.rank, ld.world_size, n_workers, worker, _SAMPLE_ORDER))
+            rng = random.Random(
+                _derive_seed(ld.seed, self.epoch, ld.rank, ld.world_size, n_workers, worker, _SAMPLE_ORDER)
+            )
             stages.append(wds.shuffle(ld.shuffle_buffer, initial=min(ld.shuffle_buffer, 100), rng=rng))
         # Stream `worker` owns epoch batches worker, worker + n_workers, ...; skip those before
         # start_batch (before decode, so resuming is cheap).
@@ -266,8 +283,14 @@ class ShardLoader:
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1), ("num_workers", num_workers, 0),
-                                 ("shuffle_buffer", shuffle_buffer, 0), ("start_batch", start_batch, 0), ("epoch", epoch, 0)):
+        for name, value, low in (
+            ("batch_size", batch_size, 1),
+            ("world_size", world_size, 1),
+            ("num_workers", num_workers, 0),
+            ("shuffle_buffer", shuffle_buffer, 0),
+            ("start_batch", start_batch, 0),
+            ("epoch", epoch, 0),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not (isinstance(rank, int) and 0 <= rank < world_size):
@@ -310,11 +333,18 @@ class ShardLoader:
         total = 0
         for worker in range(n_workers):
             shards, strided = _consumer_shards(
-                [dict(s) for s in self.shards], shuffle=self.shuffle_buffer > 0, seed=self.seed, epoch=self.epoch,
-                pass_index=0, consumer=worker, n_consumers=n_workers,
+                [dict(s) for s in self.shards],
+                shuffle=self.shuffle_buffer > 0,
+                seed=self.seed,
+                epoch=self.epoch,
+                pass_index=0,
+                consumer=worker,
+                n_consumers=n_workers,
             )
-            n = len(range(worker, self.manifest["splits"][self.split]["total"], n_workers)) if strided else sum(
-                s["samples"] for s in shards
+            n = (
+                len(range(worker, self.manifest["splits"][self.split]["total"], n_workers))
+                if strided
+                else sum(s["samples"] for s in shards)
             )
             total += -(-n // self.batch_size)
         return total
@@ -371,8 +401,17 @@ def make_loader(
         ValueError: an argument is out of range.
     """
     return ShardLoader(
-        shard_dir, split, batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
-        shuffle_buffer=shuffle_buffer, seed=seed, epoch=epoch, on_error=on_error, drop_last=drop_last,
+        shard_dir,
+        split,
+        batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        shuffle_buffer=shuffle_buffer,
+        seed=seed,
+        epoch=epoch,
+        on_error=on_error,
+        drop_last=drop_last,
         start_batch=start_batch,
     )
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from configs.cli import OneLineParser, UserError, call_cli
 from data_pipeline.shards import SPLITS, PrepareResult, prepare_shards, read_manifest, verify_shards
@@ -86,8 +86,10 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(str(exn)) from None
     except OSError as exn:  # disk full, permission denied, read-only file system: the temp file is gone
         where = f" ({exn.filename})" if exn.filename else ""
-        raise UserError(f"cannot write the shards to {args.out}: {exn.strerror or exn}{where}; free space, fix the "
-                        "permissions or choose another --out") from None
+        raise UserError(
+            f"cannot write the shards to {args.out}: {exn.strerror or exn}{where}; free space, fix the "
+            "permissions or choose another --out"
+        ) from None
     print(_summary(result))
     return 0
 

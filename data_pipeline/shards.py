@@ -29,10 +29,11 @@ import json
 import os
 import re
 import tarfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -130,8 +131,10 @@ def manifest_sha256(shard_dir: str | os.PathLike[str]) -> str:
     from); a missing one, the common "wrong directory" mistake, is a ManifestError naming the fix."""
     path = Path(shard_dir) / MANIFEST_NAME
     if not path.is_file():
-        raise ManifestError(f"no {MANIFEST_NAME} in shard directory {str(shard_dir)!r}; "
-                            f"prepare it with: python -m data_pipeline.prepare --out {shard_dir}")
+        raise ManifestError(
+            f"no {MANIFEST_NAME} in shard directory {str(shard_dir)!r}; "
+            f"prepare it with: python -m data_pipeline.prepare --out {shard_dir}"
+        )
     return file_sha256(path)
 
 
@@ -249,8 +252,7 @@ def _check_directory(directory: Path) -> list[Path]:
     if foreign:
         shown = ", ".join(sorted(foreign)[:5]) + (" ..." if len(foreign) > 5 else "")
         raise ManifestError(
-            f"{directory} contains files that prepare did not write ({shown}); "
-            "choose an empty or new --out directory"
+            f"{directory} contains files that prepare did not write ({shown}); choose an empty or new --out directory"
         )
     return stale
 
@@ -335,7 +337,12 @@ def prepare_shards(
                 atomic_write_bytes(directory / name, payload)
                 written.append(name)
                 shards.append(
-                    {"name": name, "samples": hi - lo, "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()}
+                    {
+                        "name": name,
+                        "samples": hi - lo,
+                        "bytes": len(payload),
+                        "sha256": hashlib.sha256(payload).hexdigest(),
+                    }
                 )
                 if progress is not None:
                     progress(split, i, n_shards)

@@ -26,9 +26,10 @@ import hashlib
 import importlib.util
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -321,7 +322,9 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> None:
     Raises:
         ValueError: ``array`` is not uint8 with 1 or 3 dims.
     """
-    if array.dtype != np.uint8 and not (np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() <= 255):
+    if array.dtype != np.uint8 and not (
+        np.issubdtype(array.dtype, np.integer) and array.min() >= 0 and array.max() <= 255
+    ):
         raise ValueError(f"write_idx needs values in 0..255, got dtype {array.dtype}")
     if array.ndim not in _IDX_MAGIC:
         raise ValueError(f"write_idx supports 1-D labels or 3-D images, got shape {array.shape}")
@@ -338,9 +341,7 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> None:
 
 def _find_idx_dir(root: Path) -> Path | None:
     for candidate in (root, root / "MNIST" / "raw"):
-        if all(
-            (candidate / name).is_file() or (candidate / f"{name}.gz").is_file() for name in _IDX_FILES.values()
-        ):
+        if all((candidate / name).is_file() or (candidate / f"{name}.gz").is_file() for name in _IDX_FILES.values()):
             return candidate
     return None
 

@@ -27,15 +27,17 @@ def save_weights(module: torch.nn.Module, path: Path, metadata: dict[str, str] |
 def save_latents(path: Path, latents: torch.Tensor, labels: torch.Tensor, ae_sha256: str, kind: str) -> None:
     """One encoded split (``latents`` raw (N, T, C), ``labels`` (N,)), tagged with the autoencoder
     that encoded it (``load_latent_data`` checks the tag)."""
-    atomic_save_safetensors({"latents": latents.contiguous(), "labels": labels.contiguous()}, path,
-                            {"ae_sha256": ae_sha256, "kind": kind})
+    atomic_save_safetensors(
+        {"latents": latents.contiguous(), "labels": labels.contiguous()}, path, {"ae_sha256": ae_sha256, "kind": kind}
+    )
 
 
 def save_latent_stats(run_dir: Path, mean: torch.Tensor, std: torch.Tensor, ae_sha256: str, kind: str) -> Path:
     """``run_dir/latent_stats.safetensors``: the normalisation of the train latents."""
     path = run_dir / "latent_stats.safetensors"
-    atomic_save_safetensors({"mean": mean.contiguous(), "std": std.contiguous()}, path,
-                            {"ae_sha256": ae_sha256, "kind": kind})
+    atomic_save_safetensors(
+        {"mean": mean.contiguous(), "std": std.contiguous()}, path, {"ae_sha256": ae_sha256, "kind": kind}
+    )
     return path
 
 
@@ -53,8 +55,9 @@ def load_autoencoder(run_dir: Path, device: torch.device | str = "cpu") -> tuple
     try:
         model.load_state_dict(load_weights(run_dir / "ae.safetensors", "autoencoder"))
     except RuntimeError as e:
-        raise UserError(f"{run_dir / 'ae.safetensors'} does not match a {meta['kind']} autoencoder: "
-                        f"{str(e).splitlines()[0]}") from None
+        raise UserError(
+            f"{run_dir / 'ae.safetensors'} does not match a {meta['kind']} autoencoder: {str(e).splitlines()[0]}"
+        ) from None
     return model.to(device).eval(), meta
 
 
@@ -71,12 +74,12 @@ class LatentData:
     ae_sha256: str
 
 
-
 def load_latent_stats(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     stats = run_dir / "latent_stats.safetensors"
     if not stats.is_file():
-        raise UserError(f"latent stats {stats} not found: run `python training/encode_latents.py --config ...` "
-                        "for this run first")
+        raise UserError(
+            f"latent stats {stats} not found: run `python training/encode_latents.py --config ...` for this run first"
+        )
     s = load_weights(stats, "latent stats")
     if set(s) != {"mean", "std"}:
         raise UserError(f"{stats} must hold 'mean' and 'std', found {sorted(s)}")
@@ -95,8 +98,10 @@ def load_latent_data(run_dir: Path, expect_kind: str) -> LatentData:
         raise UserError(f"{meta_file} not found: train the autoencoder of this run first")
     meta = json.loads(meta_file.read_text())
     if meta["kind"] != expect_kind:
-        raise UserError(f"config has ae.kind={expect_kind} but {run_dir}/ae.json holds a {meta['kind']} "
-                        f"autoencoder (latent {meta['latent_shape']}); set ae.kind={meta['kind']} or use another run")
+        raise UserError(
+            f"config has ae.kind={expect_kind} but {run_dir}/ae.json holds a {meta['kind']} "
+            f"autoencoder (latent {meta['latent_shape']}); set ae.kind={meta['kind']} or use another run"
+        )
     mean, std = load_latent_stats(run_dir)
     train_file = run_dir / "latents" / "train.safetensors"
     if not train_file.is_file():
@@ -105,8 +110,10 @@ def load_latent_data(run_dir: Path, expect_kind: str) -> LatentData:
     z = data["latents"]
     shape = list(z.shape[1:])
     if shape != list(meta["latent_shape"]):
-        raise UserError(f"latents in {train_file} have shape {shape} but the autoencoder's latent is "
-                        f"{meta['latent_shape']}; re-run training/encode_latents.py")
+        raise UserError(
+            f"latents in {train_file} have shape {shape} but the autoencoder's latent is "
+            f"{meta['latent_shape']}; re-run training/encode_latents.py"
+        )
     try:
         torch.broadcast_shapes(mean.shape, std.shape, tuple(shape))
     except RuntimeError:
@@ -117,8 +124,10 @@ def load_latent_data(run_dir: Path, expect_kind: str) -> LatentData:
     with safe_open(str(train_file), "pt") as f:
         written_for = (f.metadata() or {}).get("ae_sha256")
     if written_for != ae_sha:
-        raise UserError(f"{train_file} was encoded by another autoencoder than {run_dir}/ae.safetensors; "
-                        "re-run training/encode_latents.py")
+        raise UserError(
+            f"{train_file} was encoded by another autoencoder than {run_dir}/ae.safetensors; "
+            "re-run training/encode_latents.py"
+        )
     return LatentData(train=(z - mean) / std, mean=mean, std=std, kind=meta["kind"], ae_sha256=ae_sha)
 
 
@@ -137,8 +146,10 @@ def load_denoiser(run_dir: Path, device: torch.device | str = "cpu", ema: bool =
     meta_file = run_dir / "dit.json"
     weights = run_dir / ("dit_ema.safetensors" if ema else "dit.safetensors")
     if not meta_file.is_file() or not weights.is_file():
-        raise UserError(f"{run_dir} has no trained DiT ({meta_file.name} / {weights.name} missing): run "
-                        "training/train_dit.py for this run first")
+        raise UserError(
+            f"{run_dir} has no trained DiT ({meta_file.name} / {weights.name} missing): run "
+            "training/train_dit.py for this run first"
+        )
     meta = json.loads(meta_file.read_text())
     arch = dict(meta["dit_config"])
     if arch.get("grid") is not None:

@@ -29,11 +29,13 @@ class ConvAE(nn.Module):
         self.latent_shape = (49, latent_channels)
         # kernel 4 / stride 2 / padding 1 halves the side exactly: 28 -> 14 -> 7.
         self.encoder = nn.Sequential(
-            nn.Conv2d(1, hidden, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(1, hidden, 4, stride=2, padding=1),
+            nn.ReLU(),
             nn.Conv2d(hidden, latent_channels, 4, stride=2, padding=1),
         )
         self.decoder = nn.Sequential(
-            nn.ConvTranspose2d(latent_channels, hidden, 4, stride=2, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(latent_channels, hidden, 4, stride=2, padding=1),
+            nn.ReLU(),
             nn.ConvTranspose2d(hidden, 1, 4, stride=2, padding=1),
         )
 
@@ -68,16 +70,23 @@ class VAE16(nn.Module):
         self.latent_shape = (latent_dim, 1)
         self.kl_weight = kl_weight
         self.encoder = nn.Sequential(
-            nn.Conv2d(1, hidden, 4, stride=2, padding=1), nn.ReLU(),            # (B, h, 14, 14)
-            nn.Conv2d(hidden, 2 * hidden, 4, stride=2, padding=1), nn.ReLU(),   # (B, 2h, 7, 7)
-            nn.Flatten(), nn.Linear(2 * hidden * 49, 256), nn.ReLU(),
-            nn.Linear(256, 2 * latent_dim),                                     # mean, log-variance
+            nn.Conv2d(1, hidden, 4, stride=2, padding=1),
+            nn.ReLU(),  # (B, h, 14, 14)
+            nn.Conv2d(hidden, 2 * hidden, 4, stride=2, padding=1),
+            nn.ReLU(),  # (B, 2h, 7, 7)
+            nn.Flatten(),
+            nn.Linear(2 * hidden * 49, 256),
+            nn.ReLU(),
+            nn.Linear(256, 2 * latent_dim),  # mean, log-variance
         )
         self.decoder = nn.Sequential(
-            nn.Linear(latent_dim, 256), nn.ReLU(),
-            nn.Linear(256, 2 * hidden * 49), nn.ReLU(),
+            nn.Linear(latent_dim, 256),
+            nn.ReLU(),
+            nn.Linear(256, 2 * hidden * 49),
+            nn.ReLU(),
             nn.Unflatten(1, (2 * hidden, 7, 7)),
-            nn.ConvTranspose2d(2 * hidden, hidden, 4, stride=2, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(2 * hidden, hidden, 4, stride=2, padding=1),
+            nn.ReLU(),
             nn.ConvTranspose2d(hidden, 1, 4, stride=2, padding=1),
         )
 

@@ -38,9 +38,19 @@ from configs.io import atomic_save_safetensors, atomic_write_bytes, file_sha256,
 from configs.io import resolve_device as _resolve_device
 
 __all__ = [
-    "QualityError", "MnistClassifier", "resolve_device", "predict", "gaussian_fit", "frechet_distance",
-    "save_classifier", "write_sidecar", "load_classifier", "save_reference", "read_reference",
-    "sidecar_path", "reference_path",
+    "QualityError",
+    "MnistClassifier",
+    "resolve_device",
+    "predict",
+    "gaussian_fit",
+    "frechet_distance",
+    "save_classifier",
+    "write_sidecar",
+    "load_classifier",
+    "save_reference",
+    "read_reference",
+    "sidecar_path",
+    "reference_path",
 ]
 
 FORMAT = "latent-sindy/mnist-classifier"
@@ -195,8 +205,11 @@ def reference_path(path: Path) -> Path:
 def save_classifier(model: MnistClassifier, path: Path) -> str:
     """Write the weights atomically; returns their sha256 (the key of the reference statistics)."""
     state = {k: v for k, v in model.state_dict().items()}
-    atomic_save_safetensors({k: v.detach().contiguous().cpu() for k, v in state.items()}, path,  # channels_last
-                            {"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    atomic_save_safetensors(
+        {k: v.detach().contiguous().cpu() for k, v in state.items()},
+        path,  # channels_last
+        {"format": FORMAT, "format_version": str(FORMAT_VERSION)},
+    )
     return file_sha256(path)
 
 
@@ -220,8 +233,13 @@ def load_classifier(path: str | Path, device: str | torch.device | None = "auto"
         QualityError: the file is missing, not a safetensors file, or holds other weights.
     """
     path = Path(path)
-    state = read_safetensors(path, missing=f"classifier weights {str(path)!r} not found; {TRAIN_HINT}",
-                             what=f"classifier {str(path)!r}", hint=f"; {TRAIN_HINT}", error=QualityError)
+    state = read_safetensors(
+        path,
+        missing=f"classifier weights {str(path)!r} not found; {TRAIN_HINT}",
+        what=f"classifier {str(path)!r}",
+        hint=f"; {TRAIN_HINT}",
+        error=QualityError,
+    )
     model = MnistClassifier()
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in state.items()}
@@ -252,9 +270,11 @@ def save_reference(
         "classifier_sha256": classifier_sha,
         "shards_manifest_sha256": manifest_sha,
     }
-    atomic_save_safetensors({"mu": torch.from_numpy(mu).contiguous(), "sigma": torch.from_numpy(sigma).contiguous()},
-                            reference_path(path),
-                            meta)
+    atomic_save_safetensors(
+        {"mu": torch.from_numpy(mu).contiguous(), "sigma": torch.from_numpy(sigma).contiguous()},
+        reference_path(path),
+        meta,
+    )
 
 
 def read_reference(

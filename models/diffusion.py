@@ -34,8 +34,8 @@ t (B,) long step indices; it knows nothing of latents except their shape.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +70,7 @@ class Schedule:
     rates: torch.Tensor
 
     @classmethod
-    def from_betas(cls, name: str, betas: torch.Tensor) -> "Schedule":
+    def from_betas(cls, name: str, betas: torch.Tensor) -> Schedule:
         """Build every derived coefficient from betas (T,), each in (0, 1)."""
         betas = torch.as_tensor(betas, dtype=torch.float64)
         if betas.dim() != 1 or betas.numel() < 2:
@@ -100,7 +100,7 @@ class Schedule:
         """Number of diffusion steps."""
         return self.betas.numel()
 
-    def to(self, device: torch.device | str) -> "Schedule":
+    def to(self, device: torch.device | str) -> Schedule:
         """A copy with every tensor on ``device`` (saves a host-to-device copy per training step)."""
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         moved.update({k: v.to(device) for k, v in moved.items() if isinstance(v, torch.Tensor)})
@@ -307,9 +307,7 @@ def ddim_step(
     return mean, sigma
 
 
-def ode_drift(
-    schedule: Schedule, x: torch.Tensor, t: int, eps: torch.Tensor, *, lower: bool = False
-) -> torch.Tensor:
+def ode_drift(schedule: Schedule, x: torch.Tensor, t: int, eps: torch.Tensor, *, lower: bool = False) -> torch.Tensor:
     """Probability-flow ODE velocity dx/dtau on the interval of step t, (t/T, (t+1)/T].
 
     VP SDE dx = -1/2 beta(tau) x dtau + sqrt(beta(tau)) dw (Song et al. 2021, eq. 11) has the

@@ -119,7 +119,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def build_dit(preset: str, in_channels: int, num_tokens: int, **overrides) -> "DiT":
+def build_dit(preset: str, in_channels: int, num_tokens: int, **overrides) -> DiT:
     """Build a DiT from a named preset.
 
     Args:

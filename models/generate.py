@@ -12,8 +12,17 @@ from models.diffusion import Schedule, sample
 
 
 @torch.no_grad()
-def decode_samples(ema_model: torch.nn.Module, schedule: Schedule, ae, mean: torch.Tensor, std: torch.Tensor,
-                   n: int, seed: int, device, batch: int = 2048) -> torch.Tensor:
+def decode_samples(
+    ema_model: torch.nn.Module,
+    schedule: Schedule,
+    ae,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    n: int,
+    seed: int,
+    device,
+    batch: int = 2048,
+) -> torch.Tensor:
     """DDPM samples of the (EMA) denoiser decoded to images.
 
     Args:

@@ -32,14 +32,19 @@ def repo() -> Path:
 @pytest.fixture(scope="session")
 def mnist_shards() -> Path:
     """The full real MNIST as shards; prepare is idempotent, so later sessions reuse the cache."""
-    proc = subprocess.run([sys.executable, "-m", "data_pipeline.prepare", "--out", str(SHARD_CACHE)],
-                          cwd=REPO, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_pipeline.prepare", "--out", str(SHARD_CACHE)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     return SHARD_CACHE
 
 
-def run_entry(args: list[str], cwd: Path = REPO, env: dict | None = None, timeout: float = 600,
-              check: bool = True) -> subprocess.CompletedProcess:
+def run_entry(
+    args: list[str], cwd: Path = REPO, env: dict | None = None, timeout: float = 600, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run a command with the venv's executables first on PATH; assert success when ``check``."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env["PATH"] = f"{Path(sys.executable).parent}:{full_env.get('PATH', '')}"
@@ -62,6 +67,19 @@ def accelerate_cmd(*, two_procs: bool = False) -> list[str]:
     """
     exe = str(Path(sys.executable).parent / "accelerate")
     if two_procs:
-        return [exe, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+        return [
+            exe,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(free_port()),
+        ]
     return [exe, "launch", "--config_file", str(REPO / "configs/accelerate/cpu.yaml")]

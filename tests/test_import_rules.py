@@ -47,13 +47,16 @@ def modules():
 @pytest.mark.parametrize("path", modules(), ids=lambda p: str(p.relative_to(REPO)))
 def test_module_imports_only_the_layers_below(path):
     own = path.relative_to(REPO).parts[0]
-    bad = [f"line {line}: imports {pkg}" for line, pkg in imported_packages(path)
-           if pkg != own and pkg not in ALLOWED[own]]
+    bad = [
+        f"line {line}: imports {pkg}" for line, pkg in imported_packages(path) if pkg != own and pkg not in ALLOWED[own]
+    ]
     assert not bad, f"{path.relative_to(REPO)} ({own} may import {sorted(ALLOWED[own]) or 'nothing of ours'}): {bad}"
 
 
 def test_the_rule_reader_sees_function_level_imports(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("import os\n\ndef f():\n    from analysis.fit import x\n    import training.loop as t\n")
-    assert imported_packages(f) == [(4, "analysis"), (5, "training")] or \
-        sorted(imported_packages(f)) == [(4, "analysis"), (5, "training")]
+    assert imported_packages(f) == [(4, "analysis"), (5, "training")] or sorted(imported_packages(f)) == [
+        (4, "analysis"),
+        (5, "training"),
+    ]

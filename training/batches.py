@@ -7,7 +7,7 @@ resumed run replays the interrupted epoch and skips the batches it already train
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -20,8 +20,9 @@ class TensorBatches:
     union over ranks of one step's batches is the same whatever the world size.
     """
 
-    def __init__(self, tensors: tuple[torch.Tensor, ...], batch_size: int, rank: int, world_size: int,
-                 seed: int) -> None:
+    def __init__(
+        self, tensors: tuple[torch.Tensor, ...], batch_size: int, rank: int, world_size: int, seed: int
+    ) -> None:
         n = tensors[0].shape[0]
         if any(t.shape[0] != n for t in tensors):
             raise ValueError("all tensors must have the same first dimension")
@@ -30,8 +31,9 @@ class TensorBatches:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batches_per_epoch = n // (batch_size * world_size)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{n} samples cannot fill one batch of {batch_size} on {world_size} processes; "
-                             "lower the batch size")
+            raise ValueError(
+                f"{n} samples cannot fill one batch of {batch_size} on {world_size} processes; lower the batch size"
+            )
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
         """Batches of ``epoch`` from batch index ``start`` on."""
@@ -39,7 +41,7 @@ class TensorBatches:
         perm = torch.randperm(self.tensors[0].shape[0], generator=g)
         gb = self.batch_size * self.world_size
         for i in range(start, self.batches_per_epoch):
-            idx = perm[i * gb + self.rank * self.batch_size: i * gb + (self.rank + 1) * self.batch_size]
+            idx = perm[i * gb + self.rank * self.batch_size : i * gb + (self.rank + 1) * self.batch_size]
             idx = idx.to(self.tensors[0].device)
             yield tuple(t.index_select(0, idx) for t in self.tensors)
 
@@ -47,14 +49,33 @@ class TensorBatches:
 class StreamBatches:
     """Batches from the webdataset shard loader (data_pipeline.loader), per rank and worker."""
 
-    def __init__(self, shard_dir: str, split: str, batch_size: int, rank: int, world_size: int, seed: int,
-                 num_workers: int, shuffle_buffer: int, on_error: str, device: torch.device) -> None:
+    def __init__(
+        self,
+        shard_dir: str,
+        split: str,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        num_workers: int,
+        shuffle_buffer: int,
+        on_error: str,
+        device: torch.device,
+    ) -> None:
         from data_pipeline.loader import batches_per_epoch
         from data_pipeline.shards import read_manifest
 
-        self.kw = dict(shard_dir=shard_dir, split=split, batch_size=batch_size, rank=rank,
-                       world_size=world_size, num_workers=num_workers, shuffle_buffer=shuffle_buffer,
-                       seed=seed, on_error=on_error)
+        self.kw = dict(
+            shard_dir=shard_dir,
+            split=split,
+            batch_size=batch_size,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            shuffle_buffer=shuffle_buffer,
+            seed=seed,
+            on_error=on_error,
+        )
         self.device = device
         self.batches_per_epoch = batches_per_epoch(read_manifest(shard_dir), split, batch_size, world_size)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -26,13 +26,14 @@ from training.stage import load_split
 
 
 @torch.no_grad()
-def encode_split(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
-                 progress_s: float = 10.0, label: str = "") -> torch.Tensor:
+def encode_split(
+    model: torch.nn.Module, images: torch.Tensor, batch_size: int, progress_s: float = 10.0, label: str = ""
+) -> torch.Tensor:
     """(N, 1, 28, 28) -> (N, T, C) float32 on the CPU, printing a progress line every ``progress_s``."""
     out, n = [], images.shape[0]
     t_last = time.perf_counter()
     for i in range(0, n, batch_size):
-        out.append(model.encode(images[i:i + batch_size]).float().cpu())
+        out.append(model.encode(images[i : i + batch_size]).float().cpu())
         if label and time.perf_counter() - t_last >= progress_s:
             print(f"latents: {label}: encoded {min(i + batch_size, n)}/{n}", flush=True)
             t_last = time.perf_counter()
@@ -42,7 +43,7 @@ def encode_split(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
 def latent_stats(z: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of train latents (N, T, C), per channel (conv) or per coordinate (vae16)."""
     dims = (0, 1) if kind == "conv" else (0,)
-    mean = z.double().mean(dim=dims, keepdim=True)[0]   # (1, C) or (T, C)
+    mean = z.double().mean(dim=dims, keepdim=True)[0]  # (1, C) or (T, C)
     std = z.double().std(dim=dims, keepdim=True)[0]
     return mean.float(), std.clamp_min(1e-6).float()
 
@@ -60,8 +61,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         t0 = time.perf_counter()
         print(f"latents: {split}: reading {cfg.data.shards}", flush=True)
         images, labels = load_split(cfg, split, device)
-        print(f"latents: {split}: encoding {images.shape[0]} images with the {meta['kind']} autoencoder on "
-              f"{device}", flush=True)
+        print(
+            f"latents: {split}: encoding {images.shape[0]} images with the {meta['kind']} autoencoder on {device}",
+            flush=True,
+        )
         z = encode_split(model, images, cfg.latents.batch_size, label=split)
         shapes[split] = list(z.shape)
         print(f"latents: {split}: {list(z.shape)} in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -70,8 +73,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             mean, std = latent_stats(z, meta["kind"])
     # Stats last: their presence marks a complete encoding for the DiT stage.
     stats = save_latent_stats(run_dir, mean, std, ae_digest, meta["kind"])
-    info = {"kind": meta["kind"], "latent_shape": meta["latent_shape"], "shapes": shapes,
-            "ae_sha256": ae_digest, "mean": mean.squeeze().tolist(), "std": std.squeeze().tolist()}
+    info = {
+        "kind": meta["kind"],
+        "latent_shape": meta["latent_shape"],
+        "shapes": shapes,
+        "ae_sha256": ae_digest,
+        "mean": mean.squeeze().tolist(),
+        "std": std.squeeze().tolist(),
+    }
     (out / "meta.json").write_text(json.dumps(info, indent=1))
     print(f"latents: train {shapes['train']}, test {shapes['test']} -> {out}; stats {stats}")
 

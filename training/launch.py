@@ -28,8 +28,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from configs.cli import LAUNCH_DIR_ENV
 from training.runtime import PREEMPTED_EXIT
@@ -62,8 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return
         if not (launch_dir / "stop").exists():
             hint = " (Ctrl-C again to kill)" if signum == signal.SIGINT else ""
-            print(f"launch: got {signal.Signals(signum).name}: asking the stage to checkpoint and stop{hint}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"launch: got {signal.Signals(signum).name}: asking the stage to checkpoint and stop{hint}",
+                file=sys.stderr,
+                flush=True,
+            )
             (launch_dir / "stop").touch()
         _signal_group(child, signal.SIGUSR1)
 
@@ -72,14 +75,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     for sig in STOP_SIGNALS:
         signal.signal(sig, on_signal)
     try:
-        child = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", *args], env=env,
-                                 start_new_session=True, preexec_fn=_ignore_usr1)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", *args],
+            env=env,
+            start_new_session=True,
+            preexec_fn=_ignore_usr1,
+        )
         if (launch_dir / "stop").exists():
             _signal_group(child, signal.SIGUSR1)
         rc = child.wait()
         if any(launch_dir.glob("preempted.*")):
-            print(f"launch: the stage stopped at a checkpoint before it finished (exit {PREEMPTED_EXIT}); "
-                  "run the same command with resume=auto to continue", file=sys.stderr, flush=True)
+            print(
+                f"launch: the stage stopped at a checkpoint before it finished (exit {PREEMPTED_EXIT}); "
+                "run the same command with resume=auto to continue",
+                file=sys.stderr,
+                flush=True,
+            )
             return PREEMPTED_EXIT
         if any(launch_dir.glob("usererror.*")):
             return 2  # the worker has printed its one-line error (configs.cli.run_cli)

@@ -16,17 +16,24 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from configs.schema import OptimConfig
-from training.runtime import (StopFlag, TrainState, clean_stale_tmp, load_checkpoint, restore_scheduler,
-                              save_checkpoint, set_aside_newer)
+from training.runtime import (
+    StopFlag,
+    TrainState,
+    clean_stale_tmp,
+    load_checkpoint,
+    restore_scheduler,
+    save_checkpoint,
+    set_aside_newer,
+)
 
 STOP_SYNC_EVERY = 10
 """On N processes the ranks agree on a stop request every this many steps (and at log steps):
@@ -75,9 +82,23 @@ def tensorboard_writer(acc: Accelerator):
     return acc.get_tracker("tensorboard", unwrap=True)
 
 
-def run_loop(acc: Accelerator, model: torch.nn.Module, optimizer, scheduler, batches, opt: OptimConfig,
-             total: int, loss_fn: LossFn, ckpt_root: Path, ckpt: Path | None, seed: int, digest: str,
-             hooks: Hooks, stop: StopFlag, desc: str) -> LoopResult:
+def run_loop(
+    acc: Accelerator,
+    model: torch.nn.Module,
+    optimizer,
+    scheduler,
+    batches,
+    opt: OptimConfig,
+    total: int,
+    loss_fn: LossFn,
+    ckpt_root: Path,
+    ckpt: Path | None,
+    seed: int,
+    digest: str,
+    hooks: Hooks,
+    stop: StopFlag,
+    desc: str,
+) -> LoopResult:
     """Train until ``total`` optimizer steps (or a stop signal), checkpointing on the way.
 
     ``scheduler`` must be the plain torch scheduler, not one passed through ``acc.prepare``:
@@ -108,8 +129,13 @@ def run_loop(acc: Accelerator, model: torch.nn.Module, optimizer, scheduler, bat
     t0 = t_log = time.perf_counter()
     # A carriage-return bar in a log file (Slurm, nohup) is one endless line: plain lines instead.
     interactive = sys.stderr.isatty()
-    bar = tqdm(total=total, initial=state.step, desc=desc, dynamic_ncols=True,
-               disable=not (interactive and acc.is_local_main_process))
+    bar = tqdm(
+        total=total,
+        initial=state.step,
+        desc=desc,
+        dynamic_ncols=True,
+        disable=not (interactive and acc.is_local_main_process),
+    )
     while state.step < total:
         gnorm = None
         for _ in range(opt.grad_accum):
@@ -125,8 +151,11 @@ def run_loop(acc: Accelerator, model: torch.nn.Module, optimizer, scheduler, bat
         # Once per optimizer step whatever the number of processes (see cosine_with_warmup).
         scheduler.step()
         state.step += 1
-        gnorm_sum += gnorm.detach().double() if isinstance(gnorm, torch.Tensor) else \
-            (math.nan if gnorm is None else float(gnorm))
+        gnorm_sum += (
+            gnorm.detach().double()
+            if isinstance(gnorm, torch.Tensor)
+            else (math.nan if gnorm is None else float(gnorm))
+        )
         window += 1
         if hooks.after_step:
             hooks.after_step(state.step)
@@ -145,8 +174,11 @@ def run_loop(acc: Accelerator, model: torch.nn.Module, optimizer, scheduler, bat
             result.history.append((state.step, mean_loss))
             bar.set_postfix(loss=f"{mean_loss:.4f}")
             if not interactive and acc.is_main_process:
-                print(f"{desc}: step {state.step}/{total} loss {mean_loss:.4f} lr {lr:.3g} "
-                      f"{sps:.0f} samples/s {now - t0:.0f} s", flush=True)
+                print(
+                    f"{desc}: step {state.step}/{total} loss {mean_loss:.4f} lr {lr:.3g} "
+                    f"{sps:.0f} samples/s {now - t0:.0f} s",
+                    flush=True,
+                )
             loss_sum.zero_()
             gnorm_sum.zero_()
             window, t_log = 0, now

@@ -22,9 +22,9 @@ import shutil
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from accelerate import Accelerator
@@ -74,8 +74,9 @@ def total_steps(opt: OptimConfig, batches_per_epoch: int) -> int:
 
 def make_optimizer(params, opt: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
     fused = bool(opt.fused_adamw and device.type == "cuda")
-    return torch.optim.AdamW(params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay,
-                             fused=fused or None)
+    return torch.optim.AdamW(
+        params, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, fused=fused or None
+    )
 
 
 def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup: int, total: int, min_ratio: float):
@@ -104,8 +105,7 @@ def restore_scheduler(scheduler, step: int) -> None:
     """
     with warnings.catch_warnings():
         # torch warns that the scheduler steps before the optimizer: here that is the point.
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`",
-                                category=UserWarning)
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`", category=UserWarning)
         scheduler.last_epoch = step - 1
         scheduler.step()
 
@@ -129,7 +129,7 @@ class StopFlag:
         launch_dir = os.environ.get(LAUNCH_DIR_ENV)
         self._stop_file = Path(launch_dir) / "stop" if launch_dir else None
 
-    def install(self) -> "StopFlag":
+    def install(self) -> StopFlag:
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, self._handler)
         _stop_when_parent_dies()
@@ -230,8 +230,7 @@ def verify_checkpoint(path: Path) -> str | None:
     return None
 
 
-def resolve_resume(resume: str, ckpt_root: Path,
-                   warn: Callable[[str], None] | None = None) -> Path | None:
+def resolve_resume(resume: str, ckpt_root: Path, warn: Callable[[str], None] | None = None) -> Path | None:
     """Map the ``resume`` setting to a checkpoint folder (or None for a fresh start).
 
     ``resume=auto`` takes the newest intact checkpoint; each broken one newer than it is
@@ -244,8 +243,10 @@ def resolve_resume(resume: str, ckpt_root: Path,
     found = list_checkpoints(ckpt_root)
     if resume == "none":
         if found:
-            raise UserError(f"{ckpt_root} already holds checkpoints ({found[-1].name}); pass resume=auto to "
-                            "continue, or pick another run.name")
+            raise UserError(
+                f"{ckpt_root} already holds checkpoints ({found[-1].name}); pass resume=auto to "
+                "continue, or pick another run.name"
+            )
         return None
     if resume == "auto":
         for path in reversed(found):
@@ -264,8 +265,14 @@ def resolve_resume(resume: str, ckpt_root: Path,
     return path
 
 
-def save_checkpoint(acc: Accelerator, ckpt_root: Path, state: TrainState, keep: int,
-                    generator: torch.Generator, extra: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    acc: Accelerator,
+    ckpt_root: Path,
+    state: TrainState,
+    keep: int,
+    generator: torch.Generator,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Save model/optimizer (Accelerate), our counters, this rank's generator and ``extra``.
 
     All ranks must call this (Accelerate's save_state is collective under DeepSpeed). The LR
@@ -283,8 +290,9 @@ def save_checkpoint(acc: Accelerator, ckpt_root: Path, state: TrainState, keep: 
     acc.wait_for_everyone()
     if acc.is_main_process:
         if extra:
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in extra.items()},
-                      str(tmp / "extra.safetensors"))
+            save_file(
+                {k: v.detach().float().cpu().contiguous() for k, v in extra.items()}, str(tmp / "extra.safetensors")
+            )
         (tmp / "train_state.json").write_text(json.dumps(asdict(state), indent=1))
         write_manifest(tmp)
         if final.exists():  # re-saving the same step (e.g. end of a resumed run)
@@ -317,14 +325,17 @@ def check_checkpoint(path: Path, expect_digest: str) -> TrainState:
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"checkpoint {path}: unreadable train_state.json ({e})") from None
     if state.config_digest and state.config_digest != expect_digest:
-        raise UserError(f"checkpoint {path} was written with a different model/optimizer configuration "
-                        f"(digest {state.config_digest} != {expect_digest}); resume it with its own "
-                        "config.yaml or start a new run.name")
+        raise UserError(
+            f"checkpoint {path} was written with a different model/optimizer configuration "
+            f"(digest {state.config_digest} != {expect_digest}); resume it with its own "
+            "config.yaml or start a new run.name"
+        )
     return state
 
 
-def preflight_resume(resume: str, ckpt_root: Path, expect_digest: str,
-                     warn: Callable[[str], None] | None = None) -> tuple[Path | None, int]:
+def preflight_resume(
+    resume: str, ckpt_root: Path, expect_digest: str, warn: Callable[[str], None] | None = None
+) -> tuple[Path | None, int]:
     """The checkpoint to resume from (None: a fresh start) and its step, checked before any
     output is written.
 
@@ -337,8 +348,9 @@ def preflight_resume(resume: str, ckpt_root: Path, expect_digest: str,
     return path, check_checkpoint(path, expect_digest).step
 
 
-def load_checkpoint(acc: Accelerator, path: Path, generator: torch.Generator,
-                    expect_digest: str) -> tuple[TrainState, dict[str, torch.Tensor]]:
+def load_checkpoint(
+    acc: Accelerator, path: Path, generator: torch.Generator, expect_digest: str
+) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """Restore what ``save_checkpoint`` wrote; refuses a checkpoint of a different configuration."""
     state = check_checkpoint(path, expect_digest)
     try:

@@ -16,8 +16,15 @@ from training.runtime import preflight_resume
 
 # Cadence fields change how often things are written, not what is computed: a run may be
 # resumed with other values for them.
-_CADENCE = ("checkpoint_every", "keep_checkpoints", "log_every", "image_every", "sample_every",
-            "num_samples", "eval_samples")
+_CADENCE = (
+    "checkpoint_every",
+    "keep_checkpoints",
+    "log_every",
+    "image_every",
+    "sample_every",
+    "num_samples",
+    "eval_samples",
+)
 
 
 def optim_digest(section: OptimConfig, seed: int) -> str:
@@ -67,6 +74,7 @@ def start_stage(acc, cfg: Config, stage: str, digest: str) -> tuple[Path, Path |
         resume from (None for a fresh start).
     """
     ckpt_root = cfg.run.dir / "checkpoints" / stage
+
     def warn(line: str) -> None:
         if acc.is_main_process:
             print(line, file=sys.stderr, flush=True)

@@ -9,7 +9,7 @@ ae.safetensors (final weights) and ae.json (kind, latent shape, test reconstruct
 from __future__ import annotations
 
 import json
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,15 @@ from models.artifacts import save_weights
 from models.autoencoder import build_autoencoder
 from training.batches import StreamBatches, TensorBatches
 from training.loop import Hooks, run_loop
-from training.runtime import (StopFlag, cosine_with_warmup, exit_preempted, make_accelerator, make_optimizer,
-                              seed_everything, total_steps)
+from training.runtime import (
+    StopFlag,
+    cosine_with_warmup,
+    exit_preempted,
+    make_accelerator,
+    make_optimizer,
+    seed_everything,
+    total_steps,
+)
 from training.stage import load_images, optim_digest, param_digest, start_stage
 
 STAGE = "ae"
@@ -35,7 +42,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 200
     model.eval()
     bce = mse = 0.0
     for i in range(0, images.shape[0], batch_size):
-        x = images[i:i + batch_size]
+        x = images[i : i + batch_size]
         logits = model.decode(model.encode(x)).float()
         bce += F.binary_cross_entropy_with_logits(logits, x, reduction="sum").item()
         mse += F.mse_loss(torch.sigmoid(logits), x, reduction="sum").item()
@@ -65,9 +72,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if train_x is not None:
         batches = TensorBatches((train_x,), cfg.ae.batch_size, acc.process_index, acc.num_processes, cfg.run.seed)
     else:
-        batches = StreamBatches(cfg.data.shards, "train", cfg.ae.batch_size, acc.process_index,
-                                acc.num_processes, cfg.run.seed, cfg.data.num_workers, cfg.data.shuffle_buffer,
-                                cfg.data.on_error, acc.device)
+        batches = StreamBatches(
+            cfg.data.shards,
+            "train",
+            cfg.ae.batch_size,
+            acc.process_index,
+            acc.num_processes,
+            cfg.run.seed,
+            cfg.data.num_workers,
+            cfg.data.shuffle_buffer,
+            cfg.data.on_error,
+            acc.device,
+        )
 
     # 2. Model, optimizer, schedule.
     model = build_autoencoder(cfg.ae.kind, cfg.ae.kl_weight)
@@ -80,8 +96,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     digest = optim_digest(cfg.ae, cfg.run.seed)
     ckpt_root, ckpt = start_stage(acc, cfg, STAGE, digest)
-    acc.print(f"ae: {cfg.ae.kind}, {sum(p.numel() for p in raw.parameters()):,} parameters, {total} steps of "
-              f"{cfg.ae.batch_size} x {acc.num_processes} processes on {acc.device}")
+    acc.print(
+        f"ae: {cfg.ae.kind}, {sum(p.numel() for p in raw.parameters()):,} parameters, {total} steps of "
+        f"{cfg.ae.batch_size} x {acc.num_processes} processes on {acc.device}"
+    )
 
     # 3. Train.
     probe = test_x[:16]
@@ -92,9 +110,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     def log_images(step, writer):
         writer.add_image("ae/reconstruction", recon_grid(raw, probe), step)
 
-    result = run_loop(acc, model, optimizer, scheduler, batches, cfg.ae, total, loss_fn,
-                      ckpt_root, ckpt, cfg.run.seed, digest,
-                      Hooks(log_images=log_images), StopFlag().install(), desc="ae")
+    result = run_loop(
+        acc,
+        model,
+        optimizer,
+        scheduler,
+        batches,
+        cfg.ae,
+        total,
+        loss_fn,
+        ckpt_root,
+        ckpt,
+        cfg.run.seed,
+        digest,
+        Hooks(log_images=log_images),
+        StopFlag().install(),
+        desc="ae",
+    )
     if result.stopped_early:
         acc.end_training()
         exit_preempted()
@@ -105,14 +137,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     if acc.is_main_process:
         metrics = evaluate(raw, test_x)
         acc.log({f"eval/{k}": v for k, v in metrics.items()}, step=result.state.step)
-        meta = {"kind": cfg.ae.kind, "latent_shape": list(raw.latent_shape), "kl_weight": cfg.ae.kl_weight,
-                "steps": result.state.step, "train_seconds": round(result.seconds, 2),
-                "final_train_loss": result.last_loss, "num_processes": acc.num_processes,
-                "rank_param_sha256": digests, **metrics}
+        meta = {
+            "kind": cfg.ae.kind,
+            "latent_shape": list(raw.latent_shape),
+            "kl_weight": cfg.ae.kl_weight,
+            "steps": result.state.step,
+            "train_seconds": round(result.seconds, 2),
+            "final_train_loss": result.last_loss,
+            "num_processes": acc.num_processes,
+            "rank_param_sha256": digests,
+            **metrics,
+        }
         save_weights(raw, run_dir / "ae.safetensors", {"kind": cfg.ae.kind})
         (run_dir / "ae.json").write_text(json.dumps(meta, indent=1))
-        print(f"ae: test BCE {metrics['test_bce']:.4f}, test MSE {metrics['test_mse']:.5f} after "
-              f"{result.state.step} steps ({result.seconds:.0f} s)")
+        print(
+            f"ae: test BCE {metrics['test_bce']:.4f}, test MSE {metrics['test_mse']:.5f} after "
+            f"{result.state.step} steps ({result.seconds:.0f} s)"
+        )
         print(f"ae: weights {run_dir / 'ae.safetensors'}; TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     acc.wait_for_everyone()
     acc.end_training()

@@ -19,20 +19,35 @@ import dataclasses
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from configs.cli import OneLineParser, call_cli
-from configs.io import file_sha256
 from data_pipeline.loader import load_split_in_memory
 from data_pipeline.shards import manifest_sha256
-from models.classifier import (FEATURE_DIM, FLOOR_N, FLOOR_NS, FLOOR_SEED, FORMAT, FORMAT_VERSION,
-                               MnistClassifier, QualityError, frechet_distance, gaussian_fit, predict,
-                               reference_path, resolve_device, save_classifier, save_reference, write_sidecar)
+from models.classifier import (
+    FEATURE_DIM,
+    FLOOR_N,
+    FLOOR_NS,
+    FLOOR_SEED,
+    FORMAT,
+    FORMAT_VERSION,
+    MnistClassifier,
+    QualityError,
+    frechet_distance,
+    gaussian_fit,
+    predict,
+    reference_path,
+    resolve_device,
+    save_classifier,
+    save_reference,
+    write_sidecar,
+)
 
 PROG = "training/train_classifier.py"
 
@@ -178,9 +193,7 @@ def train_classifier(
     floor_idx = torch.randperm(x_train.shape[0], generator=torch.Generator().manual_seed(FLOOR_SEED))[:FLOOR_N]
     floor_feats, _ = predict(model, x_train[floor_idx.to(dev)], 1000)
     floor_feats = floor_feats.double().cpu().numpy()
-    floor_by_n = {
-        str(k): frechet_distance(*gaussian_fit(floor_feats[:k]), ref_mu, ref_sigma) for k in FLOOR_NS
-    }
+    floor_by_n = {str(k): frechet_distance(*gaussian_fit(floor_feats[:k]), ref_mu, ref_sigma) for k in FLOOR_NS}
 
     classifier_sha = save_classifier(model, out_path)
     save_reference(out_path, ref_mu, ref_sigma, x_test.shape[0], classifier_sha, manifest_sha)
@@ -235,11 +248,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exn:
         return int(exn.code or 0)
+
     def run(_) -> None:
-        info = train_classifier(args.shards, args.out, args.epochs, args.batch_size, args.lr, args.seed, args.device,
-                                limit=args.limit, log=True)
-        print(f"{args.out}: test accuracy {info['test_accuracy']:.4f}, FD-MNIST floor {info['floor']['fd_mnist']:.3f} "
-              f"(N={FLOOR_N}), {info['train_seconds']:.0f} s on {info['device']}")
+        info = train_classifier(
+            args.shards,
+            args.out,
+            args.epochs,
+            args.batch_size,
+            args.lr,
+            args.seed,
+            args.device,
+            limit=args.limit,
+            log=True,
+        )
+        print(
+            f"{args.out}: test accuracy {info['test_accuracy']:.4f}, FD-MNIST floor {info['floor']['fd_mnist']:.3f} "
+            f"(N={FLOOR_N}), {info['train_seconds']:.0f} s on {info['device']}"
+        )
 
     return call_cli(run, prog=PROG)
 

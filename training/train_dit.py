@@ -12,8 +12,7 @@ analysis/score_samples.py (FD-MNIST).
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torchvision.utils import make_grid
@@ -27,8 +26,15 @@ from models.generate import decode_samples
 from training.batches import TensorBatches
 from training.ema import EMA
 from training.loop import Hooks, run_loop
-from training.runtime import (StopFlag, cosine_with_warmup, exit_preempted, make_accelerator, make_optimizer,
-                              seed_everything, total_steps)
+from training.runtime import (
+    StopFlag,
+    cosine_with_warmup,
+    exit_preempted,
+    make_accelerator,
+    make_optimizer,
+    seed_everything,
+    total_steps,
+)
 from training.stage import optim_digest, start_stage
 
 STAGE = "dit"
@@ -39,8 +45,13 @@ def build_denoiser(cfg: Config, latent_shape: tuple[int, int]) -> DiT:
     n_tokens, channels = latent_shape
     try:
         # vae16 coordinates have no order, so they also get a learned absolute embedding.
-        return build_dit(cfg.dit.preset, channels, n_tokens, rope="2d" if cfg.ae.kind == "conv" else "1d",
-                         abs_pos=cfg.ae.kind != "conv")
+        return build_dit(
+            cfg.dit.preset,
+            channels,
+            n_tokens,
+            rope="2d" if cfg.ae.kind == "conv" else "1d",
+            abs_pos=cfg.ae.kind != "conv",
+        )
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -71,8 +82,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     schedule = schedule_for(cfg.ae.kind, schedule_kind, cfg.dit.timesteps or None).to(acc.device)
     mean, std = data.mean.to(acc.device), data.std.to(acc.device)
     in_dtype = torch.bfloat16 if (acc.state.deepspeed_plugin and cfg.dit.mixed_precision == "bf16") else torch.float32
-    batches = TensorBatches((data.train.to(acc.device, in_dtype),), cfg.dit.batch_size, acc.process_index,
-                            acc.num_processes, cfg.run.seed)
+    batches = TensorBatches(
+        (data.train.to(acc.device, in_dtype),), cfg.dit.batch_size, acc.process_index, acc.num_processes, cfg.run.seed
+    )
 
     # 2. Model, EMA, optimizer, schedule.
     model = build_denoiser(cfg, latent_shape)
@@ -90,9 +102,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     digest = optim_digest(cfg.dit, cfg.run.seed)
     ckpt_root, ckpt = start_stage(acc, cfg, STAGE, digest)
-    acc.print(f"dit: {cfg.dit.preset} on {cfg.ae.kind} latents {list(latent_shape)}, "
-              f"{sum(p.numel() for p in raw.parameters()):,} parameters, {schedule.name}, {total} steps of "
-              f"{cfg.dit.batch_size} x {acc.num_processes} processes on {acc.device}")
+    acc.print(
+        f"dit: {cfg.dit.preset} on {cfg.ae.kind} latents {list(latent_shape)}, "
+        f"{sum(p.numel() for p in raw.parameters()):,} parameters, {schedule.name}, {total} steps of "
+        f"{cfg.dit.batch_size} x {acc.num_processes} processes on {acc.device}"
+    )
 
     # 3. Train.
     def loss_fn(batch, generator):
@@ -103,30 +117,59 @@ def main(argv: Sequence[str] | None = None) -> None:
             imgs = decode_samples(ema.model, schedule, ae, mean, std, cfg.dit.num_samples, cfg.run.seed, acc.device)
             writer.add_image("dit/ema_samples", make_grid(imgs.cpu(), nrow=8, pad_value=1.0), step)
 
-    hooks = Hooks(after_step=ema.update, log_images=log_images,
-                  extra_state=ema.state_dict, load_extra=ema.load_state_dict)
-    result = run_loop(acc, model, optimizer, scheduler, batches, cfg.dit, total, loss_fn,
-                      ckpt_root, ckpt, cfg.run.seed, digest,
-                      hooks, StopFlag().install(), desc="dit")
+    hooks = Hooks(
+        after_step=ema.update, log_images=log_images, extra_state=ema.state_dict, load_extra=ema.load_state_dict
+    )
+    result = run_loop(
+        acc,
+        model,
+        optimizer,
+        scheduler,
+        batches,
+        cfg.dit,
+        total,
+        loss_fn,
+        ckpt_root,
+        ckpt,
+        cfg.run.seed,
+        digest,
+        hooks,
+        StopFlag().install(),
+        desc="dit",
+    )
     if result.stopped_early:
         acc.end_training()
         exit_preempted()
 
     # 4. Export (main process): weights, EMA weights, metadata.
     if acc.is_main_process:
-        arch = {"preset": cfg.dit.preset, "kind": cfg.ae.kind, "latent_shape": list(latent_shape),
-                "schedule": schedule.name, "schedule_kind": schedule_kind or LATENT_SCHEDULES[cfg.ae.kind][0],
-                "timesteps": schedule.T, "ae_sha256": data.ae_sha256}
+        arch = {
+            "preset": cfg.dit.preset,
+            "kind": cfg.ae.kind,
+            "latent_shape": list(latent_shape),
+            "schedule": schedule.name,
+            "schedule_kind": schedule_kind or LATENT_SCHEDULES[cfg.ae.kind][0],
+            "timesteps": schedule.T,
+            "ae_sha256": data.ae_sha256,
+        }
         st_meta = {k: json.dumps(v) for k, v in arch.items()}
         save_weights(raw, run_dir / "dit.safetensors", st_meta)
         save_weights(ema.model, run_dir / "dit_ema.safetensors", st_meta)
-        meta = {**arch, "dit_config": to_dict(raw.cfg), "steps": result.state.step,
-                "train_seconds": round(result.seconds, 2), "final_train_loss": result.last_loss,
-                "loss_history": result.history, "num_processes": acc.num_processes,
-                "mixed_precision": cfg.dit.mixed_precision}
+        meta = {
+            **arch,
+            "dit_config": to_dict(raw.cfg),
+            "steps": result.state.step,
+            "train_seconds": round(result.seconds, 2),
+            "final_train_loss": result.last_loss,
+            "loss_history": result.history,
+            "num_processes": acc.num_processes,
+            "mixed_precision": cfg.dit.mixed_precision,
+        }
         (run_dir / "dit.json").write_text(json.dumps(meta, indent=1))
-        print(f"dit: final loss {result.last_loss:.4f} after {result.state.step} steps ({result.seconds:.0f} s); "
-              f"weights {run_dir / 'dit_ema.safetensors'}")
+        print(
+            f"dit: final loss {result.last_loss:.4f} after {result.state.step} steps ({result.seconds:.0f} s); "
+            f"weights {run_dir / 'dit_ema.safetensors'}"
+        )
     acc.wait_for_everyone()
     acc.end_training()
 

@@ -146,7 +146,8 @@ def test_gram_path_on_cuda_matches_cpu(planted_stats):
     assert gpu.device.type == "cuda"
     np.testing.assert_allclose(gpu.gram.cpu().numpy(), stats.gram.numpy(), rtol=1e-10)
     np.testing.assert_allclose(
-        STLSQ(threshold=0.1).fit_gram(gpu).coef_, STLSQ(threshold=0.1).fit_gram(stats).coef_,
+        STLSQ(threshold=0.1).fit_gram(gpu).coef_,
+        STLSQ(threshold=0.1).fit_gram(stats).coef_,
         atol=1e-8,
     )
 
@@ -178,8 +179,19 @@ def test_sr3_direct_and_gram_paths_match_pysindy(planted_stats, regularizer, nor
     lam = 0.3**2 / (2 * 0.5) if regularizer == "L0" else 0.3 / 0.5
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = pysindy.SR3(reg_weight_lam=lam, relax_coeff_nu=0.5, regularizer=regularizer, max_iter=100,
-                          tol=1e-8, normalize_columns=normalize, unbias=True).fit(theta, Y).coef_
+        ref = (
+            pysindy.SR3(
+                reg_weight_lam=lam,
+                relax_coeff_nu=0.5,
+                regularizer=regularizer,
+                max_iter=100,
+                tol=1e-8,
+                normalize_columns=normalize,
+                unbias=True,
+            )
+            .fit(theta, Y)
+            .coef_
+        )
     np.testing.assert_array_equal(ours.fit(theta, Y).coef_, ref)
     gram = ours.fit_gram(stats).coef_  # the square-root reduction: same optimisation, p rows instead of n
     np.testing.assert_array_equal(gram != 0, ref != 0)
@@ -253,7 +265,7 @@ def time_dependent():
     def rhs(t, x):
         return [
             -(1 + 2 * t) * x[0] + 0.5 * t**2,
-            -0.5 * x[1] + t * x[0] + 0.3 * np.exp(-x[0] ** 2),
+            -0.5 * x[1] + t * x[0] + 0.3 * np.exp(-(x[0] ** 2)),
         ]
 
     true = {

@@ -116,7 +116,7 @@ def test_transform_values_by_hand(data):
         "z3 t": t * z[:, 3],
         "z2 t^2": t**2 * z[:, 2],
         "exp(-t z1)": np.exp(-t * z[:, 1]),
-        "exp(-z3^2)": np.exp(-z[:, 3] ** 2),
+        "exp(-z3^2)": np.exp(-(z[:, 3] ** 2)),
     }
     for name, value in expected.items():
         np.testing.assert_allclose(col[name], value, rtol=1e-14, err_msg=name)
@@ -168,9 +168,7 @@ def test_library_cuda_equals_cpu(data):
 
 def test_spec_roundtrip_through_json(data):
     z, t = data
-    lib = Library(
-        [Polynomial(2, include_bias=False), TimeTimesState((1, 3)), ExpNegSquare()]
-    ).fit(z, t)
+    lib = Library([Polynomial(2, include_bias=False), TimeTimesState((1, 3)), ExpNegSquare()]).fit(z, t)
     spec = json.loads(json.dumps(lib.spec()))
     back = Library.from_spec(spec)
     assert back == lib

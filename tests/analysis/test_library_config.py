@@ -24,9 +24,20 @@ def zt():
 
 
 def cfg(**kw):
-    base = dict(preset="standard", families=["polynomial", "time", "time_state", "tanh"], poly_degree=2,
-                time_basis="poly", time_degree=4, spline_basis=6, time_state_degree=1, tanh_on="coordinates",
-                tanh_projections=2, tanh_scales=[0.5, 1.0], tanh_time_degree=1, terms=[])
+    base = dict(
+        preset="standard",
+        families=["polynomial", "time", "time_state", "tanh"],
+        poly_degree=2,
+        time_basis="poly",
+        time_degree=4,
+        spline_basis=6,
+        time_state_degree=1,
+        tanh_on="coordinates",
+        tanh_projections=2,
+        tanh_scales=[0.5, 1.0],
+        tanh_time_degree=1,
+        terms=[],
+    )
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -52,8 +63,14 @@ def test_time_product_columns_and_names(zt):
 def test_tanh_on_coordinates_and_projections(zt):
     z, t = zt
     fam = Tanh(scales=(0.5,), time_degree=1)
-    assert fam.names(3) == ["tanh(z0/0.5)", "tanh(z1/0.5)", "tanh(z2/0.5)", "tanh(z0/0.5) t", "tanh(z1/0.5) t",
-                            "tanh(z2/0.5) t"]
+    assert fam.names(3) == [
+        "tanh(z0/0.5)",
+        "tanh(z1/0.5)",
+        "tanh(z2/0.5)",
+        "tanh(z0/0.5) t",
+        "tanh(z1/0.5) t",
+        "tanh(z2/0.5) t",
+    ]
     assert np.allclose(fam.transform(z, t)[:, 4], np.tanh(z[:, 1] / 0.5) * t)
     u = principal_directions(z, 1)
     proj = Tanh(scales=(2.0,), projections=tuple(map(tuple, u)))

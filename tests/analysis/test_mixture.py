@@ -48,7 +48,9 @@ def test_two_mode_isotropic_mixture_gives_the_tanh_form(ab):
 
 def test_sharp_components_do_not_underflow():
     """Near t = 0 the components are sharp: densities underflow unless normalised in log space."""
-    mix = GaussianMixtureEps(np.array([0.3, 0.7]), np.array([[-3.0, 0.0], [3.0, 0.0]]), np.stack([1e-4 * np.eye(2)] * 2))
+    mix = GaussianMixtureEps(
+        np.array([0.3, 0.7]), np.array([[-3.0, 0.0], [3.0, 0.0]]), np.stack([1e-4 * np.eye(2)] * 2)
+    )
     r, eps = mix.posterior_and_eps(np.array([[0.1, 0.0], [30.0, 1.0]]), 0.9999, 0.01)
     assert np.all(np.isfinite(r)) and np.all(np.isfinite(eps))
     np.testing.assert_allclose(r.sum(axis=1), 1.0)

@@ -29,8 +29,15 @@ def test_linear_part_reproduces_recorded_drift(sampler, make_schedule):
     model = _random_dit()
     g = torch.Generator().manual_seed(3)
     # float64 states (the DiT's time embedding is float32, so it computes in float32 and its eps is cast).
-    res = sample(lambda x, t: model(x.float(), t).double(), sch, (6, 16, 1), sampler=sampler, generator=g,
-                 record=True, dtype=torch.float64)
+    res = sample(
+        lambda x, t: model(x.float(), t).double(),
+        sch,
+        (6, 16, 1),
+        sampler=sampler,
+        generator=g,
+        record=True,
+        dtype=torch.float64,
+    )
     z = res.z[:-1].reshape(50, 6, 16).numpy()  # (T, b, d), state order
     eps = res.eps.reshape(50, 6, 16).numpy()
     drift = res.drift.reshape(50, 6, 16).numpy()

@@ -49,7 +49,9 @@ def test_lorenz_exact_terms_and_pysindy_round_trip(tmp_path, ray_session, capsys
         for name, c in truth.items():
             assert abs(got[name] / c - 1) < 1e-3, (name, got[name], c)
         assert len(r["r2_heldout_windows"]) == 5 and all(w["r2_heldout"] > 0.999999 for w in r["r2_heldout_windows"])
-    assert "the mixture family is left out of the library: " in (tmp_path / "smoke" / "report" / "report.md").read_text()
+    assert (
+        "the mixture family is left out of the library: " in (tmp_path / "smoke" / "report" / "report.md").read_text()
+    )
 
     from analysis.export import load_pysindy, xi_from_report
     from analysis.library import Library
@@ -115,8 +117,11 @@ def _bad(args, capsys) -> str:
 
 
 def test_missing_npz_is_file_not_found_in_one_line(tmp_path):
-    proc = run_entry([sys.executable, JOB, *smoke(tmp_path, f"sindy.trajectories={tmp_path / 'missing.npz'}")],
-                     check=False, timeout=300)
+    proc = run_entry(
+        [sys.executable, JOB, *smoke(tmp_path, f"sindy.trajectories={tmp_path / 'missing.npz'}")],
+        check=False,
+        timeout=300,
+    )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert "missing.npz: file not found" in proc.stderr and "sampler drift" not in proc.stderr
 
@@ -131,17 +136,30 @@ def test_bad_npz_inputs_are_one_line(tmp_path, capsys):
     states = tmp_path / "states.npz"
     ks.save_npz(states, {k: v for k, v in data.items() if k != "velocities"})
     assert "sindy.target=central_diff" in _bad(smoke(tmp_path, f"sindy.trajectories={states}"), capsys)
-    assert "unknown family 'fourier'" in _bad(smoke(tmp_path, f"sindy.trajectories={good}",
-                                                     "sindy.library.families=[polynomial,fourier]"), capsys)
+    assert "unknown family 'fourier'" in _bad(
+        smoke(tmp_path, f"sindy.trajectories={good}", "sindy.library.families=[polynomial,fourier]"), capsys
+    )
     assert "sindy.coordinates must be auto | latent | modes" in _bad(
-        smoke(tmp_path, f"sindy.trajectories={good}", "sindy.coordinates=pca"), capsys)
-    assert "is [mixture] only, but" in _bad(smoke(tmp_path, f"sindy.trajectories={good}",
-                                                 "sindy.library.families=[mixture]"), capsys)
-    assert "sindy.term_budget must be > 0" in _bad(smoke(tmp_path, f"sindy.trajectories={good}", "sindy.term_budget=0"),
-                                                   capsys)
-    assert "outside the grammar" in _bad(smoke(tmp_path, f"sindy.trajectories={good}", "sindy.library.families=[terms]",
-                                               "sindy.library.terms=[__import__(0)]"), capsys)
-    assert "uses z7" in _bad(smoke(tmp_path, f"sindy.trajectories={good}", "sindy.library.families=[terms]",
-                                   "sindy.library.terms=[z7]"), capsys)
+        smoke(tmp_path, f"sindy.trajectories={good}", "sindy.coordinates=pca"), capsys
+    )
+    assert "is [mixture] only, but" in _bad(
+        smoke(tmp_path, f"sindy.trajectories={good}", "sindy.library.families=[mixture]"), capsys
+    )
+    assert "sindy.term_budget must be > 0" in _bad(
+        smoke(tmp_path, f"sindy.trajectories={good}", "sindy.term_budget=0"), capsys
+    )
+    assert "outside the grammar" in _bad(
+        smoke(
+            tmp_path,
+            f"sindy.trajectories={good}",
+            "sindy.library.families=[terms]",
+            "sindy.library.terms=[__import__(0)]",
+        ),
+        capsys,
+    )
+    assert "uses z7" in _bad(
+        smoke(tmp_path, f"sindy.trajectories={good}", "sindy.library.families=[terms]", "sindy.library.terms=[z7]"),
+        capsys,
+    )
     assert "sindy.poor_r2 must be <= 1" in _bad(smoke(tmp_path, "sindy.poor_r2=7"), capsys)
     assert "sindy.threshold_tol must be in 0..1" in _bad(smoke(tmp_path, "sindy.threshold_tol=5"), capsys)

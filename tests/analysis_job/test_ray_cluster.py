@@ -37,10 +37,26 @@ def test_ray_job_submit(trained_run, tmp_path):
     port, dash = free_port(), free_port()
     temp = f"/tmp/rj{uuid.uuid4().hex[:8]}"  # short: Ray's unix socket paths must stay < 108 bytes
     try:
-        run_entry([RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
-                   "--disable-usage-stats", f"--temp-dir={temp}", "--dashboard-host=127.0.0.1"], timeout=120, env=AUTH)
-        proc = run_entry([RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
-                          sys.executable, JOB, *smoke(root)], timeout=400, env=AUTH)
+        run_entry(
+            [
+                RAY,
+                "start",
+                "--head",
+                f"--port={port}",
+                f"--dashboard-port={dash}",
+                "--num-cpus=2",
+                "--disable-usage-stats",
+                f"--temp-dir={temp}",
+                "--dashboard-host=127.0.0.1",
+            ],
+            timeout=120,
+            env=AUTH,
+        )
+        proc = run_entry(
+            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--", sys.executable, JOB, *smoke(root)],
+            timeout=400,
+            env=AUTH,
+        )
         assert "joined" in proc.stdout and "sindy: report" in proc.stdout, proc.stdout[-2000:]
         _report_ok(root / "smoke")
     finally:
@@ -65,14 +81,24 @@ def test_ray_submit_local_provider(sshd, trained_run, tmp_path):
     text = (REPO / "cluster" / "ray" / "local.yaml").read_text()
     assert "  - ray stop\n" in text and "--port=6379" in text
     text = text.replace("  - ray stop\n", "").replace(
-        "--port=6379", f"--port={port} --temp-dir={temp} --include-dashboard=false")
+        "--port=6379", f"--port={port} --temp-dir={temp} --include-dashboard=false"
+    )
     text = text.replace("cluster_name: latent-sindy-local", f"cluster_name: ci-{port}")
     cluster = tmp_path / "cluster.yaml"
     cluster.write_text(text)
     try:
         run_entry([RAY, "up", "-y", "--no-config-cache", str(cluster)], timeout=180)
-        proc = run_entry([RAY, "submit", str(cluster), str(REPO / "analysis" / "sindy_job.py"), *smoke(root),
-                          f"sindy.ray_address=127.0.0.1:{port}"], timeout=400)
+        proc = run_entry(
+            [
+                RAY,
+                "submit",
+                str(cluster),
+                str(REPO / "analysis" / "sindy_job.py"),
+                *smoke(root),
+                f"sindy.ray_address=127.0.0.1:{port}",
+            ],
+            timeout=400,
+        )
         assert f"joined 127.0.0.1:{port}" in proc.stdout + proc.stderr
         _report_ok(root / "smoke")
     finally:

@@ -51,14 +51,20 @@ def _env(**set_: str) -> dict:
 
 
 def connect(address: str, env: dict, patch: str = "", timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", CONNECT.format(repo=str(REPO), patch=patch), address],
-                          env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-c", CONNECT.format(repo=str(REPO), patch=patch), address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 def connected(proc: subprocess.CompletedProcess) -> dict:
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("CONNECTED "))
-    return json.loads(line[len("CONNECTED "):])
+    return json.loads(line[len("CONNECTED ") :])
 
 
 def _port(gcs: str) -> int:
@@ -80,8 +86,20 @@ def ray_head():
     port = free_port()
     temp = f"/tmp/rc{uuid.uuid4().hex[:8]}"  # short: Ray's unix socket paths must stay < 108 bytes
     try:
-        run_entry([RAY, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                   "--disable-usage-stats", f"--temp-dir={temp}"], timeout=180, env=AUTH)
+        run_entry(
+            [
+                RAY,
+                "start",
+                "--head",
+                f"--port={port}",
+                "--num-cpus=1",
+                "--include-dashboard=false",
+                "--disable-usage-stats",
+                f"--temp-dir={temp}",
+            ],
+            timeout=180,
+            env=AUTH,
+        )
         yield port, temp
     finally:
         kill_marked(temp)
@@ -91,10 +109,13 @@ def ray_head():
 def private_init():
     """Another process's private ray.init(), alive until the test ends: its GCS address."""
     temp = f"/tmp/rp{uuid.uuid4().hex[:8]}"
-    code = ("import sys, ray; ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1]); "
-            "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read(); ray.shutdown()")
-    proc = subprocess.Popen([sys.executable, "-c", code, temp], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True, env=_env())
+    code = (
+        "import sys, ray; ray.init(num_cpus=1, include_dashboard=False, _temp_dir=sys.argv[1]); "
+        "print(ray.get_runtime_context().gcs_address, flush=True); sys.stdin.read(); ray.shutdown()"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, temp], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=_env()
+    )
     try:
         gcs = proc.stdout.readline().strip()
         assert gcs, "the private ray.init() did not start"

@@ -64,7 +64,11 @@ def test_bad_blocks_are_regenerated_by_the_job_and_refused_when_given(trained_ru
 
     # The same damage in trajectories passed in by the user cannot be repaired there: one line, exit 2.
     user = copy_run(trained_run, tmp_path / "user")
-    given = [sys.executable, JOB, *smoke(user, "sindy.ray_address=local", f"sindy.trajectories={folder / 'manifest.json'}")]
+    given = [
+        sys.executable,
+        JOB,
+        *smoke(user, "sindy.ray_address=local", f"sindy.trajectories={folder / 'manifest.json'}"),
+    ]
     for damaged in (data[: len(data) - 4096], data[:100] + bytes([data[100] ^ 1]) + data[101:]):
         block.write_bytes(damaged)
         line = _one_line_exit_2(run_entry(given, check=False, timeout=180))

@@ -35,8 +35,15 @@ def test_validation_on_top_eps_fit_and_mixture(trained_run, tiny_classifier, mni
     root = copy_run(trained_run, tmp_path)
     run_dir = root / "smoke"
     shutil.copytree(trained_run / "smoke" / "latents", run_dir / "latents")  # the mixture is fitted to them
-    common = smoke(root, "sindy.ray_address=local", f"data.shards={mnist_shards}", "sindy.fit_space=eps",
-                   "sindy.mixture_components=[1,2]", "sindy.mixture_samples=3000", "sindy.n_bootstrap=0")
+    common = smoke(
+        root,
+        "sindy.ray_address=local",
+        f"data.shards={mnist_shards}",
+        "sindy.fit_space=eps",
+        "sindy.mixture_components=[1,2]",
+        "sindy.mixture_samples=3000",
+        "sindy.n_bootstrap=0",
+    )
     run_entry([sys.executable, JOB, *common, f"dit.classifier={tiny_classifier}"])
     md = (run_dir / "report" / "report.md").read_text()
     eq = json.loads((run_dir / "report" / "equations.json").read_text())
@@ -84,11 +91,25 @@ def test_mixture_family_in_the_library_must_earn_its_place(trained_run, mnist_sh
     root = copy_run(trained_run, tmp_path)
     run_dir = root / "smoke"
     shutil.copytree(trained_run / "smoke" / "latents", run_dir / "latents")
-    run_entry([sys.executable, JOB, *smoke(root, "sindy.ray_address=local", f"data.shards={mnist_shards}",
-                                           "sindy.library.families=[polynomial,time,mixture]", "sindy.n_bootstrap=0",
-                                           "sindy.library.gated=[mixture]", "sindy.library.gate=1.0",
-                                           "sindy.mixture_components=[1,2]", "sindy.mixture_samples=3000",
-                                           "sindy.compare_targets=false", "sindy.validation_noises=0")])
+    run_entry(
+        [
+            sys.executable,
+            JOB,
+            *smoke(
+                root,
+                "sindy.ray_address=local",
+                f"data.shards={mnist_shards}",
+                "sindy.library.families=[polynomial,time,mixture]",
+                "sindy.n_bootstrap=0",
+                "sindy.library.gated=[mixture]",
+                "sindy.library.gate=1.0",
+                "sindy.mixture_components=[1,2]",
+                "sindy.mixture_samples=3000",
+                "sindy.compare_targets=false",
+                "sindy.validation_noises=0",
+            ),
+        ]
+    )
     eq = json.loads((run_dir / "report" / "equations.json").read_text())
     lib = Library.from_spec(eq["library"])
     mixtures = [f for f in lib.families if f.kind == "MixtureEps"]
@@ -108,15 +129,25 @@ def test_external_npz_gets_latent_error_without_images(tmp_path):
     """External trajectories have no decoder: no image metrics (and the reason), still the per-step error."""
     rng = np.random.default_rng(0)
     T, n, d = 20, 40, 3
-    t = 1 - np.arange(T + 1) / T
     A = np.array([[-1.0, 0.5, 0.0], [-0.5, -1.0, 0.0], [0.0, 0.0, -0.3]])
     z0 = rng.normal(size=(n, d))
     traj = np.stack([z0 @ np.linalg.matrix_power(np.eye(d) + A / T, k).T for k in range(T + 1)], axis=1)
     path = tmp_path / "lin.npz"
     np.savez(path, trajectories=traj, num_timesteps=T)
     root = tmp_path / "r"
-    run_entry([sys.executable, JOB, *smoke(root, "sindy.ray_address=local", f"sindy.trajectories={path}",
-                                           "sindy.target=central_diff", "sindy.n_bootstrap=0")])
+    run_entry(
+        [
+            sys.executable,
+            JOB,
+            *smoke(
+                root,
+                "sindy.ray_address=local",
+                f"sindy.trajectories={path}",
+                "sindy.target=central_diff",
+                "sindy.n_bootstrap=0",
+            ),
+        ]
+    )
     eq = json.loads((root / "smoke" / "report" / "equations.json").read_text())
     ev = eq["validation"]["equations"]
     assert "images" not in ev and "no decoder" in ev["images_skipped"]
@@ -134,6 +165,8 @@ def test_bad_fit_space_inputs_fail_before_work(tmp_path):
         return lines[0]
 
     assert "sindy.fit_space must be drift | eps" in bad("sindy.fit_space=x0")
-    assert "cannot be combined with sindy.target=central_diff" in bad("sindy.fit_space=eps", "sindy.target=central_diff")
+    assert "cannot be combined with sindy.target=central_diff" in bad(
+        "sindy.fit_space=eps", "sindy.target=central_diff"
+    )
     assert "sindy.mixture_components must be a list of ints >= 1" in bad("sindy.mixture_components=[0,2]")
     assert "sindy.validation_noises" in bad("sindy.validation_noises=-1")

@@ -22,8 +22,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from analysis import quality as q
-from data_pipeline.loader import load_split_in_memory
 from configs.io import file_sha256
+from data_pipeline.loader import load_split_in_memory
 from models import classifier as cl
 from tests.conftest import REPO
 from training import train_classifier as tc
@@ -42,6 +42,7 @@ def splits(mnist_shards):
 @pytest.fixture(scope="module")
 def cached_splits(splits):
     """Patch the split readers of training and scoring to serve the tensors already in memory."""
+
     def cached(shard_dir, split, device=None):
         return tuple(t.to(device or "cpu") for t in splits[split])
 
@@ -280,8 +281,9 @@ def test_score_images_caches_and_accepts_uint8(trained, test_images, mnist_shard
 
 
 def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "analysis.quality", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "analysis.quality", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_scores_png_folder(trained, test_images, mnist_shards, tmp_path, capsys):
@@ -292,8 +294,21 @@ def test_cli_scores_png_folder(trained, test_images, mnist_shards, tmp_path, cap
     for i, im in enumerate(u8):
         Image.fromarray(im, mode="L").save(folder / f"{i:03d}.png")
     out = tmp_path / "m.json"
-    rc = q.main(["score", "--classifier", str(path), "--shards", str(mnist_shards), "--folder", str(folder),
-                 "--json", str(out), "--device", "cpu"])
+    rc = q.main(
+        [
+            "score",
+            "--classifier",
+            str(path),
+            "--shards",
+            str(mnist_shards),
+            "--folder",
+            str(folder),
+            "--json",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     assert "FD-MNIST" in capsys.readouterr().out
     record = json.loads(out.read_text())
@@ -308,12 +323,36 @@ def test_cli_scores_safetensors_and_run_dir(trained, test_images, mnist_shards, 
     (run / "samples").mkdir(parents=True)
     u8 = (test_images[0][:64] * 255).round().to(torch.uint8).contiguous()
     save_file({"images": u8}, str(run / "samples" / "ema_samples.safetensors"))
-    proc = _run_cli(["score", "--classifier", str(path), "--shards", str(mnist_shards), "--run", str(run),
-                     "--json", str(tmp_path / "m.json"), "--device", "cpu"])
+    proc = _run_cli(
+        [
+            "score",
+            "--classifier",
+            str(path),
+            "--shards",
+            str(mnist_shards),
+            "--run",
+            str(run),
+            "--json",
+            str(tmp_path / "m.json"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     assert "FD-MNIST" in proc.stdout and json.loads((tmp_path / "m.json").read_text())["n"] == 64
-    rc = q.main(["score", "--classifier", str(path), "--shards", str(mnist_shards),
-                 "--images", str(run / "samples" / "ema_samples.safetensors"), "--device", "cpu"])
+    rc = q.main(
+        [
+            "score",
+            "--classifier",
+            str(path),
+            "--shards",
+            str(mnist_shards),
+            "--images",
+            str(run / "samples" / "ema_samples.safetensors"),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
 
 
@@ -339,8 +378,17 @@ def test_cli_bad_input_exits_2_with_one_line(trained, mnist_shards, tmp_path, ca
         rc = q.main(["score", "--classifier", str(path), "--shards", str(mnist_shards), *extra, "--device", "cpu"])
         err = capsys.readouterr().err
         assert rc == 2 and err.count("\n") == 1 and message in err, (name, err)
-    rc = q.main(["score", "--classifier", str(tmp_path / "none.safetensors"), "--shards", str(mnist_shards),
-                 "--images", str(bad_shape)])
+    rc = q.main(
+        [
+            "score",
+            "--classifier",
+            str(tmp_path / "none.safetensors"),
+            "--shards",
+            str(mnist_shards),
+            "--images",
+            str(bad_shape),
+        ]
+    )
     assert rc == 2 and "not found; train one with" in capsys.readouterr().err
 
 

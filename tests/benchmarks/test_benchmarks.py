@@ -25,8 +25,10 @@ def _check_sindy(payload: dict) -> None:
     assert same_n["config"]["n"] == base["config"]["n"], "the speed-up must be measured at equal n"
     diff = float(same_n["check"].split("= ")[1].split(",")[0])
     assert diff < 1e-8 and "support equal" in same_n["check"], same_n["check"]
-    assert f"{same_n['ratio']:.1f}x pysindy per sample at equal n = {base['config']['n']:,}" in \
-        payload["targets"][0]["measured"]
+    assert (
+        f"{same_n['ratio']:.1f}x pysindy per sample at equal n = {base['config']['n']:,}"
+        in payload["targets"][0]["measured"]
+    )
     for r in rest:
         assert r["config"]["n"] != base["config"]["n"] and "not like for like" in r["check"]
 
@@ -46,4 +48,6 @@ def test_gpu_variants_match_plain(tmp_path):
     from benchmarks import bench_sampling, bench_train
 
     _check(bench_sampling.main(["--kind", "vae16", "--repeats", "1", "--out", str(tmp_path / "s.json")]))
-    _check(bench_train.main(["--steps", "2", "--repeats", "1", "--large-batch", "4096", "--out", str(tmp_path / "t.json")]))
+    _check(
+        bench_train.main(["--steps", "2", "--repeats", "1", "--large-batch", "4096", "--out", str(tmp_path / "t.json")])
+    )

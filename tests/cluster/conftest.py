@@ -38,11 +38,12 @@ def slurm():
     if os.geteuid() != 0:
         pytest.skip("Slurm is not running and starting it (.ci/setup_slurm.sh) needs root")
     t0 = time.perf_counter()
-    proc = subprocess.run(["bash", str(REPO / ".ci" / "setup_slurm.sh")], capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(["bash", str(REPO / ".ci" / "setup_slurm.sh")], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 or not _sinfo_ok():
-        pytest.skip(f".ci/setup_slurm.sh could not start Slurm (exit {proc.returncode}): "
-                    f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+        pytest.skip(
+            f".ci/setup_slurm.sh could not start Slurm (exit {proc.returncode}): "
+            f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}"
+        )
     print(f"\n[slurm fixture] started Slurm in {time.perf_counter() - t0:.1f} s")
     try:
         yield "started"
@@ -54,8 +55,9 @@ def submit(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """``python -m cluster.submit ARGS`` from the repository root."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-    proc = subprocess.run([sys.executable, "-m", "cluster.submit", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.submit", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     if check:
         assert proc.returncode == 0, f"cluster.submit {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc

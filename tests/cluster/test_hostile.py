@@ -49,8 +49,11 @@ HOSTILE = [
     ("slurm.time", f"1:00:00\nid>{M}", "slurm.time must be a Slurm time limit"),
     ("slurm.python", f"/usr/bin/python3\nid>{M}", "slurm.python must not contain newlines"),
     ("slurm.log_dir", f"/tmp/logs\nid>{M}", "slurm.log_dir must not contain newlines"),
-    ("slurm.accelerate_config", f"configs/accelerate/multi_gpu.yaml\nid>{M}",
-     "slurm.accelerate_config must not contain newlines"),
+    (
+        "slurm.accelerate_config",
+        f"configs/accelerate/multi_gpu.yaml\nid>{M}",
+        "slurm.accelerate_config must not contain newlines",
+    ),
     ("slurm.sbatch_args", [f"--exclusive\nid>{M}"], "slurm.sbatch_args items must be single sbatch options"),
     ("slurm.sbatch_args", ["--comment=a b"], "slurm.sbatch_args items must be single sbatch options"),
     ("slurm.sbatch_args", [f"--comment=$(id>{M})"], "slurm.sbatch_args items must be single sbatch options"),
@@ -109,13 +112,17 @@ def test_hostile_field_is_refused_before_sbatch(slurm, tmp_path, key, value, exp
 
 
 @pytest.mark.slurm
-@pytest.mark.parametrize("args, expect", [
-    ([f"run.name=x$(id>{M})"], NAME_ERR),                       # the report's command line
-    (["run.name=.."], NAME_ERR),
-    (["--partition", f"debug$(id>{M})"], "slurm.partition must look like"),
-    (["--time", f"1:00:00;id>{M}"], "slurm.time must be a Slurm time limit"),
-    ([f"slurm.constraint=a100`id>{M}`"], "slurm.constraint must look like"),
-], ids=["name-subst", "name-dotdot", "partition-flag", "time-flag", "constraint-backticks"])
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        ([f"run.name=x$(id>{M})"], NAME_ERR),  # the report's command line
+        (["run.name=.."], NAME_ERR),
+        (["--partition", f"debug$(id>{M})"], "slurm.partition must look like"),
+        (["--time", f"1:00:00;id>{M}"], "slurm.time must be a Slurm time limit"),
+        ([f"slurm.constraint=a100`id>{M}`"], "slurm.constraint must look like"),
+    ],
+    ids=["name-subst", "name-dotdot", "partition-flag", "time-flag", "constraint-backticks"],
+)
 def test_hostile_command_line_is_refused_before_sbatch(slurm, tmp_path, args, expect):
     proc = submit("train-ae", "--config", str(SMOKE), f"run.root={tmp_path / 'runs'}", *args, check=False)
     _assert_refused(proc, expect, tmp_path)
@@ -127,19 +134,24 @@ def _odd_setup(tmp_path: Path, argv_out: Path) -> tuple[Path, Path, str, str]:
     and a stand-in interpreter (also in that folder) that records what the job hands it."""
     odd_dir = tmp_path / "odd dir"
     odd_dir.mkdir()
-    setup_value = f"two  spaces; $(id>{M}) `id>{M}` \"dq\" *"
+    setup_value = f'two  spaces; $(id>{M}) `id>{M}` "dq" *'
     fake = odd_dir / "fake python"
-    fake.write_text("#!/bin/sh\n"
-                    "# Stands in for the interpreter: records its arguments and the setup's variable, then\n"
-                    "# writes the stage's completion file so the job ends COMPLETED.\n"
-                    'printf "%s\\0" "$@" > "$ARGV_OUT"\n'
-                    'printf "%s" "$ODD_SETUP" > "$ARGV_OUT.setup"\n'
-                    'mkdir -p "$(dirname "$DONE")" && touch "$DONE"\n')
+    fake.write_text(
+        "#!/bin/sh\n"
+        "# Stands in for the interpreter: records its arguments and the setup's variable, then\n"
+        "# writes the stage's completion file so the job ends COMPLETED.\n"
+        'printf "%s\\0" "$@" > "$ARGV_OUT"\n'
+        'printf "%s" "$ODD_SETUP" > "$ARGV_OUT.setup"\n'
+        'mkdir -p "$(dirname "$DONE")" && touch "$DONE"\n'
+    )
     fake.chmod(0o755)
     cfg = yaml.safe_load(SMOKE.read_text())
     cfg["run"]["root"] = str(tmp_path / "runs")
-    cfg["slurm"] = {"python": str(fake), "main_process_port": 29517,
-                    "setup": [f"export ODD_SETUP='{setup_value}'", f"export DONE ARGV_OUT='{argv_out}'"]}
+    cfg["slurm"] = {
+        "python": str(fake),
+        "main_process_port": 29517,
+        "setup": [f"export ODD_SETUP='{setup_value}'", f"export DONE ARGV_OUT='{argv_out}'"],
+    }
     config = odd_dir / "smoke copy.yaml"
     config.write_text(yaml.safe_dump(cfg))
     override = f"dit.classifier={tmp_path}/x y/$(id>{M})/`id>{M}`/'q' \"dq\"; echo *"
@@ -169,8 +181,14 @@ def test_odd_but_legal_values_arrive_intact_in_a_real_job(slurm, tmp_path, mnist
     (job,) = recorded_jobs(run)
     assert wait_jobs([job["job_id"]], 120, run / "slurm") == {job["job_id"]: "COMPLETED"}
     argv = argv_out.read_bytes().split(b"\0")[:-1]
-    assert [a.decode() for a in argv] == ["training/encode_latents.py", "--config", str(config),
-                                          f"data.shards={mnist_shards}", override, "resume=auto"]
+    assert [a.decode() for a in argv] == [
+        "training/encode_latents.py",
+        "--config",
+        str(config),
+        f"data.shards={mnist_shards}",
+        override,
+        "resume=auto",
+    ]
     assert Path(f"{argv_out}.setup").read_text() == setup_value
     assert not (REPO / M).exists() and not (tmp_path / M).exists(), "an injected command ran"
     script = run / "slurm" / f"encode-{job['job_id']}.sh"

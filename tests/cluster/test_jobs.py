@@ -19,8 +19,14 @@ pytestmark = pytest.mark.slurm
 
 
 def test_two_task_job_is_a_two_rank_group(slurm, tmp_path, mnist_shards):
-    out = submit("train-ae", "--nodes", "1", "--cpu-processes-per-node", "2",
-                 *smoke_args(tmp_path, mnist_shards, "ae.max_steps=12")).stdout
+    out = submit(
+        "train-ae",
+        "--nodes",
+        "1",
+        "--cpu-processes-per-node",
+        "2",
+        *smoke_args(tmp_path, mnist_shards, "ae.max_steps=12"),
+    ).stdout
     run = tmp_path / "smoke"
     (job,) = recorded_jobs(run)
     assert f"job {job['job_id']}" in out and str(run / "slurm") in out
@@ -39,7 +45,9 @@ def test_gpu_job_on_a_cpu_partition_fails_before_sbatch(slurm, tmp_path, mnist_s
     proc = submit("train-dit", "--gpus-per-node", "1", *smoke_args(tmp_path, mnist_shards), check=False)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "slurm.gpus_per_node=1" in lines[0] and "at most 0 GPUs per node" in lines[0], proc.stderr
+    assert len(lines) == 1 and "slurm.gpus_per_node=1" in lines[0] and "at most 0 GPUs per node" in lines[0], (
+        proc.stderr
+    )
     assert not (tmp_path / "smoke" / "slurm" / "jobs.jsonl").exists()  # nothing was submitted
     proc = submit("train-ae", "--nodes", "3", *smoke_args(tmp_path, mnist_shards), check=False)
     assert proc.returncode == 2 and "slurm.nodes=3" in proc.stderr

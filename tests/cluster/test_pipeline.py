@@ -19,7 +19,9 @@ FLOW = ("dit.schedule=linear", "dit.eval_samples=0")
 @pytest.fixture(scope="module")
 def pipeline_run(slurm, tmp_path_factory, mnist_shards):
     root = tmp_path_factory.mktemp("slurm-pipeline")
-    out = submit("pipeline", "--stages", "train-ae,encode,train-dit,score", *smoke_args(root, mnist_shards, *FLOW)).stdout
+    out = submit(
+        "pipeline", "--stages", "train-ae,encode,train-dit,score", *smoke_args(root, mnist_shards, *FLOW)
+    ).stdout
     run = root / "smoke"
     jobs = recorded_jobs(run)
     states = wait_jobs([j["job_id"] for j in jobs], 600, run / "slurm")
@@ -31,8 +33,14 @@ def test_pipeline_chains_the_stages_and_completes(pipeline_run):
     assert [j["stage"] for j in jobs] == ["train-ae", "encode", "train-dit", "score"]
     assert [j["dependency"] for j in jobs] == [None, jobs[0]["job_id"], jobs[1]["job_id"], jobs[2]["job_id"]]
     assert set(states.values()) == {"COMPLETED"}, (states, log_text(run))
-    for name in ("config.yaml", "ae.safetensors", "latent_stats.safetensors", "dit.safetensors",
-                 "dit_ema.safetensors", "dit.json"):
+    for name in (
+        "config.yaml",
+        "ae.safetensors",
+        "latent_stats.safetensors",
+        "dit.safetensors",
+        "dit_ema.safetensors",
+        "dit.json",
+    ):
         assert (run / name).is_file(), name
     assert json.loads((run / "dit.json").read_text())["steps"] == 30
     assert json.loads((run / "quality.json").read_text())["quality"] is None  # FLOW: dit.eval_samples=0

@@ -52,8 +52,10 @@ def test_resolve_device():
             resolve_device("cuda")
 
 
-@pytest.mark.parametrize("error", [UserError("bad run"), ConfigError("bad key"), ManifestError("no manifest"),
-                                   FileNotFoundError("no such file")])
+@pytest.mark.parametrize(
+    "error",
+    [UserError("bad run"), ConfigError("bad key"), ManifestError("no manifest"), FileNotFoundError("no such file")],
+)
 def test_expected_errors_are_one_line_and_exit_2(error, capsys, monkeypatch):
     monkeypatch.delenv(LAUNCH_DIR_ENV, raising=False)
 

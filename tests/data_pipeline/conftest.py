@@ -7,8 +7,8 @@ shards copy them first (``copy_shards``).
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -122,7 +122,10 @@ def test_corrupt_shard_raises_naming_it(
 
 @pytest.mark.parametrize("damage", [_truncate, _garble], ids=["truncated", "garbage"])
 def test_skip_mode_counts_and_keeps_batch_count(
-    small_shards: Path, copy_shards: Callable[[Path], Path], damage: Callable[[Path], None], caplog: pytest.LogCaptureFixture
+    small_shards: Path,
+    copy_shards: Callable[[Path], Path],
+    damage: Callable[[Path], None],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     d = copy_shards(small_shards)
     damage(d / "train-000003.tar")
@@ -232,9 +235,22 @@ def test_classifier_training_refuses_a_modified_shard(
     _flip_first_label(d / "train-000003.tar")
     out = tmp_path / "clf.safetensors"
     proc = subprocess.run(
-        [sys.executable, "training/train_classifier.py", "--shards", str(d), "--out", str(out), "--epochs", "1",
-         "--device", "cpu"],
-        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "training/train_classifier.py",
+            "--shards",
+            str(d),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()

@@ -10,8 +10,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -58,7 +58,11 @@ def test_full_dataset_layout_and_labels(full_shards: Path, mnist_arrays: MnistAr
 
 
 def test_readable_by_webdataset(full_shards: Path, mnist_arrays: MnistArrays) -> None:
-    ds = wds.WebDataset(str(full_shards / "train-000005.tar"), shardshuffle=False).decode("l8").to_tuple("__key__", "png", "cls")
+    ds = (
+        wds.WebDataset(str(full_shards / "train-000005.tar"), shardshuffle=False)
+        .decode("l8")
+        .to_tuple("__key__", "png", "cls")
+    )
     keys, n = [], 0
     for key, image, label in ds:
         index = int(key.split("_")[1])
@@ -73,8 +77,18 @@ def test_readable_by_webdataset(full_shards: Path, mnist_arrays: MnistArrays) ->
 def test_identical_bytes_in_two_folders(tmp_path: Path, mnist_arrays: MnistArrays) -> None:
     a = prepare_shards(tmp_path / "a", arrays=mnist_arrays, limit=1200, shard_size=500)
     b = prepare_shards(tmp_path / "b", arrays=mnist_arrays, limit=1200, shard_size=500)
-    assert a.written == b.written == ["train-000000.tar", "train-000001.tar", "train-000002.tar", "test-000000.tar",
-                                      "test-000001.tar", "test-000002.tar"]
+    assert (
+        a.written
+        == b.written
+        == [
+            "train-000000.tar",
+            "train-000001.tar",
+            "train-000002.tar",
+            "test-000000.tar",
+            "test-000001.tar",
+            "test-000002.tar",
+        ]
+    )
     for name in a.written + ["manifest.json"]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
 
@@ -242,8 +256,9 @@ def tiny_tmpfs(tmp_path: Path):
     """A real 256 KiB file system (tmpfs) that the first 10,000-image shard (~10 MB) overflows."""
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(mnt)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs to fill up (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
     try:
@@ -272,9 +287,24 @@ def test_permission_denied_is_one_line_exit_2(tmp_path: Path) -> None:
         out.mkdir(mode=0o777)
         out.chmod(0o777)
         (out / shards.LOCK_NAME).write_text("")  # root's, mode 0644: nobody cannot open it to write
-        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--",
-                               sys.executable, "-m", "data_pipeline.prepare", "--out", str(out)],
-                              cwd=REPO, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--",
+                sys.executable,
+                "-m",
+                "data_pipeline.prepare",
+                "--out",
+                str(out),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         line = _one_error_line(proc)
         assert f"cannot write the shards to {out}: Permission denied ({out / shards.LOCK_NAME})" in line, line
         assert sorted(p.name for p in out.iterdir()) == [shards.LOCK_NAME]

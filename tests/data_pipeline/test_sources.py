@@ -59,8 +59,13 @@ def test_refused_pickle_is_one_line_exit_2_naming_the_file(tmp_path: Path) -> No
     with gzip.open(bad, "wb") as f:
         f.write(pickle.dumps(_Exploit(marker), protocol=2))
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "data_pipeline.prepare", "--out", str(out), "--source", f"pickle:{bad}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_pipeline.prepare", "--out", str(out), "--source", f"pickle:{bad}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
@@ -113,7 +118,9 @@ def test_altered_data_is_rejected_naming_the_array(mnist_arrays: MnistArrays) ->
         verify_arrays(dataclasses.replace(mnist_arrays, test_labels=labels))
 
 
-def test_idx_round_trip_gives_identical_digests(tmp_path: Path, mnist_arrays: MnistArrays, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_idx_round_trip_gives_identical_digests(
+    tmp_path: Path, mnist_arrays: MnistArrays, monkeypatch: pytest.MonkeyPatch
+) -> None:
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     a = mnist_arrays

@@ -229,8 +229,17 @@ def test_record_shapes_replay_and_drift(sampler, eta, shape):
     s = cosine_schedule(20)
     T = s.T
     model = CountingModel(T)
-    res = sample(model, s, shape, sampler=sampler, eta=eta, generator=torch.Generator().manual_seed(3),
-                 record=True, record_device="cpu", dtype=torch.float64)
+    res = sample(
+        model,
+        s,
+        shape,
+        sampler=sampler,
+        eta=eta,
+        generator=torch.Generator().manual_seed(3),
+        record=True,
+        record_device="cpu",
+        dtype=torch.float64,
+    )
     calls_per_run = 2 * T - 1 if sampler == "heun" else T
     assert model.calls == calls_per_run  # recording adds no network passes
 
@@ -265,8 +274,9 @@ def test_record_shapes_replay_and_drift(sampler, eta, shape):
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_sampling_is_deterministic_given_generator(sampler):
     s = cosine_schedule(10)
-    run = lambda record: sample(CountingModel(10), s, (4, 16, 1), sampler=sampler, record=record,
-                                generator=torch.Generator().manual_seed(11))
+    run = lambda record: sample(
+        CountingModel(10), s, (4, 16, 1), sampler=sampler, record=record, generator=torch.Generator().manual_seed(11)
+    )
     a, b = run(False), run(True)
     assert torch.equal(a.x0, b.x0)  # recording does not disturb the random stream
     c = sample(CountingModel(10), s, (4, 16, 1), sampler=sampler, generator=torch.Generator().manual_seed(12))

@@ -5,7 +5,6 @@ and a corrupt shard met by the streaming loader in the middle of training."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -43,14 +42,20 @@ def test_yaml_syntax_error_is_one_line(tmp_path, entry):
 # All entry points share parse_cli/load_config: one training entry point (torch import, seconds)
 # and the submit CLI are enough here.
 @pytest.mark.parametrize("entry", ["train_ae", "cluster.submit"])
-@pytest.mark.parametrize("override, needle", [
-    ('slurm.setup=["a" b]', "the value is not valid YAML"),
-    ("run.name=x$(id>PWNED)", "run.name must be 1-100 characters"),
-    ("run.name=..", "run.name must be 1-100 characters"),
-], ids=["not-yaml", "name-subst", "name-dotdot"])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ('slurm.setup=["a" b]', "the value is not valid YAML"),
+        ("run.name=x$(id>PWNED)", "run.name must be 1-100 characters"),
+        ("run.name=..", "run.name must be 1-100 characters"),
+    ],
+    ids=["not-yaml", "name-subst", "name-dotdot"],
+)
 def test_bad_override_is_one_line_in_every_entry_point(tmp_path, entry, override, needle):
-    proc = run_entry([*ENTRY_POINTS[entry], "--config", str(REPO / "configs" / "smoke.yaml"),
-                      f"run.root={tmp_path}", override], check=False)
+    proc = run_entry(
+        [*ENTRY_POINTS[entry], "--config", str(REPO / "configs" / "smoke.yaml"), f"run.root={tmp_path}", override],
+        check=False,
+    )
     line = _one_error_line(proc)
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert needle in line, line
@@ -64,9 +69,19 @@ def test_corrupt_shard_mid_training_is_one_line(tmp_path):
     prepare_shards(shards, shard_size=256, limit=1024)
     victim = shards / "train-000002.tar"
     victim.write_bytes(victim.read_bytes()[:100_000])  # ~ the first 97 of its 256 samples survive
-    proc = run_entry([sys.executable, str(REPO / "training" / "train_ae.py"), "--config",
-                      str(REPO / "configs" / "smoke.yaml"), f"run.root={tmp_path / 'runs'}", f"data.shards={shards}",
-                      "data.loader=stream", "ae.max_steps=40"], check=False)
+    proc = run_entry(
+        [
+            sys.executable,
+            str(REPO / "training" / "train_ae.py"),
+            "--config",
+            str(REPO / "configs" / "smoke.yaml"),
+            f"run.root={tmp_path / 'runs'}",
+            f"data.shards={shards}",
+            "data.loader=stream",
+            "ae.max_steps=40",
+        ],
+        check=False,
+    )
     line = _one_error_line(proc)
     assert line.startswith("train_ae.py: error:") and str(victim) in line, line
     assert not (tmp_path / "runs" / "smoke" / "ae.safetensors").exists()
@@ -77,9 +92,21 @@ def test_expected_error_through_the_launch_wrapper_is_one_line_exit_2(tmp_path):
     caller as its one line and exit 2, not as accelerate's CalledProcessError traceback and exit 1."""
     bad = tmp_path / "bad.yaml"
     bad.write_text("run:\n  name: [x\n")
-    proc = run_entry([sys.executable, "-m", "training.launch", "--config_file",
-                      str(REPO / "configs" / "accelerate" / "cpu.yaml"), "--num_cpu_threads_per_process", "1",
-                      str(REPO / "training" / "train_ae.py"), "--config", str(bad)], check=False)
+    proc = run_entry(
+        [
+            sys.executable,
+            "-m",
+            "training.launch",
+            "--config_file",
+            str(REPO / "configs" / "accelerate" / "cpu.yaml"),
+            "--num_cpu_threads_per_process",
+            "1",
+            str(REPO / "training" / "train_ae.py"),
+            "--config",
+            str(bad),
+        ],
+        check=False,
+    )
     line = _one_error_line(proc)
     assert line.startswith("train_ae.py: error:") and "YAML syntax error" in line, line
 
@@ -91,6 +118,8 @@ def test_make_run_with_a_bad_config_stops_in_one_line(tmp_path):
     proc = run_entry(["make", "--no-print-directory", "run", f"CONFIG={bad}", f"PY={sys.executable}"], check=False)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert lines == [f"make run: error: {bad}:3:1: YAML syntax error: did not find expected ',' or ']' "
-                     "(while parsing a flow sequence)"], proc.stderr
+    assert lines == [
+        f"make run: error: {bad}:3:1: YAML syntax error: did not find expected ',' or ']' "
+        "(while parsing a flow sequence)"
+    ], proc.stderr
     assert "Traceback" not in proc.stderr and "== 1/5" not in proc.stdout

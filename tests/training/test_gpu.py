@@ -1,6 +1,6 @@
 """GPU paths of the training entry points (skipped without CUDA; run them on a GPU machine):
 
-    .venv/bin/python -m pytest -m gpu tests/training/test_gpu.py -v
+.venv/bin/python -m pytest -m gpu tests/training/test_gpu.py -v
 """
 
 from __future__ import annotations
@@ -25,8 +25,15 @@ ACCEL = [str(Path(sys.executable).parent / "accelerate"), "launch"]
 @pytest.fixture(scope="module")
 def gpu_run(tmp_path_factory, mnist_shards):
     root = tmp_path_factory.mktemp("gpu")
-    run_entry(ACCEL + ["--config_file", str(REPO / "configs/accelerate/single_gpu.yaml"), TRAIN_AE,
-                       *smoke_args(root, mnist_shards, "ae.mixed_precision=bf16")])
+    run_entry(
+        ACCEL
+        + [
+            "--config_file",
+            str(REPO / "configs/accelerate/single_gpu.yaml"),
+            TRAIN_AE,
+            *smoke_args(root, mnist_shards, "ae.mixed_precision=bf16"),
+        ]
+    )
     run_entry([sys.executable, ENCODE, *smoke_args(root, mnist_shards)])
     return root
 
@@ -35,9 +42,17 @@ def gpu_run(tmp_path_factory, mnist_shards):
 def test_dit_mixed_precision_on_cuda(gpu_run, tmp_path, precision):
     root = tmp_path / "r"
     shutil.copytree(gpu_run, root)
-    run_entry(ACCEL + ["--config_file", str(REPO / "configs/accelerate/single_gpu.yaml"), TRAIN_DIT,
-                       *smoke_args(root, REPO / "unused", f"dit.mixed_precision={precision}", "dit.max_steps=100",
-                                   "dit.fused_adamw=true")])
+    run_entry(
+        ACCEL
+        + [
+            "--config_file",
+            str(REPO / "configs/accelerate/single_gpu.yaml"),
+            TRAIN_DIT,
+            *smoke_args(
+                root, REPO / "unused", f"dit.mixed_precision={precision}", "dit.max_steps=100", "dit.fused_adamw=true"
+            ),
+        ]
+    )
     meta = json.loads((root / "smoke" / "dit.json").read_text())
     hist = [loss for _, loss in meta["loss_history"]]
     assert hist[-1] < hist[0]

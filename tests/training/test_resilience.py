@@ -40,22 +40,27 @@ def assert_plain_log(*texts: str) -> None:
 
 # ---- 1. the LR schedule on 1 and 2 processes with the same global batch ------------------------
 
-LR_ARGS = ("ae.max_steps=12", "ae.warmup_steps=2", "ae.log_every=1", "ae.checkpoint_every=100",
-           "ae.image_every=1000")
+LR_ARGS = ("ae.max_steps=12", "ae.warmup_steps=2", "ae.log_every=1", "ae.checkpoint_every=100", "ae.image_every=1000")
 
 
 @pytest.fixture(scope="module")
 def ae_runs(tmp_path_factory, mnist_shards) -> dict[int, Path]:
     """The autoencoder trained 12 steps on 1 process (batch 16), on 2 (8 each) and on 1 with 2 x 8 accumulated."""
     root = tmp_path_factory.mktemp("lr")
-    one = run_entry(accelerate_cmd() + [TRAIN_AE, *smoke_args(root / "p1", mnist_shards, *LR_ARGS,
-                                                               "ae.batch_size=16")])
-    two = run_entry(accelerate_cmd(two_procs=True) + [TRAIN_AE, *smoke_args(root / "p2", mnist_shards, *LR_ARGS,
-                                                                            "ae.batch_size=8")],
-                    env={"ACCELERATE_USE_CPU": "true"})
+    one = run_entry(accelerate_cmd() + [TRAIN_AE, *smoke_args(root / "p1", mnist_shards, *LR_ARGS, "ae.batch_size=16")])
+    two = run_entry(
+        accelerate_cmd(two_procs=True)
+        + [TRAIN_AE, *smoke_args(root / "p2", mnist_shards, *LR_ARGS, "ae.batch_size=8")],
+        env={"ACCELERATE_USE_CPU": "true"},
+    )
     # The same global batch as 2 accumulated micro-batches of 8 on one process.
-    accum = run_entry([sys.executable, TRAIN_AE, *smoke_args(root / "ga", mnist_shards, *LR_ARGS, "ae.batch_size=8",
-                                                              "ae.grad_accum=2")])
+    accum = run_entry(
+        [
+            sys.executable,
+            TRAIN_AE,
+            *smoke_args(root / "ga", mnist_shards, *LR_ARGS, "ae.batch_size=8", "ae.grad_accum=2"),
+        ]
+    )
     assert "x 2 processes" in two.stdout
     assert_plain_log(one.stdout, one.stderr, two.stdout, two.stderr, accum.stdout, accum.stderr)
     assert "ae: step 12/12 loss" in one.stdout
@@ -81,15 +86,22 @@ def test_dit_lr_sequence_is_the_same_on_two_ranks(ae_runs, tmp_path, mnist_shard
     enc = run_entry([sys.executable, ENCODE, *smoke_args(base, mnist_shards)])
     assert "latents: train: encoding 60000 images" in enc.stdout
     assert_plain_log(enc.stdout, enc.stderr)
-    args = ("dit.max_steps=12", "dit.warmup_steps=3", "dit.log_every=1", "dit.checkpoint_every=100",
-            "dit.image_every=1000", "dit.eval_samples=0")
-    for n, root in ((1, tmp_path / "d1"), (2, tmp_path / "d2")):
+    args = (
+        "dit.max_steps=12",
+        "dit.warmup_steps=3",
+        "dit.log_every=1",
+        "dit.checkpoint_every=100",
+        "dit.image_every=1000",
+        "dit.eval_samples=0",
+    )
+    for root in (tmp_path / "d1", tmp_path / "d2"):
         shutil.copytree(base, root)
-    run_entry(accelerate_cmd() + [TRAIN_DIT, *smoke_args(tmp_path / "d1", REPO / "unused", *args,
-                                                          "dit.batch_size=32")])
-    two = run_entry(accelerate_cmd(two_procs=True) + [TRAIN_DIT, *smoke_args(tmp_path / "d2", REPO / "unused", *args,
-                                                                            "dit.batch_size=16")],
-                    env={"ACCELERATE_USE_CPU": "true"})
+    run_entry(accelerate_cmd() + [TRAIN_DIT, *smoke_args(tmp_path / "d1", REPO / "unused", *args, "dit.batch_size=32")])
+    two = run_entry(
+        accelerate_cmd(two_procs=True)
+        + [TRAIN_DIT, *smoke_args(tmp_path / "d2", REPO / "unused", *args, "dit.batch_size=16")],
+        env={"ACCELERATE_USE_CPU": "true"},
+    )
     assert_plain_log(two.stdout, two.stderr)
     lr1, lr2 = (scalars(tmp_path / d / "smoke" / "tb" / "dit", "train/lr") for d in ("d1", "d2"))
     assert [s for s, _ in lr1] == list(range(1, 13)) and lr1 == lr2
@@ -98,8 +110,14 @@ def test_dit_lr_sequence_is_the_same_on_two_ranks(ae_runs, tmp_path, mnist_shard
 
 # ---- 3. corrupt checkpoints -------------------------------------------------------------------
 
-CKPT_ARGS = ("ae.max_steps=12", "ae.checkpoint_every=4", "ae.keep_checkpoints=3", "ae.log_every=1",
-             "ae.image_every=1000", "ae.batch_size=16")
+CKPT_ARGS = (
+    "ae.max_steps=12",
+    "ae.checkpoint_every=4",
+    "ae.keep_checkpoints=3",
+    "ae.log_every=1",
+    "ae.image_every=1000",
+    "ae.batch_size=16",
+)
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +166,7 @@ def test_resume_auto_skips_a_corrupt_checkpoint(reference_run, tmp_path, mnist_s
     ckpts = run / "checkpoints" / "ae"
     assert (ckpts / "step_00000008" / name).is_file(), sorted(p.name for p in (ckpts / "step_00000008").iterdir())
     CORRUPTIONS[name](ckpts / "step_00000008" / name)
-    proc = run_entry([sys.executable, TRAIN_AE, *smoke_args(tmp_path / "cut", mnist_shards, *CKPT_ARGS,
-                                                             "resume=auto")])
+    proc = run_entry([sys.executable, TRAIN_AE, *smoke_args(tmp_path / "cut", mnist_shards, *CKPT_ARGS, "resume=auto")])
     warnings = [line for line in proc.stderr.splitlines() if "skipping checkpoint" in line]
     assert len(warnings) == 1 and "step_00000008" in warnings[0], proc.stderr
     assert "resumed from" in proc.stdout and "step_00000004 at step 4" in proc.stdout
@@ -166,8 +183,10 @@ def test_explicit_resume_of_a_corrupt_checkpoint_is_one_line(reference_run, tmp_
     run = _interrupted_copy(reference_run, tmp_path / "cut")
     bad = run / "checkpoints" / "ae" / "step_00000008"
     _truncate(bad / "model.safetensors")
-    proc = run_entry([sys.executable, TRAIN_AE, *smoke_args(tmp_path / "cut", mnist_shards, *CKPT_ARGS,
-                                                             f"resume={bad}")], check=False)
+    proc = run_entry(
+        [sys.executable, TRAIN_AE, *smoke_args(tmp_path / "cut", mnist_shards, *CKPT_ARGS, f"resume={bad}")],
+        check=False,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "not an intact checkpoint" in lines[0] and "model.safetensors" in lines[0]
@@ -176,8 +195,13 @@ def test_explicit_resume_of_a_corrupt_checkpoint_is_one_line(reference_run, tmp_
 
 # ---- 7. signals and the preemption exit code --------------------------------------------------
 
-SIGNAL_ARGS = ("ae.max_steps=100", "ae.checkpoint_every=1000", "ae.batch_size=16", "ae.log_every=5",
-               "ae.image_every=1000")
+SIGNAL_ARGS = (
+    "ae.max_steps=100",
+    "ae.checkpoint_every=1000",
+    "ae.batch_size=16",
+    "ae.log_every=5",
+    "ae.image_every=1000",
+)
 
 
 def _processes_mentioning(needle: str) -> list[int]:
@@ -198,8 +222,9 @@ def _processes_mentioning(needle: str) -> list[int]:
 def _start_and_wait_for_training(cmd: list[str], run: Path, env: dict | None = None) -> subprocess.Popen:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     full_env["PATH"] = f"{Path(sys.executable).parent}:{full_env['PATH']}"
-    proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     tb = run / "tb" / "ae"
     deadline = time.time() + 300
     while not (tb.is_dir() and any(tb.rglob("events.*"))):
@@ -218,8 +243,15 @@ def _wait_gone(needle: str, seconds: float = 60) -> None:
 
 
 # One intra-op thread everywhere: a different thread count changes the order of float sums.
-LAUNCH = [sys.executable, "-m", "training.launch", "--config_file", str(REPO / "configs/accelerate/cpu.yaml"),
-          "--num_cpu_threads_per_process", "1"]
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "training.launch",
+    "--config_file",
+    str(REPO / "configs/accelerate/cpu.yaml"),
+    "--num_cpu_threads_per_process",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -234,8 +266,9 @@ def signal_reference(tmp_path_factory, mnist_shards) -> Path:
 def test_signal_to_the_launcher_checkpoints_and_exits_75(tmp_path, mnist_shards, signal_reference, sig):
     root = tmp_path / "cut"
     launch = LAUNCH
-    proc = _start_and_wait_for_training(launch + [TRAIN_AE, *smoke_args(root, mnist_shards, *SIGNAL_ARGS)],
-                                        root / "smoke")
+    proc = _start_and_wait_for_training(
+        launch + [TRAIN_AE, *smoke_args(root, mnist_shards, *SIGNAL_ARGS)], root / "smoke"
+    )
     os.kill(proc.pid, sig)  # the launcher only, as `kill PID` would
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT, (out[-2000:], err[-3000:])
@@ -256,8 +289,9 @@ def test_signal_to_the_launcher_checkpoints_and_exits_75(tmp_path, mnist_shards,
 def test_plain_accelerate_launch_killed_leaves_no_training_orphan(tmp_path, mnist_shards):
     """Without the wrapper the launcher dies of SIGTERM; its worker must checkpoint and exit."""
     root = tmp_path / "cut"
-    proc = _start_and_wait_for_training(accelerate_cmd() + [TRAIN_AE, *smoke_args(root, mnist_shards,
-                                                                                   *SIGNAL_ARGS)], root / "smoke")
+    proc = _start_and_wait_for_training(
+        accelerate_cmd() + [TRAIN_AE, *smoke_args(root, mnist_shards, *SIGNAL_ARGS)], root / "smoke"
+    )
     os.kill(proc.pid, signal.SIGTERM)
     proc.communicate(timeout=60)
     _wait_gone(str(root))
@@ -268,15 +302,33 @@ def test_plain_accelerate_launch_killed_leaves_no_training_orphan(tmp_path, mnis
 @pytest.mark.slow
 def test_two_ranks_stop_together_under_the_launcher(tmp_path, mnist_shards):
     root = tmp_path / "cut"
-    launch = [sys.executable, "-m", "training.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
-    proc = _start_and_wait_for_training(launch + [TRAIN_AE, *smoke_args(root, mnist_shards, *SIGNAL_ARGS,
-                                                                         "ae.batch_size=8")],
-                                        root / "smoke", env={"ACCELERATE_USE_CPU": "true"})
+    launch = [
+        sys.executable,
+        "-m",
+        "training.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+    ]
+    proc = _start_and_wait_for_training(
+        launch + [TRAIN_AE, *smoke_args(root, mnist_shards, *SIGNAL_ARGS, "ae.batch_size=8")],
+        root / "smoke",
+        env={"ACCELERATE_USE_CPU": "true"},
+    )
     os.kill(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT, (out[-2000:], err[-3000:])
     _wait_gone(str(root))
     ckpt = next((root / "smoke" / "checkpoints" / "ae").glob("step_*"))
-    assert {p.name for p in ckpt.glob("generator_rank*")} == {"generator_rank0.safetensors",
-                                                              "generator_rank1.safetensors"}
+    assert {p.name for p in ckpt.glob("generator_rank*")} == {
+        "generator_rank0.safetensors",
+        "generator_rank1.safetensors",
+    }

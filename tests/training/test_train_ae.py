@@ -67,8 +67,10 @@ def test_tensorboard_has_loss_and_reconstruction(one_proc_run):
 
 
 def test_two_ranks_form_a_group(tmp_path, mnist_shards):
-    proc = run_entry(accelerate_cmd(two_procs=True) + [TRAIN_AE, *smoke_args(tmp_path, mnist_shards, "ae.max_steps=12")],
-                     env={"ACCELERATE_USE_CPU": "true"})
+    proc = run_entry(
+        accelerate_cmd(two_procs=True) + [TRAIN_AE, *smoke_args(tmp_path, mnist_shards, "ae.max_steps=12")],
+        env={"ACCELERATE_USE_CPU": "true"},
+    )
     meta = json.loads((tmp_path / "smoke" / "ae.json").read_text())
     assert meta["num_processes"] == 2, proc.stdout
     digests = meta["rank_param_sha256"]
@@ -82,8 +84,14 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, mnist_shards):
     run_entry([sys.executable, TRAIN_AE, *smoke_args(ref_root, mnist_shards, *extra)])
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, TRAIN_AE, *smoke_args(cut_root, mnist_shards, *extra)], cwd=REPO,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, TRAIN_AE, *smoke_args(cut_root, mnist_shards, *extra)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     first = cut_root / "smoke" / "checkpoints" / "ae" / "step_00000040"
     deadline = time.time() + 300
     while not (first / "train_state.json").exists():
@@ -109,9 +117,14 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, mnist_shards):
 def test_stop_signal_checkpoints_and_resumes(tmp_path, mnist_shards):
     """SIGUSR1 (Slurm's preemption warning) -> checkpoint at the next step and exit 75 (preempted)."""
     extra = ("ae.max_steps=2000", "ae.checkpoint_every=1000", "ae.kind=conv")
-    proc = subprocess.Popen([sys.executable, TRAIN_AE, *smoke_args(tmp_path, mnist_shards, *extra)], cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, TRAIN_AE, *smoke_args(tmp_path, mnist_shards, *extra)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     tb = tmp_path / "smoke" / "tb" / "ae"
     deadline = time.time() + 300
     while not (tb.is_dir() and any(tb.rglob("events.*"))):  # training has started

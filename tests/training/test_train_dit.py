@@ -113,9 +113,11 @@ def test_two_processes(encoded_run, tmp_path):
     _, kind = encoded_run
     if kind == "conv":
         pytest.skip("one latent kind is enough for the 2-process check")
-    proc = run_entry(accelerate_cmd(two_procs=True) + [TRAIN_DIT, *smoke_args(root, REPO / "unused", "dit.max_steps=12",
-                                                                             "dit.eval_samples=0")],
-                     env={"ACCELERATE_USE_CPU": "true"})
+    proc = run_entry(
+        accelerate_cmd(two_procs=True)
+        + [TRAIN_DIT, *smoke_args(root, REPO / "unused", "dit.max_steps=12", "dit.eval_samples=0")],
+        env={"ACCELERATE_USE_CPU": "true"},
+    )
     meta = json.loads((root / "smoke" / "dit.json").read_text())
     assert meta["num_processes"] == 2, proc.stdout
     # dit.eval_samples=0: the scoring stage samples nothing and records that it skipped.
@@ -133,9 +135,14 @@ def test_sigkill_resume_weights_and_ema_bit_exact(encoded_run, tmp_path):
     cut = fresh_copy(encoded_run, tmp_path / "cut")
     extra = ("dit.max_steps=240", "dit.checkpoint_every=40", "dit.eval_samples=0", "dit.image_every=1000")
     run_entry([sys.executable, TRAIN_DIT, *smoke_args(ref, REPO / "unused", *extra)])
-    proc = subprocess.Popen([sys.executable, TRAIN_DIT, *smoke_args(cut, REPO / "unused", *extra)], cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, TRAIN_DIT, *smoke_args(cut, REPO / "unused", *extra)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     first = cut / "smoke" / "checkpoints" / "dit" / "step_00000040" / "train_state.json"
     deadline = time.time() + 300
     while not first.exists():
@@ -167,14 +174,20 @@ def test_bad_inputs(encoded_run, tmp_path):
     _expect_error(root, "Unknown DiT preset", f"ae.kind={kind}", "dit.preset=huge")
     # A checkpoint written by another architecture is refused before any step.
     ckpts = root / "smoke" / "checkpoints" / "dit"
-    run_entry([sys.executable, TRAIN_DIT, *smoke_args(root, REPO / "unused", f"ae.kind={kind}", "dit.max_steps=10",
-                                                      "dit.eval_samples=0")])
+    run_entry(
+        [
+            sys.executable,
+            TRAIN_DIT,
+            *smoke_args(root, REPO / "unused", f"ae.kind={kind}", "dit.max_steps=10", "dit.eval_samples=0"),
+        ]
+    )
     for f in ("dit.safetensors", "dit_ema.safetensors", "dit.json"):
         (root / "smoke" / f).unlink()
     shutil.rmtree(root / "smoke" / "tb" / "dit")
     assert ckpts.is_dir()
-    _expect_error(root, "different model/optimizer configuration", f"ae.kind={kind}", "dit.preset=reference",
-                  "resume=auto")
+    _expect_error(
+        root, "different model/optimizer configuration", f"ae.kind={kind}", "dit.preset=reference", "resume=auto"
+    )
     (root / "smoke" / "latent_stats.safetensors").unlink()
     _expect_error(root, "latent stats", f"ae.kind={kind}")
     # The scoring stage refuses a run without a trained DiT in one line.
