@@ -21,6 +21,7 @@ from analysis.targets import time_windows
 from analysis.trajectories import TrajectorySet
 from analysis.views import latent_mixture, run_schedule
 from configs.cli import UserError
+from configs.io import atomic_write_text
 from configs.schema import Config, to_dict
 
 __all__ = ["make_library", "gated_columns", "fit_key", "stage_fits", "write_free_time"]
@@ -103,7 +104,17 @@ def stage_fits(
     todo = [j for j in range(d) if not files[j].is_file()]
     lib_file = fit_dir / "library.json"
     if todo or not lib_file.is_file():
-        lib_file.write_text(json.dumps(make_library(cfg, plan, tset, coords, split).spec()))
+        t0 = time.time()
+        built = make_library(cfg, plan, tset, coords, split)
+        atomic_write_text(lib_file, json.dumps(built.spec()))
+        mix = [f for f in built.families if f.kind == "MixtureEps"]
+        times["library"] = (
+            time.time() - t0,
+            f"{built.n_terms} terms"
+            + (f", the mixture family's EM fit ({len(cfg.sindy.mixture_components)} K)" if mix else ""),
+        )
+    else:
+        times["library"] = (0.0, f"reused {lib_file}")
     lib = Library.from_spec(json.loads(lib_file.read_text()))
     edges = time_windows(tset.block(0).t, s.time_windows)
     if todo:

@@ -24,6 +24,7 @@ from analysis.report_equations import write_equations_json, write_equations_tex,
 from analysis.report_markdown import report_markdown
 from analysis.report_plots import fit_plots, theory_plots, write_tensorboard
 from configs.io import atomic_write_text
+from configs.sindy import SindyConfig
 
 __all__ = ["ReportContext", "flag_of", "write_report"]
 
@@ -36,9 +37,8 @@ class ReportContext:
         run: run.name. n, n_train, n_heldout: trajectories in all, in training, held out. seed: sindy.seed.
         sampler, T: the trajectories' sampler and steps. target, target_note: the fit target and what it is.
         t_convention: the trajectories' time convention. coordinates: the fit coordinates in words.
-        optimizer, sr3_nu, alpha, normalize, n_thresholds, term_budget: the fit's settings (sindy.*).
-        n_groups, n_bootstrap: bagging's trajectory groups and resamples.
-        poor_r2: the held-out R^2 below which a dimension is flagged. integrator: the rollouts' integrator.
+        settings: the job's `sindy` config (optimizer, thresholds, budget, bagging, poor_r2, integrator, seed).
+        n_groups: bagging's trajectory groups (sindy.bootstrap_groups, capped by the training trajectories).
         stage_times: {stage: (seconds, note)}, the report's own added by write_report (from report_t0, if given).
         source: "generated" or "npz". warnings: lines for the report. digests: the weights' or file's
         sha256. provenance: one line on where the trajectories come from and how Ray ran.
@@ -48,23 +48,14 @@ class ReportContext:
     n: int
     n_train: int
     n_heldout: int
-    seed: int
+    settings: SindyConfig
     sampler: str | None
     T: int
     target: str
     target_note: str
     t_convention: str
     coordinates: str
-    optimizer: str
-    sr3_nu: float
-    term_budget: int | None
-    alpha: float
-    normalize: bool
-    n_thresholds: int
     n_groups: int
-    n_bootstrap: int
-    poor_r2: float
-    integrator: str
     stage_times: dict
     source: str
     warnings: list
@@ -112,7 +103,7 @@ def write_report(
     for r in fits:
         for term in r["terms"]:
             xi[r["dim"], term["index"]] = term["coef"]
-        r["flag"] = flag_of(r, ctx.poor_r2)
+        r["flag"] = flag_of(r, ctx.settings.poor_r2)
     pngs = fit_plots(out, fits, xi, names, roll, images) + theory_plots(out, views)
     end_err = (
         float(np.nanmean(np.abs(roll["sindy"][-1] - roll["reference"][-1]))) if roll["sindy"].size else float("nan")

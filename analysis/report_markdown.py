@@ -33,11 +33,9 @@ def fmt(x: float) -> str:
 
 def optimizer_text(ctx: ReportContext) -> str:
     """The optimizer and its settings in words (report.md and equations.json)."""
-    if ctx.optimizer == "sr3":
-        return (
-            f"SR3 (L0 prox, nu {ctx.sr3_nu}, normalised columns {ctx.normalize}; pysindy.SR3 on the Gram square root)"
-        )
-    return f"STLSQ (alpha {ctx.alpha}, normalised columns {ctx.normalize})"
+    if ctx.settings.optimizer == "sr3":
+        return f"SR3 (L0 prox, nu {ctx.settings.sr3_nu}, normalised columns {ctx.settings.normalize}; pysindy.SR3 on the Gram square root)"
+    return f"STLSQ (alpha {ctx.settings.alpha}, normalised columns {ctx.settings.normalize})"
 
 
 def library_text(library, xi) -> str:
@@ -85,7 +83,7 @@ def _overview(fits: list[dict], library, xi: np.ndarray, ctx: ReportContext, vie
     L += validation_section(views, ctx)
     L += [
         f"- data: {ctx.n} trajectories ({ctx.source}), sampler **{ctx.sampler}**, T = {ctx.T} steps, "
-        f"seed {ctx.seed}; split by trajectory: {ctx.n_train} training / {ctx.n_heldout} held-out",
+        f"seed {ctx.settings.seed}; split by trajectory: {ctx.n_train} training / {ctx.n_heldout} held-out",
         f"- target: **{ctx.target}** ({ctx.target_note})",
         f"- time: {ctx.t_convention}",
         f"- coordinates: {ctx.coordinates}",
@@ -100,8 +98,8 @@ def _overview(fits: list[dict], library, xi: np.ndarray, ctx: ReportContext, vie
             if fits and fits[0].get("gated_families")
             else []
         ),
-        f"- threshold: {optimizer_text(ctx)}, {ctx.n_thresholds} thresholds; rule: {fits[0]['rule']}",
-        f"- uncertainty: bagging over {ctx.n_groups} trajectory groups, {ctx.n_bootstrap} resamples",
+        f"- threshold: {optimizer_text(ctx)}, {ctx.settings.n_thresholds} thresholds; rule: {fits[0]['rule']}",
+        f"- uncertainty: bagging over {ctx.n_groups} trajectory groups, {ctx.settings.n_bootstrap} resamples",
         f"- provenance: {ctx.provenance}",
         "",
     ]
@@ -113,14 +111,14 @@ def _overview(fits: list[dict], library, xi: np.ndarray, ctx: ReportContext, vie
 def _fit_quality(fits: list[dict], ctx: ReportContext) -> list[str]:
     """The per-dimension table: terms, R^2 train and held-out, flag, the unrestricted model, R^2 per window of t."""
     d, flagged = len(fits), [r for r in fits if r["flag"]]
-    budget = ctx.term_budget
+    budget = ctx.settings.term_budget
     wins = fits[0].get("r2_heldout_windows") or []
     wlabel = " / ".join(f"{w['t_from']:.2g}-{w['t_to']:.2g}" for w in wins)
     L: list[str] = []
     L += [
         "## Fit quality per dimension",
         "",
-        f"Held-out trajectories never enter the fit. Flag: held-out R^2 < {ctx.poor_r2} or more than 0.2 "
+        f"Held-out trajectories never enter the fit. Flag: held-out R^2 < {ctx.settings.poor_r2} or more than 0.2 "
         "below training R^2.",
         "",
         f"The equations keep at most {budget} terms (`sindy.term_budget`); beside them the model the same rule picks "
@@ -230,7 +228,7 @@ def _integration(ctx: ReportContext, roll: dict, images: dict | None, end_err: f
     L += [
         "## Validation by integration",
         "",
-        f"The discovered equations integrated with **{ctx.integrator}** on the sampler's grid (t from 1 to 0, "
+        f"The discovered equations integrated with **{ctx.settings.integrator}** on the sampler's grid (t from 1 to 0, "
         f"dt = 1/{ctx.T}) from the initial noise of {len(roll['index'])} held-out trajectories, compared with "
         "the DiT's trajectories from the same noise.",
         "",
