@@ -16,6 +16,7 @@ from analysis.library import Library
 from analysis.targets import regression_samples
 from analysis.trajectories import TrajectorySet
 from configs.cli import UserError
+from configs.io import atomic_write_text
 from configs.schema import Config, to_dict
 
 __all__ = [
@@ -119,7 +120,7 @@ def fit_in_coordinates(
         fit_dir.mkdir(parents=True, exist_ok=True)
         if coords.file_name:
             coords.save(fit_dir / coords.file_name)
-        (fit_dir / "config.json").write_text(json.dumps(to_dict(cfg.sindy), indent=1))
+        atomic_write_text(fit_dir / "config.json", json.dumps(to_dict(cfg.sindy), indent=1))
         own: dict = {}
         fits, lib = stage_fits(cfg, plan, tset, coords, split, fit_dir, own)
         for k, (sec, how) in own.items():  # one line per stage, every candidate's share named

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from configs.cli import UserError
+from configs.io import atomic_save_safetensors
 
 
 class Coordinates:
@@ -107,7 +107,7 @@ class Coordinates:
         t = {"mean": torch.from_numpy(self.mean), "components": torch.from_numpy(self.components)}
         if self.explained is not None:
             t["explained_variance_ratio"] = torch.from_numpy(np.asarray(self.explained, dtype=np.float64))
-        save_file({k: v.contiguous() for k, v in t.items()}, str(path), metadata={"kind": self.kind})
+        atomic_save_safetensors({k: v.contiguous() for k, v in t.items()}, path, metadata={"kind": self.kind})
 
     @property
     def file_name(self) -> str | None:

@@ -218,7 +218,8 @@ def write_free_time(parts: list[dict], degree: int, path: Path) -> None:
     train, heldout = merged("train"), merged("heldout")
     rows, unknowns = min(int(s.n_samples) for s in train), train[0].n_terms
     if rows <= unknowns:  # an underdetermined fit per step would print a meaningless "reference"
-        path.write_text(
+        atomic_write_text(
+            path,
             json.dumps(
                 {
                     "degree": degree,
@@ -228,11 +229,12 @@ def write_free_time(parts: list[dict], degree: int, path: Path) -> None:
                         "it is not computed. Lower sindy.ceiling_degree or use more trajectories."
                     ),
                 }
-            )
+            ),
         )
         return
     r2_tr, r2_ho = free_time_r2(train, heldout)
-    path.write_text(
+    atomic_write_text(
+        path,
         json.dumps(
             {
                 "degree": degree,
@@ -241,5 +243,5 @@ def write_free_time(parts: list[dict], degree: int, path: Path) -> None:
                 "rows_per_step": rows,
                 "unknowns": unknowns,
             }
-        )
+        ),
     )

@@ -12,7 +12,7 @@ import numpy as np
 
 from analysis.export import equation_latex
 from analysis.report_markdown import optimizer_text
-from configs.io import atomic_write_text
+from configs.io import atomic_write, atomic_write_text
 
 if TYPE_CHECKING:
     from analysis.report import ReportContext
@@ -80,14 +80,19 @@ def write_equations_tex(path: Path, fits: list[dict], library) -> None:
 
 def write_rollouts(path: Path, roll: dict, images: dict | None) -> None:
     """rollouts.npz: t, index, reference and sindy rollouts, and the decoded end states when there are images."""
-    np.savez_compressed(
-        path,
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would add ".npz" to the temp name
+            np.savez_compressed(f, **arrays)
+
+    arrays = dict(
         t=roll["t"],
         index=roll["index"],
         reference=roll["reference"],
         sindy=roll["sindy"],
         **({} if images is None else {"images_dit": images["dit"], "images_sindy": images["sindy"]}),
     )
+    atomic_write(path, write)
 
 
 def _json_safe(x):

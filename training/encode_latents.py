@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 
 from configs.cli import parse_cli, run_cli
-from configs.io import file_sha256, resolve_device
+from configs.io import atomic_write_text, file_sha256, resolve_device
 from models.artifacts import load_autoencoder, save_latent_stats, save_latents
 from training.stage import load_split
 
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "mean": mean.squeeze().tolist(),
         "std": std.squeeze().tolist(),
     }
-    (out / "meta.json").write_text(json.dumps(info, indent=1))
+    atomic_write_text(out / "meta.json", json.dumps(info, indent=1))
     print(f"latents: train {shapes['train']}, test {shapes['test']} -> {out}; stats {stats}")
 
 

@@ -17,6 +17,7 @@ from accelerate.utils import gather_object
 from torchvision.utils import make_grid
 
 from configs.cli import parse_cli, run_cli
+from configs.io import atomic_write_text
 from configs.schema import Config
 from models.artifacts import save_weights
 from models.autoencoder import build_autoencoder
@@ -149,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             **metrics,
         }
         save_weights(raw, run_dir / "ae.safetensors", {"kind": cfg.ae.kind})
-        (run_dir / "ae.json").write_text(json.dumps(meta, indent=1))
+        atomic_write_text(run_dir / "ae.json", json.dumps(meta, indent=1))  # the stage's done marker
         print(
             f"ae: test BCE {metrics['test_bce']:.4f}, test MSE {metrics['test_mse']:.5f} after "
             f"{result.state.step} steps ({result.seconds:.0f} s)"

@@ -18,6 +18,7 @@ import torch
 from torchvision.utils import make_grid
 
 from configs.cli import UserError, parse_cli, run_cli
+from configs.io import atomic_write_text
 from configs.schema import Config, to_dict
 from models.artifacts import load_autoencoder, load_latent_data, save_weights
 from models.diffusion import LATENT_SCHEDULES, eps_loss, schedule_for
@@ -165,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "num_processes": acc.num_processes,
             "mixed_precision": cfg.dit.mixed_precision,
         }
-        (run_dir / "dit.json").write_text(json.dumps(meta, indent=1))
+        atomic_write_text(run_dir / "dit.json", json.dumps(meta, indent=1))  # the stage's done marker
         print(
             f"dit: final loss {result.last_loss:.4f} after {result.state.step} steps ({result.seconds:.0f} s); "
             f"weights {run_dir / 'dit_ema.safetensors'}"

@@ -289,14 +289,17 @@ def test_signal_to_the_launcher_checkpoints_and_exits_75(tmp_path, mnist_shards,
 def test_plain_accelerate_launch_killed_leaves_no_training_orphan(tmp_path, mnist_shards):
     """Without the wrapper the launcher dies of SIGTERM; its worker must checkpoint and exit."""
     root = tmp_path / "cut"
+    # Far more steps than run before the kill lands: with 100 a fast machine could finish first (seen once in CI).
     proc = _start_and_wait_for_training(
-        accelerate_cmd() + [TRAIN_AE, *smoke_args(root, mnist_shards, *SIGNAL_ARGS)], root / "smoke"
+        accelerate_cmd() + [TRAIN_AE, *smoke_args(root, mnist_shards, *SIGNAL_ARGS, "ae.max_steps=5000")],
+        root / "smoke",
     )
     os.kill(proc.pid, signal.SIGTERM)
     proc.communicate(timeout=60)
     _wait_gone(str(root))
     ckpts = list((root / "smoke" / "checkpoints" / "ae").glob("step_*"))
     assert len(ckpts) == 1 and not (root / "smoke" / "ae.safetensors").exists()
+    assert int(ckpts[0].name.split("_")[1]) < 5000, ckpts  # a checkpoint of the stop, not of the end
 
 
 @pytest.mark.slow
