@@ -18,6 +18,7 @@ latent's own coordinates and the modes and keeps the sparser at equal held-out f
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,10 @@ class Coordinates:
         if self.explained is not None:
             t["explained_variance_ratio"] = torch.from_numpy(np.asarray(self.explained, dtype=np.float64))
         atomic_save_safetensors({k: v.contiguous() for k, v in t.items()}, path, metadata={"kind": self.kind})
+
+    def fingerprint(self) -> str:
+        """sha256 of C and m: names these coordinates in fit folders and caches."""
+        return hashlib.sha256(self.components.tobytes() + self.mean.tobytes()).hexdigest()
 
     @property
     def file_name(self) -> str | None:

@@ -39,14 +39,13 @@ def make_library(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinat
     mixture = None
     if lib_cfg.preset != "reference" and "mixture" in lib_cfg.families:
         from analysis.mixture import MixtureEps
-        from analysis.theory import linear_part
+        from analysis.theory import linear_part, per_state
 
         schedule = run_schedule(plan)
-        steps = np.arange(schedule.T - 1, -1, -1)  # network step of state k (analysis/theory.py's order)
         p, q = linear_part(schedule, tset.manifest.get("sampler") or cfg.sindy.sampler)
         feats = tuple("drift" if (f == "eps" and plan.targets[0] != "eps") else f for f in lib_cfg.mixture_features)
         mixture = MixtureEps.from_mixture(
-            latent_mixture(cfg, plan, coords)["mix"], schedule.alpha_bars.double().cpu().numpy()[steps], feats, p, q
+            latent_mixture(cfg, plan, coords)["mix"], per_state(schedule, schedule.alpha_bars), feats, p, q
         )
     return build_library(lib_cfg, coords.dim, (float(np.min(t)), float(np.max(t))), proj, mixture)
 
@@ -78,11 +77,7 @@ def fit_key(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinates) -
         "targets": plan.targets,
         "coords": coords.kind,
         "pca": s.pca_components if coords.kind == "pca" else 0,
-        "components": (
-            hashlib.sha256(coords.components.tobytes() + coords.mean.tobytes()).hexdigest()
-            if coords.kind == "modes"
-            else None
-        ),
+        "components": coords.fingerprint() if coords.kind == "modes" else None,
         "record": 2,
         "fit": [s.alpha, s.normalize, s.n_thresholds, s.threshold_tol, s.n_bootstrap, s.term_budget, s.time_windows],
         "library": to_dict(plan.library_cfg),

@@ -36,6 +36,12 @@ import numpy as np
 SAMPLERS_WITH_THEORY = ("ddim", "ode", "ddpm")
 
 
+def per_state(schedule, values) -> np.ndarray:
+    """A per-network-step schedule tensor (alpha_bars, betas, ...) in the analysis order of states: state k = 0..T-1
+    (t = 1 - k/T) is the input of network step T-1-k. float64 (T,)."""
+    return values.double().cpu().numpy()[np.arange(schedule.T - 1, -1, -1)]
+
+
 def linear_part(schedule, sampler: str) -> tuple[np.ndarray, np.ndarray]:
     """p and q of every trajectory state, in the analysis order (state k = 0..T-1, t = 1 - k/T).
 
@@ -49,16 +55,14 @@ def linear_part(schedule, sampler: str) -> tuple[np.ndarray, np.ndarray]:
     if sampler not in SAMPLERS_WITH_THEORY:
         raise ValueError(f"no closed-form linear part for sampler {sampler!r}; known: {SAMPLERS_WITH_THEORY}")
     T = schedule.T
-    steps = np.arange(T - 1, -1, -1)  # network step of state k
-    ab = schedule.alpha_bars.double().cpu().numpy()[steps]
-    ab_prev = schedule.alpha_bars_prev.double().cpu().numpy()[steps]
-    beta = schedule.betas.double().cpu().numpy()[steps]
+    ab, ab_prev = per_state(schedule, schedule.alpha_bars), per_state(schedule, schedule.alpha_bars_prev)
+    beta = per_state(schedule, schedule.betas)
     if sampler == "ddim":
         A = np.sqrt(ab_prev / ab)
         B = np.sqrt(1.0 - ab_prev) - np.sqrt(ab_prev * (1.0 - ab) / ab)
         return T * (1.0 - A), -T * B
     if sampler == "ode":
-        rate = schedule.rates.double().cpu().numpy()[steps]
+        rate = per_state(schedule, schedule.rates)
         return -0.5 * rate, 0.5 * rate / np.sqrt(1.0 - ab)
     alpha = 1.0 - beta
     A = 1.0 / np.sqrt(alpha)
@@ -68,8 +72,7 @@ def linear_part(schedule, sampler: str) -> tuple[np.ndarray, np.ndarray]:
 
 def noise_levels(schedule) -> tuple[np.ndarray, np.ndarray]:
     """a = sqrt(ab) and s = sqrt(1 - ab) of every state k = 0..T-1 (z_k = a x0 + s e), float64 (T,)."""
-    steps = np.arange(schedule.T - 1, -1, -1)
-    ab = schedule.alpha_bars.double().cpu().numpy()[steps]
+    ab = per_state(schedule, schedule.alpha_bars)
     return np.sqrt(ab), np.sqrt(1.0 - ab)
 
 
