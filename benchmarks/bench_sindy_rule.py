@@ -18,6 +18,7 @@ Writes results/sindy_rule.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -36,23 +37,15 @@ from analysis.optimizers import STLSQ  # noqa: E402
 from analysis.selection import sweep_with_gate  # noqa: E402
 from benchmarks import known_systems as ks  # noqa: E402
 from benchmarks.common import RESULTS  # noqa: E402
+from configs.sindy import SindyLibraryConfig  # noqa: E402
 
 # A term linear in z times a function of t only (the exact form of DDIM on Gaussian data).
 Z_LINEAR = re.compile(r"^(1|z\d+|t(\^\d+)?|z\d+ t(\^\d+)?)$")
-DEFAULT_LIB = dict(
-    preset="standard",
-    families=["polynomial", "time", "time_state", "tanh"],
-    poly_degree=2,
-    time_basis="poly",
-    time_degree=4,
-    spline_basis=6,
-    time_state_degree=1,
-    tanh_on="principal",
-    tanh_projections=2,
-    tanh_scales=[0.5, 1.0, 2.0],
-    tanh_time_degree=4,
-    terms=[],
-)
+# The job's default library (configs/sindy.py) less the mixture family, which needs a trained run's latents.
+DEFAULT_LIB = {
+    **dataclasses.asdict(SindyLibraryConfig()),
+    "families": [f for f in SindyLibraryConfig().families if f != "mixture"],
+}
 
 
 def split_stats(data: dict, lib_cfg: dict, seed: int = 0, coords: str = "latent"):
