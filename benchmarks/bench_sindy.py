@@ -22,9 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.gram import GramStats  # noqa: E402
-from analysis.library import Library  # noqa: E402
-from analysis.optimizers import STLSQ  # noqa: E402
+from analysis.sindy.gram import GramStats  # noqa: E402
+from analysis.sindy.library import Library  # noqa: E402
+from analysis.sindy.optimizers import STLSQ  # noqa: E402
 from benchmarks.common import finish, pick_device, row, sync, time_calls  # noqa: E402
 
 D, THRESHOLD, ALPHA = 16, 0.05, 0.05

@@ -5,11 +5,11 @@ by measurement on systems whose equations are known (benchmarks/known_systems.py
 
 For each setting and system it splits trajectories 80/20 (held out by trajectory, as the job), streams
 the library into Gram statistics, sweeps STLSQ thresholds per dimension and applies the rule
-(analysis.selection.choose_model). Printed per row: terms per dimension (median, max), held-out R^2 (min,
+(analysis.sindy.selection.choose_model). Printed per row: terms per dimension (median, max), held-out R^2 (min,
 median), and the system's own check: Lorenz exact support (7 terms) and worst relative coefficient
 error; Gaussian DDIM whether every chosen term is z-linear (times a time function); mixture the
 fraction of dimensions with R^2 >= 0.99 within the budget. The last rows compare the coordinates the job
-chooses between (sindy.coordinates): the systems' own and the dynamics' linear modes (analysis/coordinates.py),
+chooses between (sindy.coordinates): the systems' own and the dynamics' linear modes (analysis/sindy/coordinates.py),
 with the pooled held-out unexplained variance (sum RSS / sum TSS, unchanged by a rotation) the job compares.
 The library is the job's default less the mixture family, which needs a trained run's latents.
 Writes results/sindy_rule.json.
@@ -30,11 +30,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis.coordinates import linear_modes  # noqa: E402
-from analysis.gram import GramStats  # noqa: E402
-from analysis.library import build_library, principal_directions  # noqa: E402
-from analysis.optimizers import STLSQ  # noqa: E402
-from analysis.selection import sweep_with_gate  # noqa: E402
+from analysis.sindy.build import build_library, principal_directions  # noqa: E402
+from analysis.sindy.coordinates import linear_modes  # noqa: E402
+from analysis.sindy.gram import GramStats  # noqa: E402
+from analysis.sindy.optimizers import STLSQ  # noqa: E402
+from analysis.sindy.selection import sweep_with_gate  # noqa: E402
 from benchmarks import known_systems as ks  # noqa: E402
 from benchmarks.common import RESULTS  # noqa: E402
 from configs.sindy import SindyLibraryConfig  # noqa: E402

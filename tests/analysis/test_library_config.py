@@ -1,6 +1,6 @@
-"""The configurable library (analysis/library.py: TimeSpline, TimeProduct, Tanh, CustomTerms, build_library),
-the selection rule on unexplained variance (analysis/selection.py: choose_model) and the one equation formatter
-(analysis/export.py: rhs_text)."""
+"""The configurable library (analysis/sindy/: TimeSpline, TimeProduct, Tanh, CustomTerms, build_library),
+the selection rule on unexplained variance (analysis/sindy/selection.py: choose_model) and the one equation formatter
+(analysis/sindy/export.py: rhs_text)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.custom_terms import CustomTerms
-from analysis.export import rhs_text
-from analysis.families import Tanh, TimeProduct, TimeSpline
-from analysis.library import Library, build_library, principal_directions
-from analysis.selection import UV_FLOOR, choose_model
+from analysis.sindy.build import build_library, principal_directions
+from analysis.sindy.custom_terms import CustomTerms
+from analysis.sindy.export import rhs_text
+from analysis.sindy.families import Tanh, TimeProduct, TimeSpline
+from analysis.sindy.library import Library
+from analysis.sindy.selection import UV_FLOOR, choose_model
 
 
 @pytest.fixture
@@ -126,9 +127,9 @@ def test_one_formatter_for_text_and_latex():
 
 
 def test_forward_stepwise_path_is_nested_least_squares():
-    from analysis.gram import GramStats
-    from analysis.optimizers import ForwardStepwise
-    from analysis.selection import sweep_thresholds
+    from analysis.sindy.gram import GramStats
+    from analysis.sindy.optimizers import ForwardStepwise
+    from analysis.sindy.selection import sweep_thresholds
 
     rng = np.random.default_rng(1)
     X = rng.normal(size=(400, 30))

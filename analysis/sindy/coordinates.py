@@ -2,7 +2,7 @@
 
 Why linear modes. For Gaussian data x0 ~ N(mu, Sigma) the exact denoiser is affine,
 eps*(z, t) = s (a^2 Sigma + s^2 I)^-1 (z - a mu), so the DDIM / probability-flow drift
-dz/dt = p(t) z + q(t) eps* (analysis/theory.py) is A(t) z + b(t) with every A(t) a function of Sigma:
+dz/dt = p(t) z + q(t) eps* (analysis/sindy/theory.py) is A(t) z + b(t) with every A(t) a function of Sigma:
 all A(t) share Sigma's eigenvectors. In that eigenbasis each coordinate's equation holds one state
 and the time functions (about 10 terms); in any other basis it couples all d coordinates (d + 1 affine
 terms times the time functions: 85 at d = 16 with a degree-4 time basis), more than a readable
@@ -19,13 +19,11 @@ latent's own coordinates and the modes and keeps the sparser at equal held-out f
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from configs.cli import UserError
-from configs.io import atomic_save_safetensors
+from configs.errors import UserError
 
 
 class Coordinates:
@@ -104,11 +102,12 @@ class Coordinates:
         """(..., k) -> (..., D) (the PCA reconstruction; exact for rotations)."""
         return np.asarray(c, dtype=np.float64) @ self.components + self.mean
 
-    def save(self, path: Path) -> None:
+    def tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """(tensors, metadata) of C and m as the job saves them (safetensors, beside the report)."""
         t = {"mean": torch.from_numpy(self.mean), "components": torch.from_numpy(self.components)}
         if self.explained is not None:
             t["explained_variance_ratio"] = torch.from_numpy(np.asarray(self.explained, dtype=np.float64))
-        atomic_save_safetensors({k: v.contiguous() for k, v in t.items()}, path, metadata={"kind": self.kind})
+        return {k: v.contiguous() for k, v in t.items()}, {"kind": self.kind}
 
     def fingerprint(self) -> str:
         """sha256 of C and m: names these coordinates in fit folders and caches."""
@@ -137,7 +136,7 @@ class Coordinates:
             f"the {self.dim} linear modes of the dynamics (the equations' z0..z{self.dim - 1} are these modes u = C z)"
             + (f" after {pca})" if pca else " of the normalised latent")
             + ", C orthonormal: the eigenvectors of the per-step least-squares linear drift, along which it is "
-            "(nearly) uncoupled (analysis/coordinates.py); z = C^T u"
+            "(nearly) uncoupled (analysis/sindy/coordinates.py); z = C^T u"
             + ("" if not pca else " + m")
             + "; C (rows) and m in coordinates.safetensors"
         )

@@ -77,7 +77,7 @@ def regression_samples(
         t: (T+1,) times 1 -> 0.
         drift: (T, b, d) drift in fit coordinates, or None.
         targets: which velocity estimates to stack as targets, e.g. ("drift", "central_diff"); "eps" is the
-            DiT's own output (the drift's unknown part, analysis/theory.py: drift = p z + q eps).
+            DiT's own output (the drift's unknown part, analysis/sindy/theory.py: drift = p z + q eps).
         eps: (T, b, d) the DiT's eps in fit coordinates, or None.
 
     Returns:

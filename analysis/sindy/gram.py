@@ -5,7 +5,7 @@ Stream the data once to accumulate (``GramStats``)
 in float64 with torch on ``device`` (CUDA when available and asked for). Memory is O(p^2)
 whatever n is; partial statistics from several workers add up (``merge``), and residuals and
 R^2 of any coefficients follow from them alone (``rss``, ``tss``, ``r2``). The fits on them live in
-analysis/optimizers.py; the Gram path squares the condition number, so prefer
+analysis/sindy/optimizers.py; the Gram path squares the condition number, so prefer
 ``normalize_columns=True`` or ``alpha > 0`` for badly scaled libraries.
 """
 
@@ -226,7 +226,7 @@ class GramStats:
         """Stream (z, t, zdot) batches through ``library`` without materializing Theta.
 
         Args:
-            library: an ``analysis.library.Library`` (fit, or fit here on the first batch).
+            library: an ``analysis.sindy.library.Library`` (fit, or fit here on the first batch).
             batches: iterable of (z (c, d), t (c,) or scalar or None, zdot (c, m)) in
                 numpy/torch.
             device: where Theta chunks and statistics live (see ``resolve_device``).

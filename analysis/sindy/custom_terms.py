@@ -12,7 +12,7 @@ try:  # torch is optional for the numpy path; the project always has it installe
 except ImportError:  # pragma: no cover
     torch = None
 
-from analysis.terms import TermFamily, _cat, _check_d, _check_style, _is_torch, _ones, _prepare
+from analysis.sindy.terms import TermFamily, _cat, _check_d, _check_style, _is_torch, _ones, _prepare
 
 __all__ = ["CustomTerms"]
 

@@ -1,7 +1,7 @@
-"""The views of the SINDy job's chosen equations beside the fit: the sampler's known linear part (analysis/theory.py:
-held-out R^2 in eps and in drift space), the Gaussian-mixture view of the denoiser (analysis/mixture.py: its
+"""The views of the SINDy job's chosen equations beside the fit: the sampler's known linear part (analysis/sindy/theory.py:
+held-out R^2 in eps and in drift space), the Gaussian-mixture view of the denoiser (analysis/sindy/mixture.py: its
 closed-form eps* scored against the DiT with no fitting) and what the equations generate from held-out noise
-(analysis/validation.py). This module is their glue to the run folder (weights, latents, classifier).
+(analysis/job/validation.py). This module is their glue to the run folder (weights, latents, classifier).
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import time
 
 import numpy as np
 
-from analysis.coordinates import Coordinates
-from analysis.job_plan import Plan
-from analysis.library import Library
-from analysis.targets import time_windows
-from analysis.trajectories import TrajectorySet
+from analysis.job.plan import Plan
+from analysis.job.trajectories import TrajectorySet
+from analysis.sindy.coordinates import Coordinates
+from analysis.sindy.library import Library
+from analysis.sindy.targets import time_windows
 from configs.schema import Config
 
 __all__ = [
@@ -96,8 +96,8 @@ def theory_views(
         {"linear_part": LinearPart or None, "fit_space": dict (JSON-able) or {"skipped": reason},
         "mixture": dict or {"skipped": reason}, "_mixture": (GaussianMixtureEps, rhs) for the rollouts}.
     """
-    from analysis.theory import SAMPLERS_WITH_THEORY, LinearPart, linear_part
-    from analysis.validation import windowed_r2
+    from analysis.job.validation import windowed_r2
+    from analysis.sindy.theory import SAMPLERS_WITH_THEORY, LinearPart, linear_part
 
     s = cfg.sindy
     views: dict = {"linear_part": None}
@@ -165,7 +165,7 @@ def latent_mixture(cfg: Config, plan: Plan, coords: Coordinates) -> dict:
     """
     from safetensors.torch import load_file
 
-    from analysis.mixture import fit_mixture
+    from analysis.sindy.mixture import fit_mixture
     from models.artifacts import load_latent_data
 
     cache = plan.mixtures
@@ -201,8 +201,8 @@ def mixture_view(
 
     In rotated coordinates u = C z the latents are rotated before EM: the noising a x + s eps keeps its form, so the
     mixture of the rotated latents has the rotated closed-form eps*."""
-    from analysis.theory import noise_levels, state_index
-    from analysis.validation import windowed_r2
+    from analysis.job.validation import windowed_r2
+    from analysis.sindy.theory import noise_levels, state_index
 
     t0 = time.time()
     fitted = latent_mixture(cfg, plan, coords)
@@ -243,7 +243,7 @@ def validate_equations(
 
     Also decodes the mixture's component means into ``views["mixture"]["_mean_images"]`` for the report.
     """
-    from analysis.validation import validate
+    from analysis.job.validation import validate
 
     mixture = views.get("_mixture")
     s = cfg.sindy

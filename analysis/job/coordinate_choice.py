@@ -1,22 +1,23 @@
 """Which coordinates the SINDy job fits in (sindy.coordinates): the latent's own (or its principal components for a
-conv latent) and the dynamics' linear modes (analysis/coordinates.py). With ``auto`` stage 2 runs in both and the
+conv latent) and the dynamics' linear modes (analysis/sindy/coordinates.py). With ``auto`` stage 2 runs in both and the
 sparser system at equal pooled held-out fit is kept, by the per-dimension rule applied to the whole system.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
-from analysis.coordinates import Coordinates, linear_modes
-from analysis.job_fits import fit_key, stage_fits
-from analysis.job_plan import Plan
-from analysis.library import Library
-from analysis.targets import regression_samples
-from analysis.trajectories import TrajectorySet
+from analysis.job.fits import fit_key, stage_fits
+from analysis.job.plan import Plan
+from analysis.job.trajectories import TrajectorySet
+from analysis.sindy.coordinates import Coordinates, linear_modes
+from analysis.sindy.library import Library
+from analysis.sindy.targets import regression_samples
 from configs.cli import UserError
-from configs.io import atomic_write_text
+from configs.io import atomic_save_safetensors, atomic_write_text
 from configs.schema import Config, to_dict
 
 __all__ = [
@@ -26,7 +27,14 @@ __all__ = [
     "worst_unexplained",
     "choose_coordinates",
     "fit_in_coordinates",
+    "save_coordinates",
 ]
+
+
+def save_coordinates(coords: Coordinates, path: Path) -> None:
+    """C and m of the fit coordinates as safetensors (atomically), beside the fits or the report."""
+    tensors, metadata = coords.tensors()
+    atomic_save_safetensors(tensors, path, metadata=metadata)
 
 
 def make_coordinates(cfg: Config, plan: Plan, tset: TrajectorySet, split: np.ndarray) -> tuple[list[Coordinates], str]:
@@ -57,7 +65,7 @@ MODES_MAX_TRAJECTORIES = 4096  # per-step affine fits of d + 1 unknowns: a few t
 
 
 def fit_modes(plan: Plan, tset: TrajectorySet, split: np.ndarray, base: Coordinates) -> Coordinates | None:
-    """``base`` rotated to the dynamics' linear modes (analysis/coordinates.py), from the fit target of up to
+    """``base`` rotated to the dynamics' linear modes (analysis/sindy/coordinates.py), from the fit target of up to
     MODES_MAX_TRAJECTORIES training trajectories; None when there are too few."""
     train = np.flatnonzero(split >= 0)
     zs, ys, got = [], [], 0
@@ -119,7 +127,7 @@ def fit_in_coordinates(
         fit_dir = plan.run_dir / "sindy" / "fits" / fit_key(cfg, plan, tset, coords)
         fit_dir.mkdir(parents=True, exist_ok=True)
         if coords.file_name:
-            coords.save(fit_dir / coords.file_name)
+            save_coordinates(coords, fit_dir / coords.file_name)
         atomic_write_text(fit_dir / "config.json", json.dumps(to_dict(cfg.sindy), indent=1))
         own: dict = {}
         fits, lib = stage_fits(cfg, plan, tset, coords, split, fit_dir, own)

@@ -10,16 +10,19 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis import ray_utils
-from analysis.coordinates import Coordinates
-from analysis.dimension_fit import FitSettings
-from analysis.gram import GramStats
-from analysis.job_plan import Plan
-from analysis.library import Library, build_library, principal_directions
-from analysis.metrics import free_time_r2
-from analysis.targets import time_windows
-from analysis.trajectories import TrajectorySet
-from analysis.views import latent_mixture, run_schedule
+from analysis.job import ray_utils
+from analysis.job.plan import Plan
+from analysis.job.trajectories import TrajectorySet
+from analysis.job.views import latent_mixture, run_schedule
+from analysis.sindy.block_stats import merge_numpy_stats
+from analysis.sindy.build import build_library, principal_directions
+from analysis.sindy.coordinates import Coordinates
+from analysis.sindy.dimension_fit import FitSettings
+from analysis.sindy.gram import GramStats
+from analysis.sindy.library import Library
+from analysis.sindy.metrics import free_time_r2
+from analysis.sindy.registry import LIBRARY_FAMILIES
+from analysis.sindy.targets import time_windows
 from configs.cli import UserError
 from configs.io import atomic_write_text
 from configs.schema import Config, to_dict
@@ -38,8 +41,8 @@ def make_library(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinat
     proj = principal_directions(end, lib_cfg.tanh_projections)
     mixture = None
     if lib_cfg.preset != "reference" and "mixture" in lib_cfg.families:
-        from analysis.mixture import MixtureEps
-        from analysis.theory import linear_part, per_state
+        from analysis.sindy.mixture import MixtureEps
+        from analysis.sindy.theory import linear_part, per_state
 
         schedule = run_schedule(plan)
         p, q = linear_part(schedule, tset.manifest.get("sampler") or cfg.sindy.sampler)
@@ -50,21 +53,9 @@ def make_library(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinat
     return build_library(lib_cfg, coords.dim, (float(np.min(t)), float(np.max(t))), proj, mixture)
 
 
-# Config family names -> the TermFamily kinds they build (analysis.library.build_library).
-FAMILY_KINDS = {
-    "polynomial": ("Polynomial",),
-    "time": ("TimePolynomial", "TimeSpline"),
-    "time_state": ("TimeProduct",),
-    "exp": ("ExpNegTimeState", "ExpNegSquare"),
-    "tanh": ("Tanh",),
-    "terms": ("CustomTerms",),
-    "mixture": ("MixtureEps",),
-}
-
-
 def gated_columns(lib: Library, gated: list[str]) -> list[int]:
     """Column indices of the families in sindy.library.gated (none for the reference preset's families)."""
-    kinds = {k for name in gated for k in FAMILY_KINDS[name]}
+    kinds = {k for name in gated for k in LIBRARY_FAMILIES[name]}
     return [i for fam, sl in lib.family_slices() if fam.kind in kinds for i in range(sl.start, sl.stop)]
 
 
@@ -137,9 +128,9 @@ def stage_fits(
         parts = ray_utils.wait_all(refs, "statistics (blocks)")
         if s.ceiling_degree > 0:
             write_free_time(parts, s.ceiling_degree, fit_dir / "free_time.json")
-        groups = [ray_utils.merge_numpy_stats([p["groups"][g] for p in parts]) for g in range(plan.n_groups)]
-        heldout = ray_utils.merge_numpy_stats([p["heldout"] for p in parts])
-        windows = [ray_utils.merge_numpy_stats([p["windows"][w] for p in parts]) for w in range(s.time_windows)]
+        groups = [merge_numpy_stats([p["groups"][g] for p in parts]) for g in range(plan.n_groups)]
+        heldout = merge_numpy_stats([p["heldout"] for p in parts])
+        windows = [merge_numpy_stats([p["windows"][w] for p in parts]) for w in range(s.time_windows)]
         train = groups[0]
         for g in groups[1:]:
             train = train.merge(g)
@@ -208,7 +199,7 @@ def write_free_time(parts: list[dict], degree: int, path: Path) -> None:
 
     def merged(split: str) -> list[GramStats]:
         blocks = [p["steps"][split] for p in parts if p["steps"][split] is not None]
-        return [ray_utils.merge_numpy_stats([b[k] for b in blocks]) for k in range(len(blocks[0]))]
+        return [merge_numpy_stats([b[k] for b in blocks]) for k in range(len(blocks[0]))]
 
     train, heldout = merged("train"), merged("heldout")
     rows, unknowns = min(int(s.n_samples) for s in train), train[0].n_terms

@@ -1,6 +1,6 @@
 """Stages 1 and 3 of the SINDy job: the trajectories (Ray actors generate seeded blocks, or reuse checked ones), the
 split by trajectory, and the report (the chosen equations integrated from held-out noise, the views, every output).
-Stage 2 is analysis/coordinate_choice.py and analysis/job_fits.py.
+Stage 2 is analysis/job/coordinate_choice.py and analysis/job/fits.py.
 """
 
 from __future__ import annotations
@@ -11,13 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis import ray_utils
-from analysis.coordinates import Coordinates
-from analysis.integration import integrate, sindy_rhs
-from analysis.job_plan import Plan
-from analysis.library import Library
-from analysis.report import ReportContext, write_report
-from analysis.trajectories import (
+from analysis.job import ray_utils
+from analysis.job.plan import Plan
+from analysis.job.trajectories import (
     T_CONVENTION,
     TrajectorySet,
     block_is_complete,
@@ -28,7 +24,12 @@ from analysis.trajectories import (
     trajectory_dir,
     write_manifest,
 )
-from analysis.views import decode_end_states, theory_views, validate_equations
+from analysis.job.views import decode_end_states, theory_views, validate_equations
+from analysis.report.context import ReportContext
+from analysis.report.write import write_report
+from analysis.sindy.coordinates import Coordinates
+from analysis.sindy.integration import integrate, sindy_rhs
+from analysis.sindy.library import Library
 from configs.cli import UserError
 from configs.schema import Config
 
@@ -38,7 +39,7 @@ TARGET_NOTES = {
     "drift": "the sampler's deterministic mean step as dz/dt, free of injected noise",
     "central_diff": "(z[k+1] - z[k-1]) / (2 dt), one-sided at the ends (the reference method)",
     "eps": "the DiT's own output eps_theta(z, t); the drift is composed exactly as p(t) z + q(t) eps_fit "
-    "(sindy.fit_space=eps, analysis/theory.py)",
+    "(sindy.fit_space=eps, analysis/sindy/theory.py)",
 }
 
 

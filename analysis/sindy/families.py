@@ -1,6 +1,6 @@
 """The concrete term families of the SINDy library: polynomials in z, time functions (powers or
 B-splines), their products with state monomials, the reference study's exponentials, and tanh
-of coordinates or projections. Names and column order: see analysis/library.py's module doc.
+of coordinates or projections. Names and column order: see analysis/sindy/library.py's module doc.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from analysis.terms import (
+from analysis.sindy.terms import (
     TermFamily,
     _cat,
     _check_d,

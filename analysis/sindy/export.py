@@ -4,7 +4,7 @@ References:
     B. de Silva et al., "PySINDy", JOSS 5(49):2104, 2020; A. A. Kaptanoglu et al., JOSS 7(69):3994,
     2022 (``pysindy.SINDy``: ``print``, ``predict``, ``simulate``).
 
-    >>> from analysis.export import load_pysindy
+    >>> from analysis.sindy.export import load_pysindy
     >>> model = load_pysindy("runs/local/report")        # reads equations.json (JSON, no pickle)
     >>> model.print()                                     # (z0)' = ... the report's own text
     >>> zdot = model.predict(z, u=t)                      # == Theta(z, t) Xi^T of the report
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.library import Library, PysindyLibrary
+from analysis.sindy.library import Library, PysindyLibrary
 
 __all__ = [
     "number_text",

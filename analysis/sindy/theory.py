@@ -9,7 +9,7 @@ References:
 
 Every deterministic update of models/diffusion.py is linear in the state and in the network's
 output at that state: mean = A_t z + B_t eps. With the recorded drift
-``drift = (z - mean) * T`` (dz/dt in increasing t, analysis/targets.py) this is
+``drift = (z - mean) * T`` (dz/dt in increasing t, analysis/sindy/targets.py) this is
     drift = p z + q eps,   p = T (1 - A_t),   q = -T B_t,
 per sampler step t (the network's step index; state k of a trajectory, at t_norm = 1 - k/T, is the
 input of step T-1-k, with ab = alpha_bars[T-1-k], ab_prev = alpha_bars_prev[T-1-k]):
@@ -117,7 +117,7 @@ class LinearPart:
         return (drift - p * zz) / q
 
     def composed_rhs(self, eps_rhs):
-        """f(z, t) = p(t) z + q(t) eps_rhs(z, t): the drift of an eps model, for analysis.integration.integrate."""
+        """f(z, t) = p(t) z + q(t) eps_rhs(z, t): the drift of an eps model, for analysis.sindy.integration.integrate."""
 
         def f(z: np.ndarray, t: float) -> np.ndarray:
             return self.drift(z, float(t), eps_rhs(z, t))

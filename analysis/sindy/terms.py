@@ -1,8 +1,8 @@
 """The base of the SINDy library: ``TermFamily`` (one block of candidate columns) and the array helpers its
 subclasses share (numpy or torch in, the same kind out; validation of z and t; term names).
 
-The concrete families live in analysis/families.py and analysis/custom_terms.py (user-listed terms),
-the Gaussian-mixture family in analysis/mixture.py; analysis/library.py puts families together.
+The concrete families live in analysis/sindy/families.py and analysis/sindy/custom_terms.py (user-listed terms),
+the Gaussian-mixture family in analysis/sindy/mixture.py; analysis/sindy/library.py puts families together.
 """
 
 from __future__ import annotations

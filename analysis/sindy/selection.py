@@ -29,8 +29,8 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
-from analysis.gram import GramStats, solve_spd
-from analysis.optimizers import STLSQ, ForwardStepwise, column_norms
+from analysis.sindy.gram import GramStats, solve_spd
+from analysis.sindy.optimizers import STLSQ, ForwardStepwise, column_norms
 
 __all__ = [
     "ThresholdSweep",

@@ -11,7 +11,7 @@ References:
     P. Zheng, T. Askham, S. L. Brunton, J. N. Kutz, A. Y. Aravkin, "A unified framework
     for sparse relaxed regularized regression: SR3", IEEE Access 7:1404-1423, 2019.
 
-Every optimizer fits from the statistics (G, b) of analysis/gram.py alone:
+Every optimizer fits from the statistics (G, b) of analysis/sindy/gram.py alone:
 ``STLSQ(...).fit_gram(stats)``. For full-rank active sets this agrees with ``pysindy.STLSQ`` on
 Theta to ~1e-10 (tested to 1e-8).
 
@@ -40,7 +40,7 @@ from collections.abc import Sequence
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
-from analysis.gram import GramStats, as_2d_targets, solve_spd
+from analysis.sindy.gram import GramStats, as_2d_targets, solve_spd
 
 __all__ = ["STLSQ", "SR3", "ForwardStepwise", "column_norms"]
 

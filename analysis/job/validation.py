@@ -3,7 +3,7 @@
 References:
     S. L. Brunton, J. L. Proctor, J. N. Kutz, PNAS 113(15):3932, 2016 (a model of a dynamical system is
     judged by simulating it); M. Heusel et al., NeurIPS 2017 (the Frechet distance of classifier features;
-    FD-MNIST here, analysis/quality.py); M. J. Chong, D. Forsyth, CVPR 2020 (FD is biased by the sample
+    FD-MNIST here, analysis/quality/scoring.py); M. J. Chong, D. Forsyth, CVPR 2020 (FD is biased by the sample
     count, so the equations and the DiT are scored on the same number of images).
 
 Why: the regression's R^2 (pooled over t) is dominated by the first steps, where the DDIM drift is
@@ -25,7 +25,7 @@ import numpy as np
 
 def r2_per_dim(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """R^2 per last-axis column over all other axes: (..., d) x (..., d) -> (d,); NaN where constant."""
-    from analysis.metrics import r2_score
+    from analysis.sindy.metrics import r2_score
 
     yt = np.asarray(y_true, np.float64).reshape(-1, y_true.shape[-1])
     yp = np.asarray(y_pred, np.float64).reshape(-1, y_true.shape[-1])
@@ -34,18 +34,18 @@ def r2_per_dim(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
 
 
 def windowed_r2(y_true: np.ndarray, y_pred: np.ndarray, t: np.ndarray, edges: list[float]) -> dict:
-    """R^2 per dimension, pooled over all states and per window of t (analysis.targets.window_index).
+    """R^2 per dimension, pooled over all states and per window of t (analysis.sindy.targets.window_index).
 
     Args:
         y_true, y_pred: (T, b, d) per state (state k at t[k]).
         t: (T,) times of the states.
-        edges: W + 1 increasing window edges (analysis.targets.time_windows of the data's t).
+        edges: W + 1 increasing window edges (analysis.sindy.targets.time_windows of the data's t).
 
     Returns:
         {"pooled": [d], "median": float, "windows": [{"t_from", "t_to", "r2": [d]}]} with windows in increasing t
         (the empty ones left out), as the fit's per-window R^2.
     """
-    from analysis.targets import window_index
+    from analysis.sindy.targets import window_index
 
     win = window_index(t, edges)
     wins = []
@@ -73,14 +73,14 @@ def rollout(rhs: Callable, reference: np.ndarray, t: np.ndarray, integrator: str
         rhs: f(z (b, d), t float) -> (b, d), dz/dt in increasing t.
         reference: (T+1, b, d) the DiT's trajectories (initial noise first).
         t: (T+1,) descending grid.
-        integrator: "euler" | "rk4" (analysis.integration.integrate).
+        integrator: "euler" | "rk4" (analysis.sindy.integration.integrate).
 
     Returns:
         {"states": (T+1, b, d), "rmse_per_step": (T+1,) over the rollouts that never diverge (a diverging
         one would dominate every step before it blows up; they are counted in "diverged"), "diverged": int,
         "end_rmse": float}.
     """
-    from analysis.integration import integrate
+    from analysis.sindy.integration import integrate
 
     sim, diverged_at = integrate(rhs, reference[0], t, integrator)
     ok = diverged_at < 0
@@ -105,7 +105,7 @@ def image_metrics(
         dit_images: (n, 28, 28) in [0, 1], the DiT's samples.
         gen_images: (n, 28, 28) in [0, 1], the images of another generator from the same noises
             (NaN-free; a diverged rollout is decoded as grey by the caller and counts as it is).
-        classifier_path: weights of analysis/quality.py's classifier.
+        classifier_path: weights of analysis/quality/scoring.py's classifier.
         shard_dir: MNIST shards (only read if the classifier's test statistics cache is stale).
 
     Returns:
@@ -113,7 +113,7 @@ def image_metrics(
         "fd_floor_at_n", "fd_floor_n", "class_counts": {"generated", "dit"}, "seconds"}, or
         {"skipped": reason} when the classifier file is missing.
     """
-    from analysis import quality
+    from analysis.quality import scoring as quality
     from models.classifier import TRAIN_HINT, load_classifier
 
     path = Path(classifier_path)

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from analysis.library import Library, build_library
-from analysis.trajectories import TrajectorySet
+from analysis.job.trajectories import TrajectorySet
+from analysis.sindy.build import build_library
+from analysis.sindy.library import Library
 from configs.cli import UserError
 from configs.io import file_sha256
 from configs.schema import Config
@@ -41,8 +42,8 @@ class Plan:
         library_terms: the configured library's size; memory_gib: the statistics' estimated memory.
         warnings: lines for the report.
         library_cfg: sindy.library, without the mixture family where none can be fitted.
-        mixtures: the latent mixtures fitted so far, by coordinates (analysis.views.latent_mixture).
-        heldout_cache: the held-out trajectories read so far in fit coordinates (analysis.views.heldout_block).
+        mixtures: the latent mixtures fitted so far, by coordinates (analysis.job.views.latent_mixture).
+        heldout_cache: the held-out trajectories read so far in fit coordinates (analysis.job.views.heldout_block).
     """
 
     run_dir: Path
@@ -197,7 +198,7 @@ def check_inputs(cfg: Config) -> Plan:
 def mixture_unavailable(cfg: Config, plan: Plan) -> str:
     """Why the mixture family cannot be built here ("" if it can): it needs the run's training latents, a sampler
     with a known linear part and coordinates the mixture can live in (the latent's own or a rotation of them)."""
-    from analysis.theory import SAMPLERS_WITH_THEORY
+    from analysis.sindy.theory import SAMPLERS_WITH_THEORY
 
     s = cfg.sindy
     sampler = plan.external.manifest.get("sampler") if plan.external is not None else s.sampler
@@ -217,7 +218,7 @@ def mixture_unavailable(cfg: Config, plan: Plan) -> str:
 def placeholder_library(cfg: Config, plan: Plan, d: int) -> Library:
     """The configured library's shape before the data: identity projections and, for the mixture family, a mixture
     of the largest K on the grid (the real one is fitted in make_library)."""
-    from analysis.mixture import GaussianMixtureEps, MixtureEps
+    from analysis.sindy.mixture import GaussianMixtureEps, MixtureEps
 
     lib_cfg, mixture = plan.library_cfg, None
     if lib_cfg.preset != "reference" and "mixture" in lib_cfg.families:

@@ -76,154 +76,12 @@ except ImportError:  # pragma: no cover - the adapter needs pysindy, the rest do
     BaseFeatureLibrary = object
     x_sequence_or_item = None
 
-from analysis.custom_terms import CustomTerms
-from analysis.families import (
-    ExpNegSquare,
-    ExpNegTimeState,
-    Polynomial,
-    Tanh,
-    TimePolynomial,
-    TimeProduct,
-    TimeSpline,
-    TimeTimesState,
-    time_functions,
-)
-from analysis.terms import TermFamily, _cat, _check_d, _prepare
+from analysis.sindy.registry import FAMILIES, reference_families
+from analysis.sindy.terms import TermFamily, _cat, _check_d, _prepare
 
-__all__ = [
-    "Library",
-    "PysindyLibrary",
-    "reference_n_terms",
-    "reference_families",
-    "FAMILIES",
-    "register_family",
-    "LIBRARY_FAMILIES",
-    "build_library",
-    "principal_directions",
-]
+__all__ = ["Library", "PysindyLibrary", "reference_n_terms"]
 
 SPEC_FORMAT = "latent-sindy.library/1"
-
-
-# ----------------------------------------------------------------------------- registry
-
-
-FAMILIES: dict[str, type[TermFamily]] = {
-    cls.kind: cls
-    for cls in (
-        Polynomial,
-        TimePolynomial,
-        TimeTimesState,
-        ExpNegTimeState,
-        ExpNegSquare,
-        TimeSpline,
-        TimeProduct,
-        Tanh,
-        CustomTerms,
-    )
-}
-
-
-def register_family(cls: type[TermFamily]) -> type[TermFamily]:
-    """Make a TermFamily subclass known to ``Library.from_spec`` (usable as a class decorator)."""
-    if not (isinstance(cls, type) and issubclass(cls, TermFamily)):
-        raise TypeError(f"register_family needs a TermFamily subclass; got {cls!r}.")
-    FAMILIES[cls.kind] = cls
-    return cls
-
-
-def reference_families() -> list[TermFamily]:
-    """The reference study's families, polynomial completed to degree 3 (see module doc)."""
-    return [
-        Polynomial(degree=3, include_bias=True),
-        TimePolynomial(degree=2),
-        TimeTimesState(powers=(1, 2)),
-        ExpNegTimeState(),
-        ExpNegSquare(),
-    ]
-
-
-# The family names of the config (``sindy.library.families``), in column order.
-LIBRARY_FAMILIES = ("polynomial", "time", "time_state", "exp", "tanh", "terms", "mixture")
-
-
-def build_library(
-    cfg: Any,
-    d: int,
-    t_range: tuple[float, float] = (0.0, 1.0),
-    projections: np.ndarray | None = None,
-    mixture: TermFamily | None = None,
-) -> Library:
-    """The library a ``sindy.library`` config describes (configs/schema.py, SindyLibraryConfig).
-
-    Args:
-        cfg: an object with the fields of SindyLibraryConfig (preset, families, poly_degree,
-            time_basis, time_degree, spline_basis, time_state_degree, tanh_on, tanh_projections,
-            tanh_scales, tanh_time_degree, terms).
-        d: state dimension.
-        t_range: (t_min, t_max) of the data, the span of a spline time basis.
-        projections: (r, d) unit rows for ``tanh_on="principal"`` (the job passes the principal
-            directions of the training end states); None with tanh_on="principal" raises.
-        mixture: the ``mixture`` family, built from a Gaussian mixture fitted to the training latents
-            (analysis/mixture.py, MixtureEps; the job fits it); None with "mixture" listed raises.
-
-    Returns:
-        Library bound to d, families in the order of ``LIBRARY_FAMILIES``.
-    """
-    if cfg.preset == "reference":
-        return Library.reference(d)
-    unknown = [f for f in cfg.families if f not in LIBRARY_FAMILIES]
-    if unknown:
-        raise ValueError(f"unknown library families {unknown}; known: {list(LIBRARY_FAMILIES)}.")
-    want, fams = set(cfg.families), []
-    t_min, t_max = float(t_range[0]), float(t_range[1])
-    if "polynomial" in want:
-        fams.append(Polynomial(degree=cfg.poly_degree, include_bias=True))
-    if "time" in want:
-        fams.append(time_functions(cfg.time_basis, cfg.time_degree, cfg.spline_basis, t_min, t_max))
-    if "time_state" in want:
-        fams.append(
-            TimeProduct(
-                time_basis=cfg.time_basis,
-                degree=cfg.time_degree,
-                state_degree=cfg.time_state_degree,
-                n_basis=cfg.spline_basis,
-                t_min=t_min,
-                t_max=t_max,
-            )
-        )
-    if "exp" in want:
-        fams += [ExpNegTimeState(), ExpNegSquare()]
-    if "tanh" in want:
-        if cfg.tanh_on == "principal":
-            if projections is None:
-                raise ValueError("tanh_on='principal' needs the principal directions (projections=...).")
-            proj = tuple(tuple(float(x) for x in u) for u in np.asarray(projections)[: cfg.tanh_projections])
-        else:
-            proj = ()
-        fams.append(Tanh(scales=tuple(cfg.tanh_scales), projections=proj, time_degree=cfg.tanh_time_degree))
-    if "terms" in want:
-        fams.append(CustomTerms(terms=tuple(cfg.terms)))
-    if "mixture" in want:
-        if mixture is None:
-            raise ValueError(
-                "the mixture family needs a fitted mixture (mixture=...; the SINDy job fits one to the "
-                "run's training latents)."
-            )
-        fams.append(mixture)
-    if not fams:
-        raise ValueError("sindy.library.families is empty; list at least one family.")
-    return Library(fams, n_state=d)
-
-
-def principal_directions(z: np.ndarray, k: int) -> np.ndarray:
-    """The k leading principal directions of (n, d) samples, (k, d) unit rows, sign fixed so that
-    each row's largest entry is positive (the same data give the same library)."""
-    z = np.asarray(z, dtype=np.float64)
-    _, _, vt = np.linalg.svd(z - z.mean(axis=0), full_matrices=False)
-    vt = vt[: min(k, vt.shape[0])]
-    sign = np.sign(vt[np.arange(vt.shape[0]), np.argmax(np.abs(vt), axis=1)])
-    return vt * sign[:, None]
 
 
 def reference_n_terms(d: int) -> int:
@@ -387,8 +245,6 @@ class Library:
         for entry in spec["families"]:
             entry = dict(entry)
             kind = entry.pop("kind", None)
-            if kind == "MixtureEps" and kind not in FAMILIES:  # registers itself; it imports this module
-                import analysis.mixture  # noqa: F401
             if kind not in FAMILIES:
                 raise ValueError(f"unknown term family kind {kind!r} in spec; known: {sorted(FAMILIES)}.")
             families.append(FAMILIES[kind](**entry))

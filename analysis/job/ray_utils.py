@@ -2,7 +2,7 @@
 
 References:
     P. Moritz et al., "Ray: A Distributed Framework for Emerging AI Applications", OSDI 2018
-    (tasks, actors, the shared object store). The fit task runs analysis/dimension_fit.py (STLSQ,
+    (tasks, actors, the shared object store). The fit task runs analysis/sindy/dimension_fit.py (STLSQ,
     Brunton et al. 2016; threshold sweep; bagging after Fasel et al. 2022).
 
 Fault tolerance: tasks are retried (``max_retries``) and actors restarted (``max_restarts`` with
@@ -17,17 +17,18 @@ the retry must then finish the job.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
+from analysis.sindy.block_stats import accumulate_block
+from analysis.sindy.dimension_fit import fit_dimension
 from configs.cli import UserError
+from configs.io import atomic_write_text
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # analysis/job/ray_utils.py -> the repository
 FAULT_ENV = "LATENT_SINDY_FAULT"
 RETRIES = 3
 
@@ -237,7 +238,7 @@ class TrajectoryWorker:
         self.model, self.schedule, self.meta = load_denoiser(Path(run_dir), device, ema=True)
 
     def generate(self, folder: str, block: int, count: int, sampler: str, seed: int, meta: dict) -> str:
-        from analysis.trajectories import block_is_complete, block_name, generate_block, write_block
+        from analysis.job.trajectories import block_is_complete, block_name, generate_block, write_block
 
         path = Path(folder) / block_name(block, count)
         expect = {**meta, "block": block, "count": count}
@@ -259,110 +260,9 @@ def trajectory_actor_class(num_gpus: int):
 # ----------------------------------------------------------------------------- statistics
 
 
-def accumulate_block(
-    tset,
-    block_i: int,
-    coords,
-    split: np.ndarray,
-    targets: tuple[str, ...],
-    library_spec: dict,
-    n_groups: int,
-    device: str,
-    chunk_size: int,
-    ceiling_degree: int = 0,
-    window_edges: list[float] | None = None,
-) -> dict:
-    """Gram statistics of one trajectory block: one per bootstrap group (training) and the held-out one.
-
-    Args:
-        tset: the TrajectorySet.
-        block_i: which block.
-        coords: analysis.trajectories.Coordinates.
-        split: (N,) int per trajectory: -1 held out, else its training group 0..n_groups-1.
-        targets: the velocity estimates stacked as targets (main first).
-        library_spec: ``Library.spec()``.
-        n_groups: G.
-        device: where Theta chunks and statistics are computed.
-        chunk_size: library rows per evaluation.
-        ceiling_degree: > 0 adds per-step statistics of the main target for the free-time
-            reference fit (analysis.metrics.free_time_r2) with a polynomial of this degree.
-        window_edges: W + 1 increasing times: held-out statistics are also kept per window of t
-            (analysis.targets.window_index: a row at t belongs to the window [e_w, e_{w+1}), the last one closed).
-
-    Returns:
-        {"groups": [G numpy stats dicts or None], "heldout": numpy stats dict or None,
-        "windows": [W numpy stats dicts or None], "steps": {"train": [T dicts] or None, "heldout": [T dicts] or None}}.
-    """
-    from analysis.gram import GramStats
-    from analysis.library import Library
-    from analysis.metrics import stepwise_stats
-    from analysis.targets import regression_samples, window_index
-
-    blk = tset.block(block_i)
-    z = coords.states(blk.z)  # (T+1, b, d)
-    drift = None if blk.drift is None else coords.velocities(blk.drift)
-    eps = None if blk.eps is None else coords.velocities(blk.eps)  # linear like a velocity: no centring
-    lib = Library.from_spec(library_spec)
-    edges = np.asarray(window_edges if window_edges else [], dtype=np.float64)
-    out: dict[str, Any] = {"groups": [None] * n_groups, "heldout": None, "windows": [None] * max(len(edges) - 1, 0)}
-    labels = split[blk.index]
-    T, d = z.shape[0] - 1, z.shape[2]
-    step_rows: dict[str, list] = {"train": [], "heldout": []}  # (T, b, d) states and main targets per group
-    for g in np.unique(labels).tolist():
-        cols = np.flatnonzero(labels == g)
-        zs, ts, ys = regression_samples(
-            z[:, cols],
-            blk.t,
-            None if drift is None else drift[:, cols],
-            targets,
-            eps=None if eps is None else eps[:, cols],
-        )
-        stats = GramStats.from_library(lib, [(zs, ts, ys)], device=device, chunk_size=chunk_size)
-        if g < 0:
-            out["heldout"] = stats.to_numpy()
-            if len(edges) > 1:
-                win = window_index(ts, edges)
-                for w in np.unique(win).tolist():
-                    rows = win == w
-                    out["windows"][w] = GramStats.from_library(
-                        lib, [(zs[rows], ts[rows], ys[rows])], device=device, chunk_size=chunk_size
-                    ).to_numpy()
-        else:
-            out["groups"][g] = stats.to_numpy()
-        if ceiling_degree > 0:  # rows are step-major, so (T, b) is a reshape
-            step_rows["heldout" if g < 0 else "train"].append(
-                (zs.reshape(T, cols.size, d), ys.reshape(T, cols.size, -1)[:, :, :d])
-            )
-    if ceiling_degree > 0:
-        out["steps"] = {
-            name: stepwise_stats(
-                np.concatenate([r[0] for r in rows], axis=1),
-                np.concatenate([r[1] for r in rows], axis=1),
-                ceiling_degree,
-            )
-            if rows
-            else None
-            for name, rows in step_rows.items()
-        }
-    return out
-
-
 def accumulate_task(num_gpus: int):
     ray = _ray()
-    return ray.remote(num_gpus=num_gpus, max_retries=RETRIES)(accumulate_block)
-
-
-def merge_numpy_stats(parts: list[dict | None]):
-    """Sum numpy stats dicts (None skipped) into one GramStats on CPU, or None."""
-    from analysis.gram import GramStats
-
-    total = None
-    for p in parts:
-        if p is None:
-            continue
-        s = GramStats.from_numpy({k: np.array(v) for k, v in p.items()}, device="cpu")  # ray.get arrays are read-only
-        total = s if total is None else total.merge(s)
-    return total
+    return ray.remote(num_gpus=num_gpus, max_retries=RETRIES)(accumulate_block)  # the engine's function, run by Ray
 
 
 # ----------------------------------------------------------------------------- stage 2
@@ -382,11 +282,11 @@ def _maybe_fault(dim: int, out_dir: Path) -> None:
 def fit_dimension_task(
     dim: int, train, heldout, groups: list, settings, out_path: str, windows: list | None = None
 ) -> dict:
-    """analysis.dimension_fit.fit_dimension behind the fault-injection test hook."""
-    from analysis.dimension_fit import fit_dimension
-
+    """analysis.sindy.dimension_fit.fit_dimension behind the fault-injection test hook; writes its JSON atomically."""
     _maybe_fault(dim, Path(out_path).parent)
-    return fit_dimension(dim, train, heldout, groups, settings, out_path, windows)
+    result = fit_dimension(dim, train, heldout, groups, settings, windows)
+    atomic_write_text(out_path, json.dumps(result, indent=1))
+    return result
 
 
 def fit_task():

@@ -4,17 +4,14 @@ chosen model, bagging over trajectory groups and the metrics, written as one JSO
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from analysis.optimizers import SR3, STLSQ, ForwardStepwise
-from analysis.selection import bagging_gram, sweep_with_gate
-from configs.io import atomic_write_text
+from analysis.sindy.optimizers import SR3, STLSQ, ForwardStepwise
+from analysis.sindy.selection import bagging_gram, sweep_with_gate
 
 __all__ = ["FitSettings", "fit_dimension"]
 
@@ -54,23 +51,19 @@ class FitSettings:
     gate: float
 
 
-def fit_dimension(
-    dim: int, train, heldout, groups: list, settings: FitSettings, out_path: str, windows: list | None = None
-) -> dict:
-    """Threshold sweep, chosen model, bagging and metrics for one target dimension; writes JSON.
+def fit_dimension(dim: int, train, heldout, groups: list, settings: FitSettings, windows: list | None = None) -> dict:
+    """Threshold sweep, chosen model, bagging and metrics for one target dimension (writes nothing).
 
     Args:
         dim: target dimension j (0..d-1); with ``settings.compare`` column d + j is the other target.
         train, heldout: GramStats (p terms, m targets) of training and held-out trajectories.
         groups: per-group training GramStats for bagging (may be empty).
         settings: the fit's settings.
-        out_path: where the result JSON goes (atomically).
         windows: W held-out GramStats, one per window of t (None entries for empty windows), for R^2 per window.
 
     Returns:
         The JSON-able result.
     """
-    out_path = Path(out_path)
     t0 = time.time()
     if settings.optimizer == "sr3":
         opt = SR3(relax_coeff_nu=settings.sr3_nu, normalize_columns=settings.normalize)
@@ -178,5 +171,4 @@ def fit_dimension(
         alt["unrestricted"].pop("terms")
         result["other_target"] = {"target": settings.targets[1], **alt}
     result["seconds"] = round(time.time() - t0, 2)
-    atomic_write_text(out_path, json.dumps(result, indent=1))
     return result

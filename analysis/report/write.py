@@ -2,66 +2,30 @@
 
 References:
     S. L. Brunton, J. L. Proctor, J. N. Kutz, PNAS 113(15):3932, 2016 (a SINDy model is judged by
-    simulating it, not only by its regression fit; the rollouts: analysis/integration.py); U. Fasel et al.,
+    simulating it, not only by its regression fit; the rollouts: analysis/sindy/integration.py); U. Fasel et al.,
     Proc. R. Soc. A 478:20210904, 2022 (inclusion probabilities from bagging). The study whose honesty we
     check: the SINDy study in docs/REFERENCES.md.
 
-The outputs, one module each: report.md (analysis/report_markdown.py), equations.json, equations.tex and
-rollouts.npz (analysis/report_equations.py), the plots and TensorBoard (analysis/report_plots.py). The SINDy
+The outputs, one module each: report.md (analysis/report/markdown.py), equations.json, equations.tex and
+rollouts.npz (analysis/report/equations.py), the plots and TensorBoard (analysis/report/plots.py). The SINDy
 images come from the *rollout's* end state, never from the DiT's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from pathlib import Path
 
 import numpy as np
 
-from analysis.report_equations import write_equations_json, write_equations_tex, write_rollouts
-from analysis.report_markdown import report_markdown
-from analysis.report_plots import fit_plots, theory_plots, write_tensorboard
+from analysis.report.context import ReportContext
+from analysis.report.equations import write_equations_json, write_equations_tex, write_rollouts
+from analysis.report.markdown import report_markdown
+from analysis.report.plots import fit_plots, theory_plots, write_tensorboard
 from configs.io import atomic_write_text
-from configs.sindy import SindyConfig
 
 __all__ = ["ReportContext", "flag_of", "write_report"]
-
-
-@dataclasses.dataclass
-class ReportContext:
-    """What the report says about the run besides the fits: data, split, settings, provenance, stage times.
-
-    Attributes:
-        run: run.name. n, n_train, n_heldout: trajectories in all, in training, held out. seed: sindy.seed.
-        sampler, T: the trajectories' sampler and steps. target, target_note: the fit target and what it is.
-        t_convention: the trajectories' time convention. coordinates: the fit coordinates in words.
-        settings: the job's `sindy` config (optimizer, thresholds, budget, bagging, poor_r2, integrator, seed).
-        n_groups: bagging's trajectory groups (sindy.bootstrap_groups, capped by the training trajectories).
-        stage_times: {stage: (seconds, note)}, the report's own added by write_report (from report_t0, if given).
-        source: "generated" or "npz". warnings: lines for the report. digests: the weights' or file's
-        sha256. provenance: one line on where the trajectories come from and how Ray ran.
-    """
-
-    run: str
-    n: int
-    n_train: int
-    n_heldout: int
-    settings: SindyConfig
-    sampler: str | None
-    T: int
-    target: str
-    target_note: str
-    t_convention: str
-    coordinates: str
-    n_groups: int
-    stage_times: dict
-    source: str
-    warnings: list
-    digests: dict
-    provenance: str
-    report_t0: float | None = None
 
 
 def flag_of(r: dict, poor: float) -> str:
@@ -88,13 +52,13 @@ def write_report(
     Args:
         out: report folder (created).
         tb_dir: TensorBoard folder (``runs/<name>/tb/sindy``).
-        fits: per-dimension results of analysis.dimension_fit.fit_dimension, in dimension order; each gets its "flag".
-        library: the analysis.library.Library (bound to d).
+        fits: per-dimension results of analysis.sindy.dimension_fit.fit_dimension, in dimension order; each gets its "flag".
+        library: the analysis.sindy.library.Library (bound to d).
         ctx: the run's data, settings and provenance.
         roll: rollouts: t (T+1,), index (r,), reference/sindy (T+1, r, d), rmse_per_step (T+1,),
             diverged (r,).
         images: {"dit", "sindy"} (r, 28, 28) in [0, 1], or None when there is no decoder.
-        views: analysis.views.theory_views + "validation" (what the equations generate, the fit space,
+        views: analysis.job.views.theory_views + "validation" (what the equations generate, the fit space,
             the mixture view), or None: written at the top of report.md and in equations.json.
     """
     out.mkdir(parents=True, exist_ok=True)

@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-from analysis.export import equation_latex
-from analysis.report_markdown import optimizer_text
+from analysis.report.context import ReportContext
+from analysis.report.markdown import optimizer_text
+from analysis.sindy.export import equation_latex
 from configs.io import atomic_write, atomic_write_text
-
-if TYPE_CHECKING:
-    from analysis.report import ReportContext
 
 __all__ = ["write_equations_json", "write_equations_tex", "write_rollouts"]
 

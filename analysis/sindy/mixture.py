@@ -18,7 +18,7 @@ log det C_k are diagonal in U_k at every t, so eps* costs O(n K d^2) and needs n
 The responsibilities are normalised in log space (logsumexp): at small s the components are sharp
 and the raw densities underflow.
 
-What it tells a reader: how much of the DiT's eps (and, through analysis/theory.py, of its drift) a
+What it tells a reader: how much of the DiT's eps (and, through analysis/sindy/theory.py, of its drift) a
 mixture of K Gaussians explains with no regression at all, where in t it fails, and (its own ODE
 integrated from the same noise) whether it generates the same digits. ``MixtureEps`` offers eps* and
 r_k as candidate library terms (a ``TermFamily``).
@@ -35,8 +35,8 @@ from typing import Any, ClassVar
 import numpy as np
 from scipy.special import logsumexp
 
-from analysis.library import FAMILIES
-from analysis.terms import TermFamily, _check_style, _state_names
+from analysis.sindy.terms import TermFamily, _check_style, _state_names
+from analysis.sindy.theory import state_index
 
 DEFAULT_GRID = (1, 2, 5, 10, 20)
 
@@ -188,8 +188,8 @@ class MixtureEps(TermFamily):
 
     With these columns a sparse model can write the DiT's eps (or drift) as the mixture's closed form
     plus a few corrections. Time enters through the noise level: ``alpha_bars`` holds ab of every state
-    k = 0..T-1 (t = 1 - k/T, as analysis/theory.py's state order), piecewise constant in between; the
-    drift feature also needs the sampler's p and q per state (analysis/theory.py, linear_part).
+    k = 0..T-1 (t = 1 - k/T, as analysis/sindy/theory.py's state order), piecewise constant in between; the
+    drift feature also needs the sampler's p and q per state (analysis/sindy/theory.py, linear_part).
 
     Attributes:
         weights: (K,) mixture weights; means (K, d); covariances (K, d, d).
@@ -271,8 +271,6 @@ class MixtureEps(TermFamily):
         return out
 
     def _columns(self, z, t):
-        from analysis.theory import state_index
-
         is_torch = not isinstance(z, np.ndarray)
         zn = z.detach().cpu().numpy() if is_torch else z
         tn = (t.detach().cpu().numpy() if is_torch else t).reshape(-1)
@@ -288,6 +286,3 @@ class MixtureEps(TermFamily):
 
             return torch.as_tensor(cols, dtype=torch.float64, device=z.device)
         return cols
-
-
-FAMILIES.setdefault(MixtureEps.kind, MixtureEps)

@@ -3,16 +3,12 @@ generate, the sampler's linear part, the Gaussian-mixture view)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from analysis.export import equation_text  # the one formatter of equation text
-from analysis.families import Polynomial
-from analysis.integration import DIVERGED
-
-if TYPE_CHECKING:
-    from analysis.report import ReportContext
+from analysis.report.context import ReportContext
+from analysis.sindy.export import equation_text  # the one formatter of equation text
+from analysis.sindy.families import Polynomial
+from analysis.sindy.integration import DIVERGED
 
 __all__ = [
     "report_markdown",
