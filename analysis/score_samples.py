@@ -39,6 +39,7 @@ TB_DIR = Path("tb") / "dit"
 
 def log_to_tensorboard(log_dir: Path, q: dict, step: int) -> None:
     """The scalars and class histogram under the tags the DiT's training logged them with before."""
+    # optional heavy dependency: tensorboard, only when its entries are written
     from torch.utils.tensorboard import SummaryWriter
 
     scalars = {

@@ -21,8 +21,10 @@ from analysis.sindy.dimension_fit import FitSettings
 from analysis.sindy.gram import GramStats
 from analysis.sindy.library import Library
 from analysis.sindy.metrics import free_time_r2
+from analysis.sindy.mixture import MixtureEps
 from analysis.sindy.registry import LIBRARY_FAMILIES
 from analysis.sindy.targets import time_windows
+from analysis.sindy.theory import linear_part, per_state
 from configs.cli import UserError
 from configs.io import atomic_write_text
 from configs.schema import Config, to_dict
@@ -41,9 +43,6 @@ def make_library(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinat
     proj = principal_directions(end, lib_cfg.tanh_projections)
     mixture = None
     if lib_cfg.preset != "reference" and "mixture" in lib_cfg.families:
-        from analysis.sindy.mixture import MixtureEps
-        from analysis.sindy.theory import linear_part, per_state
-
         schedule = run_schedule(plan)
         p, q = linear_part(schedule, tset.manifest.get("sampler") or cfg.sindy.sampler)
         feats = tuple("drift" if (f == "eps" and plan.targets[0] != "eps") else f for f in lib_cfg.mixture_features)
@@ -83,6 +82,7 @@ def stage_fits(
 ) -> tuple[list[dict], Library]:
     """Stage 2 in one coordinate system: stream the statistics once (one task per block), then one fit task per
     dimension; fits already in ``fit_dir`` are reused. Returns the per-dimension results and the library."""
+    # optional heavy dependency: ray, imported when the stage runs
     import ray
 
     s, d = cfg.sindy, coords.dim

@@ -14,13 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from analysis.job.trajectories import TrajectorySet
 from analysis.sindy.build import build_library
 from analysis.sindy.library import Library
+from analysis.sindy.mixture import GaussianMixtureEps, MixtureEps
+from analysis.sindy.theory import SAMPLERS_WITH_THEORY
 from configs.cli import UserError
 from configs.io import file_sha256
 from configs.schema import Config
+from models.artifacts import load_autoencoder, load_denoiser, load_latent_stats
 
 __all__ = ["Plan", "check_inputs", "mixture_unavailable", "placeholder_library", "MemoryEstimate", "estimate_memory"]
 
@@ -125,8 +129,6 @@ def _check_source(cfg: Config) -> Plan:
         plan.n, plan.T, plan.D = tset.n, tset.T, tset.dim
         plan.kind = run_meta["kind"] if (run_meta and tset.source == "generated") else "external"
     else:
-        from models.artifacts import load_autoencoder, load_denoiser, load_latent_stats
-
         if not (run_dir / "dit_ema.safetensors").is_file():
             raise UserError(
                 f"{run_dir} has no EMA checkpoint dit_ema.safetensors: run training/train_dit.py "
@@ -198,7 +200,6 @@ def check_inputs(cfg: Config) -> Plan:
 def mixture_unavailable(cfg: Config, plan: Plan) -> str:
     """Why the mixture family cannot be built here ("" if it can): it needs the run's training latents, a sampler
     with a known linear part and coordinates the mixture can live in (the latent's own or a rotation of them)."""
-    from analysis.sindy.theory import SAMPLERS_WITH_THEORY
 
     s = cfg.sindy
     sampler = plan.external.manifest.get("sampler") if plan.external is not None else s.sampler
@@ -218,7 +219,6 @@ def mixture_unavailable(cfg: Config, plan: Plan) -> str:
 def placeholder_library(cfg: Config, plan: Plan, d: int) -> Library:
     """The configured library's shape before the data: identity projections and, for the mixture family, a mixture
     of the largest K on the grid (the real one is fitted in make_library)."""
-    from analysis.sindy.mixture import GaussianMixtureEps, MixtureEps
 
     lib_cfg, mixture = plan.library_cfg, None
     if lib_cfg.preset != "reference" and "mixture" in lib_cfg.families:
@@ -237,8 +237,6 @@ def check_memory(cfg: Config, plan: Plan) -> None:
     if s.max_memory_gb > 0:
         have, where = s.max_memory_gb * 2**30, f"sindy.max_memory_gb={s.max_memory_gb}"
     else:
-        import psutil
-
         have, where = psutil.virtual_memory().available, "available memory"
     if need > have:
         raise UserError(

@@ -20,8 +20,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
+import threading
 from pathlib import Path
+
+from tqdm import tqdm
 
 from analysis.sindy.block_stats import accumulate_block
 from analysis.sindy.dimension_fit import fit_dimension
@@ -34,6 +38,7 @@ RETRIES = 3
 
 
 def _ray():
+    # optional heavy dependency: ray is imported only once the job talks to a cluster
     import ray
 
     return ray
@@ -77,7 +82,6 @@ def _host_port(address: str) -> tuple[str, int] | None:
 
 def _probe(address: str, source: str) -> None:
     """Fail in seconds, with one line, when nothing listens at the address (ray.init would hang)."""
-    import socket
 
     hp = _host_port(address)
     if hp is None:
@@ -88,6 +92,7 @@ def _probe(address: str, source: str) -> None:
     targets = [hp]
     if not address.startswith("ray://"):
         try:  # Ray reaches 127.0.0.1/localhost through this node's IP: probe what it will dial too
+            # optional heavy dependency: ray internals, only where Ray is joined
             from ray._private.services import resolve_ip_for_localhost
 
             ip = resolve_ip_for_localhost(hp[0])
@@ -114,6 +119,7 @@ def _auto_address(source: str) -> str:
     finds on the machine, another user's private ray.init() included.
     """
     try:
+        # optional heavy dependency: ray internals, only where Ray is joined
         from ray._private.utils import read_ray_address
 
         found = read_ray_address(None)
@@ -174,7 +180,6 @@ def connect(address: str, num_cpus: int, submitted: bool = False) -> str:
         return f"started a private Ray instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
     resolved = _auto_address(source) if target == "auto" else target
     _probe(resolved, source)
-    import threading
 
     timer = threading.Timer(
         JOIN_TIMEOUT_S,
@@ -208,7 +213,6 @@ def connect(address: str, num_cpus: int, submitted: bool = False) -> str:
 
 def wait_all(refs: list, desc: str) -> list:
     """ray.get every ref, with a tqdm bar over finished tasks; results in submission order."""
-    from tqdm import tqdm
 
     ray = _ray()
     pending, done = list(refs), {}
@@ -228,8 +232,10 @@ class TrajectoryWorker:
     """One per GPU (or per CPU): loads the EMA DiT once and generates whole blocks."""
 
     def __init__(self, run_dir: str, device: str, threads: int):
+        # Ray worker: imported in the actor's process when Ray unpickles it
         import torch
 
+        # Ray worker: imported in the actor's process when Ray unpickles it
         from models.artifacts import load_denoiser
 
         if device == "cpu" and threads > 0:
@@ -238,6 +244,7 @@ class TrajectoryWorker:
         self.model, self.schedule, self.meta = load_denoiser(Path(run_dir), device, ema=True)
 
     def generate(self, folder: str, block: int, count: int, sampler: str, seed: int, meta: dict) -> str:
+        # Ray worker: imported in the actor's process when Ray unpickles it
         from analysis.job.trajectories import block_is_complete, block_name, generate_block, write_block
 
         path = Path(folder) / block_name(block, count)

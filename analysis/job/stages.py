@@ -45,6 +45,7 @@ TARGET_NOTES = {
 
 def stage_trajectories(cfg: Config, plan: Plan) -> tuple[TrajectorySet, str]:
     """Stage 1: generate (or reuse) the trajectories; returns the set and what happened."""
+    # optional heavy dependency: ray, imported when the stage runs
     import ray
 
     if plan.external is not None:

@@ -44,6 +44,7 @@ from safetensors.torch import load_file
 
 from configs.cli import UserError
 from configs.io import atomic_save_safetensors, atomic_write_text, file_sha256
+from models.diffusion import sample
 
 MANIFEST_FORMAT = "latent-sindy.trajectories/1"
 BLOCK_META_KEY = "latent_sindy_block"  # the block's safetensors metadata: one sorted JSON object
@@ -98,7 +99,6 @@ def generate_block(
         {"z": (T+1, count, N*C) float32, "eps": (T, count, N*C), "drift": (T, count, N*C),
         "t": (T+1,) float64 descending 1 -> 0}, all on CPU.
     """
-    from models.diffusion import sample
 
     device = torch.device(device)
     s = block_seed(seed, block)

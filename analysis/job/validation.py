@@ -22,10 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.quality import scoring as quality
+from analysis.sindy.integration import integrate
+from analysis.sindy.metrics import r2_score
+from analysis.sindy.targets import window_index
+from models.classifier import TRAIN_HINT, load_classifier
+
 
 def r2_per_dim(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """R^2 per last-axis column over all other axes: (..., d) x (..., d) -> (d,); NaN where constant."""
-    from analysis.sindy.metrics import r2_score
 
     yt = np.asarray(y_true, np.float64).reshape(-1, y_true.shape[-1])
     yp = np.asarray(y_pred, np.float64).reshape(-1, y_true.shape[-1])
@@ -45,7 +50,6 @@ def windowed_r2(y_true: np.ndarray, y_pred: np.ndarray, t: np.ndarray, edges: li
         {"pooled": [d], "median": float, "windows": [{"t_from", "t_to", "r2": [d]}]} with windows in increasing t
         (the empty ones left out), as the fit's per-window R^2.
     """
-    from analysis.sindy.targets import window_index
 
     win = window_index(t, edges)
     wins = []
@@ -80,7 +84,6 @@ def rollout(rhs: Callable, reference: np.ndarray, t: np.ndarray, integrator: str
         one would dominate every step before it blows up; they are counted in "diverged"), "diverged": int,
         "end_rmse": float}.
     """
-    from analysis.sindy.integration import integrate
 
     sim, diverged_at = integrate(rhs, reference[0], t, integrator)
     ok = diverged_at < 0
@@ -113,8 +116,6 @@ def image_metrics(
         "fd_floor_at_n", "fd_floor_n", "class_counts": {"generated", "dit"}, "seconds"}, or
         {"skipped": reason} when the classifier file is missing.
     """
-    from analysis.quality import scoring as quality
-    from models.classifier import TRAIN_HINT, load_classifier
 
     path = Path(classifier_path)
     if not path.is_file():

@@ -10,13 +10,20 @@ import json
 import time
 
 import numpy as np
+import torch
+from safetensors.torch import load_file
 
 from analysis.job.plan import Plan
 from analysis.job.trajectories import TrajectorySet
+from analysis.job.validation import validate, windowed_r2
 from analysis.sindy.coordinates import Coordinates
 from analysis.sindy.library import Library
+from analysis.sindy.mixture import fit_mixture
 from analysis.sindy.targets import time_windows
+from analysis.sindy.theory import SAMPLERS_WITH_THEORY, LinearPart, linear_part, noise_levels, state_index
 from configs.schema import Config
+from models.artifacts import load_autoencoder, load_latent_data, load_latent_stats
+from models.diffusion import schedule_for
 
 __all__ = [
     "make_decoder",
@@ -32,9 +39,6 @@ __all__ = [
 
 def make_decoder(plan: Plan, coords: Coordinates):
     """c (r, d) fit coordinates -> (r, 28, 28) images in [0, 1] through the run's autoencoder; grey for non-finite rows."""
-    import torch
-
-    from models.artifacts import load_autoencoder, load_latent_stats
 
     ae, _ = load_autoencoder(plan.run_dir, "cpu")
     mean, std = load_latent_stats(plan.run_dir)
@@ -57,7 +61,6 @@ def make_decoder(plan: Plan, coords: Coordinates):
 
 def run_schedule(plan: Plan):
     """The run's noise schedule, from its dit.json."""
-    from models.diffusion import schedule_for
 
     meta = json.loads((plan.run_dir / "dit.json").read_text())
     return schedule_for(meta["kind"], meta["schedule_kind"], meta["timesteps"])
@@ -96,8 +99,6 @@ def theory_views(
         {"linear_part": LinearPart or None, "fit_space": dict (JSON-able) or {"skipped": reason},
         "mixture": dict or {"skipped": reason}, "_mixture": (GaussianMixtureEps, rhs) for the rollouts}.
     """
-    from analysis.job.validation import windowed_r2
-    from analysis.sindy.theory import SAMPLERS_WITH_THEORY, LinearPart, linear_part
 
     s = cfg.sindy
     views: dict = {"linear_part": None}
@@ -163,10 +164,6 @@ def latent_mixture(cfg: Config, plan: Plan, coords: Coordinates) -> dict:
     Returns:
         {"mix": the chosen GaussianMixtureEps, "rows": one per K, "mixtures": every K's, "n_train", "heldout"}.
     """
-    from safetensors.torch import load_file
-
-    from analysis.sindy.mixture import fit_mixture
-    from models.artifacts import load_latent_data
 
     cache = plan.mixtures
     key = coords.fingerprint()
@@ -201,8 +198,6 @@ def mixture_view(
 
     In rotated coordinates u = C z the latents are rotated before EM: the noising a x + s eps keeps its form, so the
     mixture of the rotated latents has the rotated closed-form eps*."""
-    from analysis.job.validation import windowed_r2
-    from analysis.sindy.theory import noise_levels, state_index
 
     t0 = time.time()
     fitted = latent_mixture(cfg, plan, coords)
@@ -243,7 +238,6 @@ def validate_equations(
 
     Also decodes the mixture's component means into ``views["mixture"]["_mean_images"]`` for the report.
     """
-    from analysis.job.validation import validate
 
     mixture = views.get("_mixture")
     s = cfg.sindy

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import scipy.stats
 import torch
+from PIL import Image
 
 from configs.cli import OneLineParser, call_cli
 from configs.io import file_sha256, read_safetensors
@@ -313,7 +314,6 @@ def load_images_folder(folder: str | Path) -> torch.Tensor:
     Returns:
         (N, 1, 28, 28) float32 in [0, 1].
     """
-    from PIL import Image
 
     folder = Path(folder)
     if not folder.is_dir():

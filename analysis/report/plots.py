@@ -16,9 +16,11 @@ def fit_plots(
 ) -> list[str]:
     """pareto.png, r2.png, coefficients.png, rollouts.png, rollout_error.png and samples_vs_sindy.png (with images);
     returns the names."""
+    # optional heavy dependency: matplotlib, only when plots are drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # optional heavy dependency: matplotlib, only when plots are drawn
     import matplotlib.pyplot as plt
 
     made = []
@@ -137,9 +139,11 @@ def theory_plots(out: Path, views: dict | None) -> list[str]:
     """validation_rmse.png (per-step latent error of the rollouts) and mixture_means.png; returns the names."""
     if not views:
         return []
+    # optional heavy dependency: matplotlib, only when plots are drawn
     import matplotlib
 
     matplotlib.use("Agg")
+    # optional heavy dependency: matplotlib, only when plots are drawn
     import matplotlib.pyplot as plt
 
     made = []
@@ -182,7 +186,10 @@ def theory_plots(out: Path, views: dict | None) -> list[str]:
 
 def write_tensorboard(tb_dir: Path, md: str, out: Path, pngs: list[str], fits: list[dict]) -> None:
     """The report text, every plot and per-dimension R^2 and terms as scalars, under sindy/ in tb_dir."""
+    # optional heavy dependency: matplotlib, only when plots are drawn
     import matplotlib.image as mpimg
+
+    # optional heavy dependency: tensorboard, only when its entries are written
     from torch.utils.tensorboard import SummaryWriter
 
     w = SummaryWriter(str(tb_dir))

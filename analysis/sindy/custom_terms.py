@@ -12,6 +12,8 @@ try:  # torch is optional for the numpy path; the project always has it installe
 except ImportError:  # pragma: no cover
     torch = None
 
+import ast
+
 from analysis.sindy.terms import TermFamily, _cat, _check_d, _check_style, _is_torch, _ones, _prepare
 
 __all__ = ["CustomTerms"]
@@ -32,7 +34,6 @@ _FUNCS = {
 
 
 def _parse_term(expr: str):
-    import ast
 
     if not isinstance(expr, str) or not expr.strip() or len(expr) > 200:
         raise ValueError(f"a user term must be a non-empty expression of at most 200 characters; got {expr!r}.")
@@ -73,7 +74,6 @@ def _parse_term(expr: str):
 
 
 def _eval_term(node, z, t):
-    import ast
 
     if isinstance(node, ast.Expression):
         return _eval_term(node.body, z, t)

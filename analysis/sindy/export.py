@@ -18,6 +18,7 @@ text and LaTeX equations and ``SINDy.print`` (through ``ReportSINDy.equations``)
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -122,7 +123,6 @@ def to_pysindy(library: Library, xi: np.ndarray, state_names: Sequence[str] | No
     model = ReportSINDy(
         feature_library=PysindyLibrary(library, time_column=timed), optimizer=pysindy.STLSQ(threshold=0.0, alpha=0.0)
     )
-    import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

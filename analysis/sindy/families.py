@@ -11,6 +11,7 @@ import math
 from typing import ClassVar
 
 import numpy as np
+from scipy.interpolate import BSpline
 
 from analysis.sindy.terms import (
     TermFamily,
@@ -242,7 +243,6 @@ class TimeSpline(TermFamily):
 
     def basis(self, t: np.ndarray) -> np.ndarray:
         """All n_basis functions at t (n,) -> (n, n_basis)."""
-        from scipy.interpolate import BSpline
 
         t = np.asarray(t, dtype=np.float64).reshape(-1)
         inside = (t >= self.t_min) & (t <= self.t_max)

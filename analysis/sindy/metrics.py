@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from analysis.sindy.families import Polynomial
 from analysis.sindy.gram import GramStats, as_2d_targets, solve_spd
 
 __all__ = ["r2_score", "rmse", "stepwise_stats", "free_time_r2"]
@@ -45,7 +46,6 @@ def stepwise_stats(z: np.ndarray, y: np.ndarray, degree: int) -> list[dict]:
     Returns:
         T ``GramStats.to_numpy()`` dicts, one per step.
     """
-    from analysis.sindy.families import Polynomial
 
     T, b, d = z.shape
     theta = Polynomial(degree=degree).transform(z.reshape(T * b, d)).reshape(T, b, -1)

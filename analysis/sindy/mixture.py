@@ -33,7 +33,9 @@ from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from scipy.special import logsumexp
+from sklearn.mixture import GaussianMixture
 
 from analysis.sindy.terms import TermFamily, _check_style, _state_names
 from analysis.sindy.theory import state_index
@@ -147,7 +149,6 @@ def fit_mixture(
         (the mixture with the highest mean held-out log-likelihood, one row per K: k,
         loglik_train, loglik_heldout (per sample, nats), seconds, converged, chosen; every K's mixture).
     """
-    from sklearn.mixture import GaussianMixture
 
     rows, models = [], []
     for k in ks:
@@ -282,7 +283,5 @@ class MixtureEps(TermFamily):
         )
         cols = np.concatenate([{"eps": eps, "drift": drift, "posterior": r}[f] for f in self.features], axis=1)
         if is_torch:
-            import torch
-
             return torch.as_tensor(cols, dtype=torch.float64, device=z.device)
         return cols

@@ -350,6 +350,7 @@ class SR3:
         return self.threshold**2 / (2 * nu) if self.regularizer == "L0" else self.threshold / nu
 
     def _pysindy(self):
+        # optional heavy dependency: pysindy, only for its reference fit
         import pysindy
 
         return pysindy.SR3(
