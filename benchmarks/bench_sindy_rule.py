@@ -1,7 +1,7 @@
 """Choose the SINDy defaults (library, ridge alpha, threshold grid, selection tolerance, term budget)
 by measurement on systems whose equations are known (benchmarks/known_systems.py):
 
-    python benchmarks/bench_sindy_rule.py [--quick]
+    python -m benchmarks.bench_sindy_rule [--quick]
 
 For each setting and system it splits trajectories 80/20 (held out by trajectory, as the job), streams
 the library into Gram statistics, sweeps STLSQ thresholds per dimension and applies the rule
@@ -21,23 +21,20 @@ import argparse
 import dataclasses
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from analysis.sindy.build import build_library, principal_directions  # noqa: E402
-from analysis.sindy.coordinates import linear_modes  # noqa: E402
-from analysis.sindy.gram import GramStats  # noqa: E402
-from analysis.sindy.optimizers import STLSQ  # noqa: E402
-from analysis.sindy.selection import sweep_with_gate  # noqa: E402
-from benchmarks import known_systems as ks  # noqa: E402
-from benchmarks.common import RESULTS  # noqa: E402
-from configs.sindy import SindyLibraryConfig  # noqa: E402
+from analysis.sindy.build import build_library, principal_directions
+from analysis.sindy.coordinates import linear_modes
+from analysis.sindy.gram import GramStats
+from analysis.sindy.optimizers import STLSQ
+from analysis.sindy.selection import sweep_with_gate
+from benchmarks import known_systems as ks
+from benchmarks.common import RESULTS
+from configs.sindy import SindyLibraryConfig
 
 # A term linear in z times a function of t only (the exact form of DDIM on Gaussian data).
 Z_LINEAR = re.compile(r"^(1|z\d+|t(\^\d+)?|z\d+ t(\^\d+)?)$")
