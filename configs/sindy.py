@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 
 from configs.checks import _check, _non_negative, _positive
 
+# The library family names a config may list. The registry is analysis/sindy/registry.py (LIBRARY_FAMILIES: each
+# name with the kinds it builds); configs sit below analysis and cannot import it, so this is the names alone,
+# held equal to the registry by tests/analysis/test_library_config.py.
+LIBRARY_FAMILY_NAMES = ("polynomial", "time", "time_state", "exp", "tanh", "terms", "mixture")
+
 
 @dataclass
 class SindyLibraryConfig:
@@ -58,7 +63,7 @@ class SindyLibraryConfig:
     never evaluated as code."""
 
     def __post_init__(self) -> None:
-        known = ("polynomial", "time", "time_state", "exp", "tanh", "terms", "mixture")
+        known = LIBRARY_FAMILY_NAMES
         _check(
             self.preset in ("standard", "reference"),
             f"sindy.library.preset must be standard | reference, got {self.preset!r}",

@@ -15,6 +15,7 @@ from analysis.sindy.custom_terms import CustomTerms
 from analysis.sindy.export import rhs_text
 from analysis.sindy.families import Tanh, TimeProduct, TimeSpline
 from analysis.sindy.library import Library
+from analysis.sindy.registry import FAMILIES, LIBRARY_FAMILIES
 from analysis.sindy.selection import UV_FLOOR, choose_model
 
 
@@ -146,3 +147,11 @@ def test_forward_stepwise_path_is_nested_least_squares():
     ho = GramStats.from_arrays(X[300:], y[300:], device="cpu")
     sw = sweep_thresholds(st, ho, 0, n_thresholds=5, max_terms=4)
     assert set(np.flatnonzero(sw.chosen_coef)) == {2, 7, 11} and sw.n_terms[sw.chosen] <= 4
+
+
+def test_the_config_knows_exactly_the_registry_families():
+    from configs.sindy import LIBRARY_FAMILY_NAMES
+
+    assert LIBRARY_FAMILY_NAMES == tuple(LIBRARY_FAMILIES)
+    kinds = {k for ks in LIBRARY_FAMILIES.values() for k in ks}
+    assert kinds <= set(FAMILIES), kinds - set(FAMILIES)
