@@ -15,8 +15,8 @@ Stages (each reused on rerun when its outputs exist, so a preempted job resumes)
     3. report         integration of the equations on held-out noise, plots, TensorBoard   report/, tb/sindy
 Every input is checked before Ray starts; bad inputs are one line on stderr and exit code 2.
 
-The steps live in analysis/job_plan.py (checks), analysis/job_stages.py (stages 1 and 3), analysis/coordinate_choice.py
-and analysis/job_fits.py (stage 2), analysis/views.py (theory, mixture and validation views) and analysis/report.py.
+The steps live in analysis/job/plan.py (checks), analysis/job/stages.py (stages 1 and 3), analysis/job/coordinate_choice.py
+and analysis/job/fits.py (stage 2), analysis/job/views.py (theory, mixture and validation views) and analysis/report/write.py.
 """
 
 from __future__ import annotations
@@ -48,10 +48,10 @@ def _find_repo() -> Path:
 
 REPO = _find_repo()
 
-from analysis import ray_utils  # noqa: E402
-from analysis.coordinate_choice import fit_in_coordinates  # noqa: E402
-from analysis.job_plan import check_inputs  # noqa: E402
-from analysis.job_stages import split_trajectories, stage_report, stage_trajectories  # noqa: E402
+from analysis.job import ray_utils  # noqa: E402
+from analysis.job.coordinate_choice import fit_in_coordinates, save_coordinates  # noqa: E402
+from analysis.job.plan import check_inputs  # noqa: E402
+from analysis.job.stages import split_trajectories, stage_report, stage_trajectories  # noqa: E402
 from configs.cli import parse_cli, run_cli  # noqa: E402
 from configs.schema import Config  # noqa: E402
 
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     t0 = time.time()
     path = stage_report(cfg, plan, tset, coords, split, fits, lib, times, ray_how, choice)
     if coords.file_name:
-        coords.save(path.parent / coords.file_name)
+        save_coordinates(coords, path.parent / coords.file_name)
     print(
         f"sindy: report stage {time.time() - t0:.1f} s; stage times "
         + ", ".join(f"{k} {v[0]:.1f} s" for k, v in times.items()),

@@ -6,10 +6,15 @@ from dataclasses import dataclass, field
 
 from configs.checks import _check, _non_negative, _positive
 
+# The library family names a config may list. The registry is analysis/sindy/registry.py (LIBRARY_FAMILIES: each
+# name with the kinds it builds); configs sit below analysis and cannot import it, so this is the names alone,
+# held equal to the registry by tests/analysis/test_library_config.py.
+LIBRARY_FAMILY_NAMES = ("polynomial", "time", "time_state", "exp", "tanh", "terms", "mixture")
+
 
 @dataclass
 class SindyLibraryConfig:
-    """The SINDy candidate library (analysis/library.py, build_library); defaults chosen on known systems
+    """The SINDy candidate library (analysis/sindy/build.py, build_library); defaults chosen on known systems
     (benchmarks/bench_sindy_rule.py: Lorenz-63, DDIM on Gaussian and two-mode mixture data)."""
 
     preset: str = "standard"
@@ -54,11 +59,11 @@ class SindyLibraryConfig:
     """The factor of `gated` (0 < gate <= 1; 1 keeps a family whenever it helps at all)."""
     terms: list[str] = field(default_factory=list)
     """User terms for the `terms` family, e.g. ["z0 * z1", "exp(-t) * z3"]: numbers, z0..z{d-1}, t, + - * / **,
-    exp log tanh sin cos sqrt abs; parsed against this grammar (by analysis/library.py, checked before any work),
+    exp log tanh sin cos sqrt abs; parsed against this grammar (by analysis/sindy/library.py, checked before any work),
     never evaluated as code."""
 
     def __post_init__(self) -> None:
-        known = ("polynomial", "time", "time_state", "exp", "tanh", "terms", "mixture")
+        known = LIBRARY_FAMILY_NAMES
         _check(
             self.preset in ("standard", "reference"),
             f"sindy.library.preset must be standard | reference, got {self.preset!r}",
@@ -136,7 +141,7 @@ class SindyConfig:
     coordinates: str = "auto"
     """latent: the latent's own coordinates (conv: its sindy.pca_components principal components) | modes: those
     rotated to the linear modes of the dynamics (the eigenvectors of the per-step least-squares linear drift; for
-    Gaussian data the exact drift is uncoupled there, analysis/coordinates.py) | auto: fit in both and keep the
+    Gaussian data the exact drift is uncoupled there, analysis/sindy/coordinates.py) | auto: fit in both and keep the
     modes only if their pooled held-out unexplained variance is within (1 + threshold_tol) x the better one's
     with fewer terms in all (the latent's own on a tie)."""
     library: SindyLibraryConfig = field(default_factory=SindyLibraryConfig)
@@ -201,14 +206,14 @@ class SindyConfig:
     """Time order of the states in an external .npz: descending (z_T first, state k at t = 1 - k/T) | ascending."""
     fit_space: str = "drift"
     """drift: fit the velocity target itself | eps: fit the DiT's recorded eps_theta(z, t) and compose the drift
-    exactly as p(t) z + q(t) eps_fit, p and q known from the schedule and sampler (analysis/theory.py); the
+    exactly as p(t) z + q(t) eps_fit, p and q known from the schedule and sampler (analysis/sindy/theory.py); the
     report gives the held-out R^2 of both eps and drift and the rollouts either way."""
     validation_noises: int = 400
     """Held-out noises the chosen equations are integrated from, decoded and classified against the DiT's
-    samples from the same noise (class agreement, FD-MNIST, confidence; analysis/validation.py); at most the
+    samples from the same noise (class agreement, FD-MNIST, confidence; analysis/job/validation.py); at most the
     held-out trajectories. 0 disables the validation."""
     mixture_components: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20])
-    """Gaussian-mixture view of the denoiser (analysis/mixture.py): component counts tried by EM on the
+    """Gaussian-mixture view of the denoiser (analysis/sindy/mixture.py): component counts tried by EM on the
     training latents, the best by held-out (test split) log-likelihood is kept; empty disables the view."""
     mixture_samples: int = 10000
     """Training latents (a seeded random subset) the mixtures are fitted to; EM costs grow with it (local run,

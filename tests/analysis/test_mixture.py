@@ -1,4 +1,4 @@
-"""analysis.mixture: the closed-form eps* of a Gaussian mixture on known cases, EM model choice, the term family."""
+"""analysis.sindy.mixture: the closed-form eps* of a Gaussian mixture on known cases, EM model choice, the term family."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from analysis.families import Polynomial
-from analysis.library import Library
-from analysis.mixture import GaussianMixtureEps, MixtureEps, fit_mixture
+from analysis.sindy.families import Polynomial
+from analysis.sindy.library import Library
+from analysis.sindy.mixture import GaussianMixtureEps, MixtureEps, fit_mixture
 
 
 def _spd(rng, d):

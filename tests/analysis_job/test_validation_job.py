@@ -86,7 +86,7 @@ def test_validation_on_top_eps_fit_and_mixture(trained_run, tiny_classifier, mni
 def test_mixture_family_in_the_library_must_earn_its_place(trained_run, mnist_shards, tmp_path):
     """The mixture's closed-form drift as library columns: fitted to the training latents in the fit's coordinates,
     gated per dimension when asked (gate 1: kept wherever it helps at all), and the library spec round-trips."""
-    from analysis.library import Library
+    from analysis.sindy.library import Library
 
     root = copy_run(trained_run, tmp_path)
     run_dir = root / "smoke"
