@@ -50,8 +50,16 @@ REPO = _find_repo()
 
 from analysis.job import ray_utils  # noqa: E402
 from analysis.job.coordinate_choice import fit_in_coordinates, save_coordinates  # noqa: E402
+from analysis.job.dagger import stage_dagger  # noqa: E402
 from analysis.job.plan import check_inputs  # noqa: E402
-from analysis.job.stages import split_trajectories, stage_report, stage_trajectories  # noqa: E402
+from analysis.job.stages import (  # noqa: E402
+    split_trajectories,
+    stage_polish,
+    stage_queries,
+    stage_report,
+    stage_sensitivity,
+    stage_trajectories,
+)
 from configs.cli import parse_cli, run_cli  # noqa: E402
 from configs.schema import Config  # noqa: E402
 
@@ -76,9 +84,32 @@ def main(argv: Sequence[str] | None = None) -> None:
     t0 = time.time()
     tset, how = stage_trajectories(cfg, plan)
     times["trajectories"] = (time.time() - t0, how)
+    if cfg.sindy.queries:  # 3b. States the DiT labels beside the trajectories (training rows only).
+        t0 = time.time()
+        fwd, how = stage_queries(cfg, plan)
+        plan.queries.append(fwd)
+        times["queries"] = (time.time() - t0, how)
+    if cfg.sindy.weighting == "sensitivity":  # 3c. How much each step's eps error moves the sample.
+        t0 = time.time()
+        plan.step_weights, plan.sensitivity = stage_sensitivity(cfg, plan, tset)
+        times["sensitivity"] = (
+            time.time() - t0,
+            f"the DiT perturbed at each step, {cfg.sindy.sensitivity_noises} noises",
+        )
     # 4. Stage 2: split, coordinates, statistics and per-dimension fits.
     split = split_trajectories(tset.n, plan.n_heldout, plan.n_groups, cfg.sindy.seed)
     coords, fits, lib, choice = fit_in_coordinates(cfg, plan, tset, split, times)
+    # 4b. DAgger: the states the equations' own rollouts visit, labelled by the DiT, then a refit (same coordinates).
+    for r in range(cfg.sindy.dagger_rounds):
+        fits, lib, choice = stage_dagger(cfg, plan, tset, coords, split, fits, lib, choice, r, times)
+    if cfg.sindy.polish_iterations:  # 4c. The chosen coefficients polished through the integrator.
+        t0 = time.time()
+        fits, plan.polish = stage_polish(cfg, plan, tset, coords, split, fits, lib)
+        times["polish"] = (
+            time.time() - t0,
+            f"rollout RMSE {plan.polish['rmse_before']:.4g} -> {plan.polish['rmse_after']:.4g} "
+            f"({plan.polish['nonzeros']} coefficients, {plan.polish['noises']} training noises)",
+        )
     # 5. Stage 3: the report.
     t0 = time.time()
     path = stage_report(cfg, plan, tset, coords, split, fits, lib, times, ray_how, choice)

@@ -51,7 +51,8 @@ class SindyLibraryConfig:
     mixture_features: list[str] = field(default_factory=lambda: ["eps"])
     """Columns of the mixture family: eps (the mixture's exact eps*_j, one per dimension; composed into its drift
     p z_j + q eps*_j when the fit target is a velocity) | posterior (its posterior weights r_k(z, t), one per
-    component)."""
+    component) | regimes (r_k(z, t) z_j, one per component and dimension: a linear regime per component) |
+    gaussian (the closed-form eps of the mixture's moment-matched Gaussian, one per dimension)."""
     gated: list[str] = field(default_factory=lambda: ["tanh"])
     """Families kept per dimension only if they earn it on held-out data: the best held-out unexplained variance
     with them must be at most `gate` x the best without them (else the dimension is fitted without them)."""
@@ -108,9 +109,10 @@ class SindyLibraryConfig:
         _check(0 < self.gate <= 1, f"sindy.library.gate must be in (0, 1], got {self.gate}")
         _check(
             bool(self.mixture_features)
-            and all(f in ("eps", "posterior") for f in self.mixture_features)
+            and all(f in ("eps", "posterior", "regimes", "gaussian") for f in self.mixture_features)
             and len(set(self.mixture_features)) == len(self.mixture_features),
-            f"sindy.library.mixture_features must be a non-empty subset of [eps, posterior], got {self.mixture_features}",
+            "sindy.library.mixture_features must be a non-empty subset of [eps, posterior, regimes, gaussian], got "
+            f"{self.mixture_features}",
         )
         _check(
             "terms" not in self.families or bool(self.terms),
@@ -212,6 +214,34 @@ class SindyConfig:
     """Held-out noises the chosen equations are integrated from, decoded and classified against the DiT's
     samples from the same noise (class agreement, FD-MNIST, confidence; analysis/job/validation.py); at most the
     held-out trajectories. 0 disables the validation."""
+    queries: int = 0
+    """Forward-noised training latents per sampler step, labelled by the EMA DiT, added to the training rows
+    (analysis/job/queries.py: the DiT's own training distribution; the trajectories alone give one state per
+    trajectory and step). Needs the job's own trajectories and targets eps or drift; 0 adds none."""
+    dagger_rounds: int = 0
+    """Rounds of DAgger (analysis/job/queries.py): roll the fitted equations out from sindy.dagger_noises training
+    noises, have the DiT label every state they visit, add those rows and fit again (in the chosen coordinates).
+    Needs the job's own trajectories and targets eps or drift; 0 skips it."""
+    dagger_noises: int = 1000
+    """Initial noises (of training trajectories) each DAgger round rolls the equations out from."""
+    polish_iterations: int = 0
+    """Levenberg-Marquardt steps that move the chosen equations' nonzero coefficients (the terms stay) so that
+    their Euler rollouts from training noises pass through the DiT's trajectories (analysis/sindy/polish.py); each
+    step costs one rollout per nonzero coefficient. The report's regression R^2 are those of the fit before it;
+    the yardstick table scores the polished equations. 0 skips it."""
+    polish_noises: int = 200
+    """Training trajectories the polishing matches."""
+    weighting: str = "none"
+    """Regression row weights per sampler step. none: every row alike (in drift space the eps error is then
+    weighted by q(t)^2, large at t = 1) | sensitivity: by how far an eps error at that step moves the final
+    sample, measured on the DiT (analysis/job/queries.py step_sensitivity), so the fit spends its terms where the
+    generated sample depends on them; needs the job's own trajectories and a sampler with a known linear part."""
+    sensitivity_noises: int = 64
+    """Initial noises the step sensitivity of sindy.weighting=sensitivity is averaged over (at most one block's)."""
+    yardsticks: bool = True
+    """Score the equations beside their yardsticks from the same held-out noises (analysis/job/yardsticks.py): the
+    DiT's raw weights (ceiling), the DiT with iid eps noise at R^2 0.999-0.95 (sensitivity), the closed-form
+    Gaussian and mixture (floors) and a dense per-step affine fit (reference); report.md and equations.json."""
     mixture_components: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20])
     """Gaussian-mixture view of the denoiser (analysis/sindy/mixture.py): component counts tried by EM on the
     training latents, the best by held-out (test split) log-likelihood is kept; empty disables the view."""
@@ -272,7 +302,14 @@ class SindyConfig:
             f"sindy.fit_space=eps fits the recorded eps and composes the drift; it cannot be combined with "
             f"sindy.target={self.target} (set sindy.target=drift or sindy.fit_space=drift)",
         )
-        _non_negative("sindy", validation_noises=self.validation_noises)
+        _non_negative("sindy", validation_noises=self.validation_noises, queries=self.queries)
+        _check(
+            self.weighting in ("none", "sensitivity"),
+            f"sindy.weighting must be none | sensitivity, got {self.weighting!r}",
+        )
+        _positive("sindy", sensitivity_noises=self.sensitivity_noises, dagger_noises=self.dagger_noises)
+        _non_negative("sindy", dagger_rounds=self.dagger_rounds, polish_iterations=self.polish_iterations)
+        _positive("sindy", polish_noises=self.polish_noises)
         _check(
             all(isinstance(k, int) and k >= 1 for k in self.mixture_components),
             f"sindy.mixture_components must be a list of ints >= 1, got {list(self.mixture_components)}",

@@ -69,6 +69,8 @@ def fit_key(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinates) -
         "pca": s.pca_components if coords.kind == "pca" else 0,
         "components": coords.fingerprint() if coords.kind == "modes" else None,
         "record": 2,
+        "weighting": [s.weighting, plan.step_weights],
+        "queries": [[b["sha256"] for b in q.manifest["blocks"]] for q in plan.queries] or None,
         "fit": [s.alpha, s.normalize, s.n_thresholds, s.threshold_tol, s.n_bootstrap, s.term_budget, s.time_windows],
         "library": to_dict(plan.library_cfg),
         "optimizer": [s.optimizer, s.sr3_nu if s.optimizer == "sr3" else None],
@@ -108,22 +110,29 @@ def stage_fits(
         gpus = 1 if (s.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0) else 0
         device = "cuda" if gpus else "cpu"
         task = ray_utils.accumulate_task(gpus)
-        tref = ray.put(tset)
+        # The trajectories' blocks, then the query blocks (analysis/job/queries.py): training rows only, spread over
+        # the bootstrap groups like trajectories.
+        sets = [(ray.put(tset), split, tset.n_blocks)]
+        for q in plan.queries:
+            sets.append((ray.put(q), np.arange(q.n) % plan.n_groups, q.n_blocks))
+        spec = lib.spec()
         refs = [
             task.remote(
-                tref,
+                ref,
                 i,
                 coords,
-                split,
+                sp,
                 plan.targets,
-                lib.spec(),
+                spec,
                 plan.n_groups,
                 device,
                 s.chunk_size,
                 s.ceiling_degree,
                 edges,
+                plan.step_weights,
             )
-            for i in range(tset.n_blocks)
+            for ref, sp, nb in sets
+            for i in range(nb)
         ]
         parts = ray_utils.wait_all(refs, "statistics (blocks)")
         if s.ceiling_degree > 0:
@@ -143,7 +152,7 @@ def stage_fits(
             )
         times["statistics"] = (
             time.time() - t0,
-            f"{tset.n_blocks} block tasks, {lib.n_terms} terms, "
+            f"{len(refs)} block tasks, {lib.n_terms} terms, "
             f"{int(train.n_samples)} training + {int(heldout.n_samples)} held-out rows",
         )
         t0 = time.time()

@@ -48,6 +48,9 @@ class Plan:
         library_cfg: sindy.library, without the mixture family where none can be fitted.
         mixtures: the latent mixtures fitted so far, by coordinates (analysis.job.views.latent_mixture).
         heldout_cache: the held-out trajectories read so far in fit coordinates (analysis.job.views.heldout_block).
+        queries: the TrajectorySets of DiT-labelled query states (analysis/job/queries.py: forward-noised latents,
+            then one per DAgger round), training rows only.
+        step_weights: (T,) regression row weight per state (sindy.weighting=sensitivity), or None.
     """
 
     run_dir: Path
@@ -68,6 +71,10 @@ class Plan:
     library_cfg: Any = None
     mixtures: dict = dataclasses.field(default_factory=dict)
     heldout_cache: dict | None = None
+    queries: list = dataclasses.field(default_factory=list)
+    step_weights: list | None = None
+    sensitivity: dict | None = None
+    polish: dict | None = None
 
     @property
     def has_drift(self) -> bool:
@@ -180,6 +187,24 @@ def check_inputs(cfg: Config) -> Plan:
         )
     main_target = "eps" if s.fit_space == "eps" else s.target
     plan.targets = (main_target, OTHER[main_target]) if (s.compare_targets and plan.has_drift) else (main_target,)
+    if s.weighting == "sensitivity" and plan.external is not None:
+        raise UserError(
+            f"sindy.weighting=sensitivity measures the run's DiT, but these trajectories come from {s.trajectories}; "
+            "set sindy.weighting=none for external trajectories"
+        )
+    for key, value in (("queries", s.queries), ("dagger_rounds", s.dagger_rounds)):
+        if not value:
+            continue
+        if plan.external is not None:
+            raise UserError(
+                f"sindy.{key}={value} asks the run's DiT to label states, but these trajectories come from "
+                f"{s.trajectories}; set sindy.{key}=0 for external trajectories"
+            )
+        if "central_diff" in plan.targets:
+            raise UserError(
+                f"sindy.{key} adds independent states, between which a finite difference means nothing: use "
+                "sindy.target=drift or sindy.fit_space=eps with sindy.compare_targets=false"
+            )
     plan.library_cfg = s.library
     if s.library.preset != "reference" and "mixture" in s.library.families:
         why = mixture_unavailable(cfg, plan)

@@ -240,7 +240,7 @@ class TrajectoryWorker:
 
         if device == "cpu" and threads > 0:
             torch.set_num_threads(threads)
-        self.device = device
+        self.device, self.run_dir, self.train = device, Path(run_dir), None
         self.model, self.schedule, self.meta = load_denoiser(Path(run_dir), device, ema=True)
 
     def generate(self, folder: str, block: int, count: int, sampler: str, seed: int, meta: dict) -> str:
@@ -254,6 +254,25 @@ class TrajectoryWorker:
         tensors = generate_block(
             self.model, self.schedule, tuple(self.meta["latent_shape"]), sampler, seed, block, count, self.device
         )
+        return str(write_block(Path(folder), block, tensors, meta))
+
+    def forward(self, folder: str, block: int, count: int, sampler: str, seed: int, meta: dict) -> str:
+        """A block of forward-noised training latents labelled by the DiT (analysis/job/queries.py)."""
+        # Ray worker: imported in the actor's process when Ray unpickles it
+        from analysis.job.queries import forward_block
+
+        # Ray worker: imported in the actor's process when Ray unpickles it
+        from analysis.job.trajectories import block_is_complete, block_name, write_block
+
+        # Ray worker: imported in the actor's process when Ray unpickles it
+        from models.artifacts import load_latent_data
+
+        path = Path(folder) / block_name(block, count)
+        if block_is_complete(path, {**meta, "block": block, "count": count}):
+            return str(path)
+        if self.train is None:  # loaded once per actor, on its first forward block
+            self.train = load_latent_data(self.run_dir, self.meta["kind"]).train
+        tensors = forward_block(self.model, self.schedule, self.train, sampler, seed, block, count)
         return str(write_block(Path(folder), block, tensors, meta))
 
 

@@ -59,7 +59,19 @@ def write_equations_json(
     }
     if views:
         eq.update(
-            {k: _json_safe(views[k]) for k in ("validation", "fit_space", "mixture", "coordinate_choice") if k in views}
+            {
+                k: _json_safe(views[k])
+                for k in (
+                    "validation",
+                    "yardsticks",
+                    "sensitivity",
+                    "polish",
+                    "fit_space",
+                    "mixture",
+                    "coordinate_choice",
+                )
+                if k in views
+            }
         )
     atomic_write_text(path, json.dumps(eq, indent=1, allow_nan=True))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from analysis.report.context import ReportContext
+from analysis.report.yardsticks import yardstick_section
 from analysis.sindy.export import equation_text  # the one formatter of equation text
 from analysis.sindy.families import Polynomial
 from analysis.sindy.integration import DIVERGED
@@ -77,6 +78,7 @@ def _overview(fits: list[dict], library, xi: np.ndarray, ctx: ReportContext, vie
     d, names = len(fits), library.get_feature_names("text")
     L = [f"# SINDy equations of `{ctx.run}`", ""]
     L += validation_section(views, ctx)
+    L += yardstick_section((views or {}).get("yardsticks"))
     L += [
         f"- data: {ctx.n} trajectories ({ctx.source}), sampler **{ctx.sampler}**, T = {ctx.T} steps, "
         f"seed {ctx.settings.seed}; split by trajectory: {ctx.n_train} training / {ctx.n_heldout} held-out",

@@ -13,6 +13,7 @@ from analysis.sindy.gram import GramStats
 from analysis.sindy.library import Library
 from analysis.sindy.metrics import stepwise_stats
 from analysis.sindy.targets import regression_samples, window_index
+from analysis.sindy.theory import state_index
 
 __all__ = ["accumulate_block", "merge_numpy_stats"]
 
@@ -29,6 +30,7 @@ def accumulate_block(
     chunk_size: int,
     ceiling_degree: int = 0,
     window_edges: list[float] | None = None,
+    step_weights: list[float] | None = None,
 ) -> dict:
     """Gram statistics of one trajectory block: one per bootstrap group (training) and the held-out one.
 
@@ -47,6 +49,7 @@ def accumulate_block(
             reference fit (analysis.sindy.metrics.free_time_r2) with a polynomial of this degree.
         window_edges: W + 1 increasing times: held-out statistics are also kept per window of t
             (analysis.sindy.targets.window_index: a row at t belongs to the window [e_w, e_{w+1}), the last one closed).
+        step_weights: (T,) row weight per state k (sindy.weighting), or None for equal weights.
 
     Returns:
         {"groups": [G numpy stats dicts or None], "heldout": numpy stats dict or None,
@@ -71,15 +74,19 @@ def accumulate_block(
             targets,
             eps=None if eps is None else eps[:, cols],
         )
-        stats = GramStats.from_library(lib, [(zs, ts, ys)], device=device, chunk_size=chunk_size)
+        w = None if step_weights is None else np.asarray(step_weights)[state_index(ts, T)]
+        stats = GramStats.from_library(lib, [(zs, ts, ys, w)], device=device, chunk_size=chunk_size)
         if g < 0:
             out["heldout"] = stats.to_numpy()
             if len(edges) > 1:
                 win = window_index(ts, edges)
-                for w in np.unique(win).tolist():
-                    rows = win == w
-                    out["windows"][w] = GramStats.from_library(
-                        lib, [(zs[rows], ts[rows], ys[rows])], device=device, chunk_size=chunk_size
+                for wi in np.unique(win).tolist():
+                    rows = win == wi
+                    out["windows"][wi] = GramStats.from_library(
+                        lib,
+                        [(zs[rows], ts[rows], ys[rows], None if w is None else w[rows])],
+                        device=device,
+                        chunk_size=chunk_size,
                     ).to_numpy()
         else:
             out["groups"][g] = stats.to_numpy()

@@ -228,7 +228,7 @@ class GramStats:
         Args:
             library: an ``analysis.sindy.library.Library`` (fit, or fit here on the first batch).
             batches: iterable of (z (c, d), t (c,) or scalar or None, zdot (c, m)) in
-                numpy/torch.
+                numpy/torch, optionally with (c,) nonnegative row weights as a fourth element.
             device: where Theta chunks and statistics live (see ``resolve_device``).
             chunk_size: rows per Theta evaluation (bounds peak memory at chunk_size * p).
 
@@ -237,7 +237,9 @@ class GramStats:
         """
         dev = resolve_device(device)
         stats = None
-        for z, t, zdot in batches:
+        for batch in batches:
+            z, t, zdot = batch[:3]
+            w = batch[3] if len(batch) > 3 else None
             z = _to_device(z, dev)
             zdot = as_2d_targets(_to_device(zdot, dev))
             t = None if t is None else _to_device(t, dev)
@@ -248,7 +250,7 @@ class GramStats:
             for i in range(0, z.shape[0], chunk_size):
                 tc = t if t is None or t.ndim == 0 else t[i : i + chunk_size]
                 theta = library.transform(z[i : i + chunk_size], tc)  # (c, p)
-                stats.update(theta, zdot[i : i + chunk_size])
+                stats.update(theta, zdot[i : i + chunk_size], None if w is None else w[i : i + chunk_size])
         if stats is None:
             raise ValueError("batches was empty; nothing to accumulate.")
         return stats

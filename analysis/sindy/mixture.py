@@ -182,10 +182,26 @@ def _nested_tuple(x: Any) -> Any:
     return float(x)
 
 
+def moment_matched(mix: GaussianMixtureEps) -> GaussianMixtureEps:
+    """The Gaussian with the mixture's mean and covariance (K = 1): sum_k w_k mu_k and
+    sum_k w_k (Sigma_k + mu_k mu_k^T) - mu mu^T."""
+    w = mix.weights / mix.weights.sum()
+    mu = w @ mix.means
+    cov = np.einsum("k,kij->ij", w, mix.covariances + np.einsum("ki,kj->kij", mix.means, mix.means)) - np.outer(mu, mu)
+    return GaussianMixtureEps(np.ones(1), mu[None], cov[None])
+
+
+MIXTURE_FEATURES = ("eps", "drift", "posterior", "regimes", "gaussian")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class MixtureEps(TermFamily):
-    """Candidate terms from a fitted mixture: its eps*_j(z, t) or its drift p z_j + q eps*_j (d columns each)
-    and/or its posteriors r_k(z, t) (K columns).
+    """Candidate terms from a fitted mixture: its eps*_j(z, t) or its drift p z_j + q eps*_j (d columns each),
+    its posteriors r_k(z, t) (K columns), its regime terms r_k(z, t) z_j (K d columns: inside component k's
+    region a term linear in z, so each component is a linear regime a reader can name by its decoded mean) and/or
+    the closed-form eps of the mixture's moment-matched Gaussian (d columns: s (a^2 Sigma + s^2 I)^-1 (z - a mu),
+    the schedule's exact time factors a(t), s(t) instead of polynomials in t; mu and Sigma are the mixture's
+    overall mean and covariance, listed with its other constants).
 
     With these columns a sparse model can write the DiT's eps (or drift) as the mixture's closed form
     plus a few corrections. Time enters through the noise level: ``alpha_bars`` holds ab of every state
@@ -195,7 +211,7 @@ class MixtureEps(TermFamily):
     Attributes:
         weights: (K,) mixture weights; means (K, d); covariances (K, d, d).
         alpha_bars: (T,) ab per state.
-        features: subset of ("eps", "drift", "posterior"), column order.
+        features: subset of ("eps", "drift", "posterior", "regimes"), column order.
         p, q: (T,) the sampler's linear part per state (only for the "drift" feature).
     """
 
@@ -213,18 +229,17 @@ class MixtureEps(TermFamily):
         for f in ("weights", "means", "covariances", "alpha_bars", "p", "q"):
             object.__setattr__(self, f, _nested_tuple(getattr(self, f)))
         object.__setattr__(self, "features", tuple(self.features))
-        if not self.features or any(f not in ("eps", "drift", "posterior") for f in self.features):
+        if not self.features or any(f not in MIXTURE_FEATURES for f in self.features):
             raise ValueError(
-                f"MixtureEps features must be a non-empty subset of ('eps', 'drift', 'posterior'); "
-                f"got {self.features!r}"
+                f"MixtureEps features must be a non-empty subset of {MIXTURE_FEATURES}; got {self.features!r}"
             )
         if not self.weights or not self.alpha_bars:
             raise ValueError("MixtureEps needs the mixture (weights, means, covariances) and alpha_bars per state")
         if "drift" in self.features and not (len(self.p) == len(self.q) == len(self.alpha_bars)):
             raise ValueError("MixtureEps feature 'drift' needs the sampler's p and q for every state (as alpha_bars)")
-        object.__setattr__(
-            self, "_mix", GaussianMixtureEps(np.array(self.weights), np.array(self.means), np.array(self.covariances))
-        )
+        mix = GaussianMixtureEps(np.array(self.weights), np.array(self.means), np.array(self.covariances))
+        object.__setattr__(self, "_mix", mix)
+        object.__setattr__(self, "_gauss", moment_matched(mix))
 
     @classmethod
     def from_mixture(
@@ -256,7 +271,8 @@ class MixtureEps(TermFamily):
         return isinstance(other, MixtureEps) and self.params() == other.params()
 
     def n_output_features(self, d: int) -> int:
-        return sum(len(self.weights) if f == "posterior" else d for f in self.features)
+        K = len(self.weights)
+        return sum({"posterior": K, "regimes": K * d}.get(f, d) for f in self.features)
 
     def names(self, d, style="text", state_names=None, time_name="t"):
         _check_style(style)
@@ -267,8 +283,17 @@ class MixtureEps(TermFamily):
                 out += [f"eps_mix{j}" if style == "text" else rf"\epsilon^{{mix}}_{{{j}}}" for j in range(d)]
             elif f == "drift":
                 out += [f"drift_mix{j}" if style == "text" else rf"f^{{mix}}_{{{j}}}" for j in range(d)]
-            else:
+            elif f == "gaussian":
+                out += [f"eps_gauss{j}" if style == "text" else rf"\epsilon^{{G}}_{{{j}}}" for j in range(d)]
+            elif f == "posterior":
                 out += [f"r_mix{k}" if style == "text" else rf"r_{{{k}}}" for k in range(len(self.weights))]
+            else:
+                zn = _state_names(d, style, state_names)
+                out += [
+                    f"r_mix{k} {zn[j]}" if style == "text" else rf"r_{{{k}}} {zn[j]}"
+                    for k in range(len(self.weights))
+                    for j in range(d)
+                ]
         return out
 
     def _columns(self, z, t):
@@ -281,7 +306,15 @@ class MixtureEps(TermFamily):
         drift = (
             (np.asarray(self.p)[k, None] * zn + np.asarray(self.q)[k, None] * eps) if "drift" in self.features else None
         )
-        cols = np.concatenate([{"eps": eps, "drift": drift, "posterior": r}[f] for f in self.features], axis=1)
+        regimes = (r[:, :, None] * zn[:, None, :]).reshape(len(zn), -1) if "regimes" in self.features else None
+        gauss = self._gauss.eps(zn, np.sqrt(ab), np.sqrt(1.0 - ab)) if "gaussian" in self.features else None
+        cols = np.concatenate(
+            [
+                {"eps": eps, "drift": drift, "posterior": r, "regimes": regimes, "gaussian": gauss}[f]
+                for f in self.features
+            ],
+            axis=1,
+        )
         if is_torch:
             return torch.as_tensor(cols, dtype=torch.float64, device=z.device)
         return cols
