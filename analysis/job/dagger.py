@@ -15,6 +15,7 @@ import time
 import numpy as np
 import torch
 
+from analysis.job.coordinate_choice import save_coordinates
 from analysis.job.fits import fit_key, stage_fits
 from analysis.job.plan import Plan
 from analysis.job.queries import label_states, rollout_states
@@ -104,7 +105,7 @@ def stage_dagger(
     fit_dir = plan.run_dir / "sindy" / "fits" / fit_key(cfg, plan, tset, coords)
     fit_dir.mkdir(parents=True, exist_ok=True)
     if coords.file_name:
-        coords.save(fit_dir / coords.file_name)
+        save_coordinates(coords, fit_dir / coords.file_name)
     own: dict = {}
     fits, lib = stage_fits(cfg, plan, tset, coords, split, fit_dir, own)
     times[f"dagger {round_i + 1}"] = (

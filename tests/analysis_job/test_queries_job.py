@@ -27,21 +27,35 @@ def test_queries_and_sensitivity_weighting(trained_run, mnist_shards, tmp_path):
         "sindy.n_bootstrap=0",
         f"dit.classifier={tmp_path / 'none.safetensors'}",
     )
-    run_entry([sys.executable, JOB, *common, "sindy.queries=40", "sindy.weighting=sensitivity"])
+    run_entry(
+        [
+            sys.executable,
+            JOB,
+            *common,
+            "sindy.queries=40",
+            "sindy.weighting=sensitivity",
+            "sindy.dagger_rounds=1",
+            "sindy.dagger_noises=20",
+            "sindy.coordinates=modes",
+        ]
+    )
     eq = json.loads((run_dir / "report" / "equations.json").read_text())
-    manifests = list((run_dir / "sindy" / "queries").glob("*/manifest.json"))
-    assert len(manifests) == 1
-    m = json.loads(manifests[0].read_text())
+    manifests = sorted((run_dir / "sindy" / "queries").glob("*/manifest.json"))
+    assert len(manifests) == 2 and manifests[0].parent.name.startswith("dagger-")
+    dagger = json.loads(manifests[0].read_text())
+    assert dagger["n_trajectories"] <= 20 and "rollouts" in dagger["rows"]
+    assert eq["coordinate_choice"]["dagger"][0]["round"] == 1 and "dagger 1" in eq["stage_times"]
+    m = json.loads(manifests[1].read_text())
     assert m["n_trajectories"] == 40 and "forward-noised" in m["rows"] and len(m["blocks"]) == 2  # blocks of 32
     sens = eq["sensitivity"]
     assert len(sens["gain"]) == eq["timesteps"] and all(g > 0 for g in sens["gain"])
     assert np.mean(sens["weights"]) == pytest.approx(1.0) and sens["target"] == "eps"
     assert {"queries", "sensitivity"} <= set(eq["stage_times"])
-    fit_dirs = sorted((run_dir / "sindy" / "fits").iterdir())
-    # Without the levers the same data fits into other folders (the levers are part of the fit key): one more per
-    # coordinate candidate.
-    run_entry([sys.executable, JOB, *common])
-    assert len(sorted((run_dir / "sindy" / "fits").iterdir())) == 2 * len(fit_dirs)
+    fit_dirs = sorted(p for p in (run_dir / "sindy" / "fits").iterdir() if p.is_dir())
+    assert len(fit_dirs) == 2  # before and after the DAgger round
+    # Without the levers the same data fits into another folder (the levers are part of the fit key).
+    run_entry([sys.executable, JOB, *common, "sindy.coordinates=modes"])
+    assert len([p for p in (run_dir / "sindy" / "fits").iterdir() if p.is_dir()]) == 3
     y = json.loads((run_dir / "report" / "equations.json").read_text())["yardsticks"]
     assert "no MNIST classifier" in y["skipped"]["images"] and y["rows"][-1]["kind"] == "equations"
 
