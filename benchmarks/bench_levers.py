@@ -131,8 +131,9 @@ def main(argv=None) -> int:
             eq, sec = run_job(root, name, extra, common)
             if yard is None:
                 yard = [r for r in eq["yardsticks"]["rows"] if r["kind"] != "equations"]
+                print(f"yardsticks: {json.dumps(yard)}", flush=True)
             rows.append({"lever": label, "overrides": extra, **equations_row(eq), "job_seconds": round(sec, 1)})
-            print(f"{label}: {rows[-1]['same_digit']} same digit, {sec:.0f} s", flush=True)
+            print(f"{label}: {json.dumps(rows[-1])}", flush=True)  # each row as it comes: a long sweep loses nothing
         pareto = []
         for b in budgets:
             if b == DEFAULT_BUDGET and levers[0] is LEVERS[0]:  # the baseline is this point: not run twice
@@ -142,6 +143,7 @@ def main(argv=None) -> int:
                 continue
             eq, sec = run_job(root, name, [f"sindy.term_budget={b}"], common)
             pareto.append({"term_budget": b, **equations_row(eq), "job_seconds": round(sec, 1)})
+            print(f"term budget {b}: {json.dumps(pareto[-1])}", flush=True)
         pareto.sort(key=lambda p: p["term_budget"])
     print()
     print("| setting | eps R^2 | same digit [95% CI] | confident | final error | terms (per dim) | job s |")
