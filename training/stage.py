@@ -52,7 +52,7 @@ def load_split(cfg: Config, split: str, device: torch.device) -> tuple[torch.Ten
     from data_pipeline.loader import load_split_in_memory
 
     try:
-        return load_split_in_memory(cfg.data.shards, split, device=device)
+        return load_split_in_memory(cfg.data.shards, split, device=device, on_error=cfg.data.on_error)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         raise UserError(str(e).strip().splitlines()[0]) from None
 
