@@ -26,7 +26,16 @@ LAUNCH_DIR_ENV = "LATENT_SINDY_LAUNCH_DIR"
 them to checkpoint and stop, where a stopped worker leaves ``preempted.*`` and a worker that
 stopped on a UserError leaves ``usererror.*`` (see training/launch.py)."""
 
-__all__ = ["LAUNCH_DIR_ENV", "UserError", "OneLineParser", "parse_cli", "call_cli", "run_cli"]
+__all__ = ["LAUNCH_DIR_ENV", "UserError", "OneLineParser", "parse_cli", "call_cli", "run_cli", "shorten"]
+
+MESSAGE_LIMIT = 2000
+"""The most characters of an error line: a message that echoes a huge value (a 50 MB path) is cut."""
+
+
+def shorten(value: object, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters plus ``... (N characters)``: how messages echo a user's value."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class UserError(RuntimeError):
@@ -81,6 +90,8 @@ def _report(e: BaseException, prog: str | None) -> int:
         bar.close()
     prog = prog or Path(sys.argv[0]).name
     msg = " ".join(str(e).split("\n"))  # one line even when a library's message has several
+    if len(msg) > MESSAGE_LIMIT:
+        msg = f"{msg[:MESSAGE_LIMIT]}... ({len(msg)} characters)"
     print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
     launch_dir = os.environ.get(LAUNCH_DIR_ENV)
     if launch_dir and Path(launch_dir).is_dir():

@@ -34,6 +34,7 @@ __all__ = [
     "atomic_save_safetensors",
     "fsync_path",
     "file_sha256",
+    "read_json",
     "resolve_device",
 ]
 
@@ -121,7 +122,44 @@ def read_safetensors(
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exn:
-        raise error(f"{what or path} is not a readable safetensors file ({exn}){hint}") from None
+        raise error(f"{what or path} is not a readable safetensors file (truncated or corrupt: {exn}){hint}") from None
+
+
+def read_json(
+    path: str | os.PathLike[str], *, missing: str, hint: str = "", max_bytes: int = 64 << 20, error: type | None = None
+) -> dict:
+    """A JSON object from a file that a stage wrote, or one clear line naming the file.
+
+    Args:
+        path: the file.
+        missing: the whole message when the file does not exist (say what makes it).
+        hint: appended to the other messages (how to make a good file).
+        max_bytes: larger files are refused unread (these are small metadata files).
+        error: the exception class (default configs.cli.UserError).
+
+    Raises:
+        error: missing, larger than ``max_bytes``, truncated or invalid JSON, or not a JSON object.
+    """
+    import json
+
+    from configs.cli import UserError
+
+    error = error or UserError
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise error(f"{path} is {size} bytes, more than the {max_bytes} a metadata file may have{hint}")
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError) as exn:
+        raise error(f"{path} is unreadable ({exn}){hint}") from None
+    except ValueError as exn:
+        raise error(f"{path} is truncated or not valid JSON ({exn}){hint}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object, found {type(data).__name__}{hint}")
+    return data
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
