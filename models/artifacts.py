@@ -93,9 +93,21 @@ def save_weights(module: torch.nn.Module, path: Path, metadata: dict[str, str] |
     atomic_save_safetensors(sd, path, metadata)
 
 
+def check_finite_latents(z: torch.Tensor, where: str) -> None:
+    """Refuse latents (N, T, C) holding NaN or Inf: one line naming ``where``, the first sample and coordinate."""
+    bad = ~torch.isfinite(z)
+    if bad.any():
+        sample, token, channel = (int(i) for i in bad.nonzero()[0])
+        raise UserError(
+            f"{where} holds {int(bad.sum())} NaN or Inf values (first: sample {sample}, token {token}, channel "
+            f"{channel}): the autoencoder's weights or its input are broken; re-train with training/train_ae.py"
+        )
+
+
 def save_latents(path: Path, latents: torch.Tensor, labels: torch.Tensor, ae_sha256: str, kind: str) -> None:
     """One encoded split (``latents`` raw (N, T, C), ``labels`` (N,)), tagged with the autoencoder
-    that encoded it (``load_latent_data`` checks the tag)."""
+    that encoded it (``load_latent_data`` checks the tag); non-finite latents are refused, not written."""
+    check_finite_latents(latents, f"the latents for {path}")
     atomic_save_safetensors(
         {"latents": latents.contiguous(), "labels": labels.contiguous()}, path, {"ae_sha256": ae_sha256, "kind": kind}
     )
@@ -153,6 +165,8 @@ def load_latent_stats(run_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     s = load_weights(stats, "latent stats")
     if set(s) != {"mean", "std"}:
         raise UserError(f"{stats} must hold 'mean' and 'std', found {sorted(s)}")
+    if not (torch.isfinite(s["mean"]).all() and torch.isfinite(s["std"]).all() and (s["std"] > 0).all()):
+        raise UserError(f"{stats} holds NaN, Inf or a std <= 0; re-run training/encode_latents.py")
     return s["mean"], s["std"]
 
 
@@ -175,6 +189,7 @@ def load_latent_data(run_dir: Path, expect_kind: str) -> LatentData:
         raise UserError(f"{train_file} not found: run training/encode_latents.py for this run first")
     data = load_weights(train_file, "latents")
     z = data["latents"]
+    check_finite_latents(z, str(train_file))
     shape = list(z.shape[1:])
     if shape != list(meta["latent_shape"]):
         raise UserError(

@@ -117,3 +117,35 @@ def test_damaged_ae_artifacts(tmp_path: Path) -> None:
     (tmp_path / "ae.safetensors").write_bytes(data[:-100])
     with pytest.raises(UserError, match=r"ae\.safetensors is not a readable safetensors file \(truncated or corrupt"):
         load_autoencoder(tmp_path)
+
+
+def test_non_finite_latents_are_neither_written_nor_read(tmp_path: Path) -> None:
+    from configs.io import file_sha256
+    from models.artifacts import load_latent_data, save_latent_stats, save_latents
+
+    save_weights(build_autoencoder("vae16", 1.0), tmp_path / "ae.safetensors")
+    (tmp_path / "ae.json").write_text(json.dumps({"kind": "vae16", "latent_shape": [16, 1]}))
+    sha = file_sha256(tmp_path / "ae.safetensors")
+    z = torch.randn(50, 16, 1)
+    z[7, 3, 0] = float("inf")
+    (tmp_path / "latents").mkdir()
+    with pytest.raises(UserError, match=r"holds 1 NaN or Inf values \(first: sample 7, token 3, channel 0\)"):
+        save_latents(tmp_path / "latents" / "train.safetensors", z, torch.zeros(50), sha, "vae16")
+    assert not any((tmp_path / "latents").iterdir())
+    # Written by something else (or damaged later): refused when read.
+    from safetensors.torch import save_file
+
+    save_file(
+        {"latents": z, "labels": torch.zeros(50)}, str(tmp_path / "latents" / "train.safetensors"), {"ae_sha256": sha}
+    )
+    save_latent_stats(tmp_path, torch.zeros(1, 1), torch.ones(1, 1), sha, "vae16")
+    with pytest.raises(UserError, match=r"train\.safetensors holds 1 NaN or Inf values"):
+        load_latent_data(tmp_path, "vae16")
+    z[7, 3, 0] = 0.0
+    save_file(
+        {"latents": z, "labels": torch.zeros(50)}, str(tmp_path / "latents" / "train.safetensors"), {"ae_sha256": sha}
+    )
+    assert load_latent_data(tmp_path, "vae16").train.shape == (50, 16, 1)
+    save_latent_stats(tmp_path, torch.zeros(1, 1), torch.full((1, 1), float("nan")), sha, "vae16")
+    with pytest.raises(UserError, match=r"latent_stats\.safetensors holds NaN, Inf or a std <= 0"):
+        load_latent_data(tmp_path, "vae16")
