@@ -26,7 +26,22 @@ LAUNCH_DIR_ENV = "LATENT_SINDY_LAUNCH_DIR"
 them to checkpoint and stop, where a stopped worker leaves ``preempted.*`` and a worker that
 stopped on a UserError leaves ``usererror.*`` (see training/launch.py)."""
 
-__all__ = ["LAUNCH_DIR_ENV", "UserError", "OneLineParser", "parse_cli", "call_cli", "run_cli", "shorten"]
+PREEMPTED_EXIT = 75
+"""Exit code of a stage that stopped for a signal (preemption, time limit) before it finished, keeping what it
+had finished (checkpoints, finished fits): its final outputs are not written; rerun it (training: with
+``resume=auto``) to continue. 75 is EX_TEMPFAIL of sysexits.h ("temporary failure, retry"), distinct from
+success (0), a crash (1) and bad input (2)."""
+
+__all__ = [
+    "LAUNCH_DIR_ENV",
+    "PREEMPTED_EXIT",
+    "UserError",
+    "OneLineParser",
+    "parse_cli",
+    "call_cli",
+    "run_cli",
+    "shorten",
+]
 
 MESSAGE_LIMIT = 2000
 """The most characters of an error line: a message that echoes a huge value (a 50 MB path) is cut."""

@@ -31,19 +31,13 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 
-from configs.cli import LAUNCH_DIR_ENV, UserError
+from configs.cli import LAUNCH_DIR_ENV, PREEMPTED_EXIT, UserError
 from configs.io import atomic_save_safetensors, atomic_write_text, file_sha256, fsync_path
 from configs.schema import OptimConfig
 
 CKPT_RE = re.compile(r"^step_(\d{8})$")
 MANIFEST = "checkpoint.sha256"
 """Written last into every checkpoint: ``<sha256>  <relative path>`` per file."""
-
-PREEMPTED_EXIT = 75
-"""Exit code of a stage that checkpointed and stopped for a signal (preemption, time limit)
-before it finished: its final outputs are not written; rerun with ``resume=auto`` to continue.
-75 is EX_TEMPFAIL of sysexits.h ("temporary failure, retry"), distinct from success (0),
-a crash (1) and bad input (2)."""
 
 
 def make_accelerator(opt: OptimConfig, run_dir: Path, cpu: bool | None = None) -> Accelerator:
