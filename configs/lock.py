@@ -15,6 +15,7 @@ a lock nor whether a holder died.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import fcntl
 import json
@@ -66,7 +67,11 @@ def _describe(record: dict) -> str:
 
 
 class StageLock:
-    """A held lock; :meth:`release` (or leaving the ``with`` block, or the process ending) frees it."""
+    """A held lock; :meth:`release` (or leaving the ``with`` block, or the process ending) frees it.
+
+    Stages keep it until their process ends: the kernel then releases the flock, and a normal exit also clears
+    the holder record (atexit), so only a killed job leaves a record behind for the next one to take over.
+    """
 
     def __init__(self, path: Path, fd: int, stale: dict | None) -> None:
         self.path, self.fd = path, fd
@@ -161,6 +166,7 @@ def acquire_stage_lock(run_dir: str | os.PathLike[str], stage: str) -> StageLock
         raise
     lock = StageLock(path, fd, stale)
     _HELD[str(path)] = lock
+    atexit.register(lock.release)  # a normal exit (sys.exit included) clears the record; a kill leaves it stale
     return lock
 
 

@@ -116,3 +116,12 @@ def test_encode_latents_refuses_a_folder_another_job_encodes(tmp_path) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and f"pid {child.pid}" in lines[0] and "stage latents is running" in lines[0], proc.stderr
     assert not (run / "latents").exists()
+
+
+def test_a_normal_exit_leaves_no_stale_record(tmp_path, capfd) -> None:
+    code = "import sys; from configs.lock import acquire_stage_lock; acquire_stage_lock(sys.argv[1], 'ae'); sys.exit(3)"
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=REPO)
+    assert proc.returncode == 3 and (tmp_path / ".locks" / "ae.lock").read_text() == ""
+    with acquire_stage_lock(tmp_path, "ae") as lock:
+        assert lock.stale is None
+    assert "took over" not in capfd.readouterr().err
