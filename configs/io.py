@@ -13,6 +13,7 @@ helpers (``python -m configs``) import this module without needing them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import Callable
@@ -35,6 +36,7 @@ __all__ = [
     "fsync_path",
     "file_sha256",
     "read_json",
+    "replace_folder",
     "resolve_device",
 ]
 
@@ -123,6 +125,54 @@ def read_safetensors(
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exn:
         raise error(f"{what or path} is not a readable safetensors file (truncated or corrupt: {exn}){hint}") from None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system or file system
+    cannot. Through ctypes because Python's os module has no renameat2."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def replace_folder(new: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Put the complete folder ``new`` at ``dest`` (same parent folder), replacing what was there.
+
+    A reader sees the old folder or the new one, never a mix: the two are exchanged in one rename
+    where the system can (renameat2), else ``dest`` is renamed aside first (a crash between the two
+    renames leaves no ``dest`` at all, and the old one beside it as ``.tmp-old-<name>.<pid>``), then
+    the old one is deleted. Returns ``dest``.
+    """
+    import shutil
+
+    new, dest = Path(new), Path(dest)
+    for f in new.rglob("*"):
+        if f.is_file():
+            fsync_path(f)
+    fsync_path(new)
+    if not dest.exists():
+        os.rename(new, dest)
+    elif _exchange(new, dest):
+        shutil.rmtree(new)  # now the old folder
+    else:
+        old = dest.with_name(f"{TMP_PREFIX}old-{dest.name}.{os.getpid()}")
+        os.rename(dest, old)
+        os.rename(new, dest)
+        shutil.rmtree(old)
+    fsync_path(dest.parent)
+    return dest
 
 
 def read_json(
