@@ -126,6 +126,19 @@ def load_weights(path: Path, what: str) -> dict[str, torch.Tensor]:
     return read_safetensors(path, missing=f"{path} not found: train the {what} first")
 
 
+def load_finite_weights(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """:func:`load_weights`, refusing a file whose tensors hold NaN or Inf (one line naming the first tensor)."""
+    state = load_weights(path, what)
+    nonfinite = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if nonfinite:
+        more = f" and {len(nonfinite) - 1} more" if len(nonfinite) > 1 else ""
+        raise UserError(
+            f"{path} holds NaN or Inf values (tensor {nonfinite[0]!r}{more}): the training diverged or the file "
+            f"was damaged; train the {what} of this run again"
+        )
+    return state
+
+
 def load_autoencoder(run_dir: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
     """The trained autoencoder of a run folder (eval mode) and its ae.json metadata."""
     meta = read_ae_meta(run_dir)
@@ -133,7 +146,7 @@ def load_autoencoder(run_dir: Path, device: torch.device | str = "cpu") -> tuple
         model = build_autoencoder(meta["kind"], meta.get("kl_weight", 1.0))
     except ValueError as e:
         raise UserError(f"{run_dir / 'ae.json'}: field 'kind': {shorten(str(e), 300)}{_AE_FIX}") from None
-    weights = load_weights(run_dir / "ae.safetensors", "autoencoder")  # a truncated file: its own line
+    weights = load_finite_weights(run_dir / "ae.safetensors", "autoencoder")  # truncated, corrupt or NaN: one line
     try:
         model.load_state_dict(weights)
     except RuntimeError as e:
@@ -239,14 +252,7 @@ def load_denoiser(run_dir: Path, device: torch.device | str = "cpu", ema: bool =
     except ValueError as e:
         raise UserError(f"{meta_file}: field 'kind' or 'schedule_kind': {shorten(str(e), 300)}{_DIT_FIX}") from None
     model = DiT(dit_config_of(meta, meta_file))
-    state = load_weights(weights, "DiT")  # a truncated or corrupt file says so, in its own line
-    nonfinite = sorted(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
-    if nonfinite:
-        raise UserError(
-            f"{weights} holds NaN or Inf values (tensor {nonfinite[0]!r}"
-            f"{f' and {len(nonfinite) - 1} more' if len(nonfinite) > 1 else ''}): the training diverged or the "
-            "file was damaged; re-run training/train_dit.py for this run"
-        )
+    state = load_finite_weights(weights, "DiT")  # truncated, corrupt or NaN: its own line
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

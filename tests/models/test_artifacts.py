@@ -149,3 +149,16 @@ def test_non_finite_latents_are_neither_written_nor_read(tmp_path: Path) -> None
     save_latent_stats(tmp_path, torch.zeros(1, 1), torch.full((1, 1), float("nan")), sha, "vae16")
     with pytest.raises(UserError, match=r"latent_stats\.safetensors holds NaN, Inf or a std <= 0"):
         load_latent_data(tmp_path, "vae16")
+
+
+def test_nan_autoencoder_weights_are_refused(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    save_weights(build_autoencoder("vae16", 1.0), tmp_path / "ae.safetensors")
+    (tmp_path / "ae.json").write_text(json.dumps({"kind": "vae16", "latent_shape": [16, 1]}))
+    state = load_file(str(tmp_path / "ae.safetensors"))
+    key = sorted(state)[0]
+    state[key].view(-1)[-1] = float("-inf")
+    save_file(state, str(tmp_path / "ae.safetensors"))
+    with pytest.raises(UserError, match=rf"ae\.safetensors holds NaN or Inf values \(tensor '{key}'\)"):
+        load_autoencoder(tmp_path)
