@@ -61,6 +61,9 @@ class UserError(RuntimeError):
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
         # argparse prints the whole usage block first; the house rule is one line naming the problem.
+        message = " ".join(message.split("\n"))
+        if len(message) > MESSAGE_LIMIT:
+            message = f"{message[:MESSAGE_LIMIT]}... ({len(message)} characters)"
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 

@@ -80,3 +80,30 @@ def test_the_disk_estimate_counts_blocks_already_there(tmp_path: Path) -> None:
     assert per_trajectory == (3 * (cfg.dit.timesteps or steps) + 1) * dim * 4
     # Given as a file, the trajectories are not generated: no estimate.
     load_config(SMOKE, [f"run.root={tmp_path}", "sindy.n_trajectories=1000000000", "sindy.trajectories=x.npz"])
+
+
+def test_argument_errors_and_reported_errors_are_capped() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "configs", "--config", str(SMOKE), "--" + "x" * 100_000],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert "unrecognized arguments" in line and "characters)" in line and len(line) < 2200, line[:300]
+    # Any UserError message (a library's, say) is cut to one line of at most about 2,000 characters.
+    from configs.cli import UserError, call_cli
+
+    def main(argv):
+        raise UserError("boom " + "y" * 50_000)
+
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert call_cli(main, [], prog="p") == 2
+    assert err.getvalue().startswith("p: error: boom yyy") and "(50005 characters)" in err.getvalue()
+    assert len(err.getvalue()) < 2100
