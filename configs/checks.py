@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import re
 
-from configs.cli import UserError, shorten
+from configs.cli import UserError
+from configs.text import shorten
 
 # Linux's NAME_MAX and PATH_MAX (limits.h); a longer name or path fails at the first open with
 # "File name too long", after the job has waited in the queue.

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from configs.text import MESSAGE_LIMIT
+
 if TYPE_CHECKING:
     from configs.schema import Config
 
@@ -26,31 +28,7 @@ LAUNCH_DIR_ENV = "LATENT_SINDY_LAUNCH_DIR"
 them to checkpoint and stop, where a stopped worker leaves ``preempted.*`` and a worker that
 stopped on a UserError leaves ``usererror.*`` (see training/launch.py)."""
 
-PREEMPTED_EXIT = 75
-"""Exit code of a stage that stopped for a signal (preemption, time limit) before it finished, keeping what it
-had finished (checkpoints, finished fits): its final outputs are not written; rerun it (training: with
-``resume=auto``) to continue. 75 is EX_TEMPFAIL of sysexits.h ("temporary failure, retry"), distinct from
-success (0), a crash (1) and bad input (2)."""
-
-__all__ = [
-    "LAUNCH_DIR_ENV",
-    "PREEMPTED_EXIT",
-    "UserError",
-    "OneLineParser",
-    "parse_cli",
-    "call_cli",
-    "run_cli",
-    "shorten",
-]
-
-MESSAGE_LIMIT = 2000
-"""The most characters of an error line: a message that echoes a huge value (a 50 MB path) is cut."""
-
-
-def shorten(value: object, limit: int = 200) -> str:
-    """``repr(value)`` cut to ``limit`` characters plus ``... (N characters)``: how messages echo a user's value."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+__all__ = ["LAUNCH_DIR_ENV", "UserError", "OneLineParser", "parse_cli", "call_cli", "run_cli"]
 
 
 class UserError(RuntimeError):

@@ -22,10 +22,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from configs.checks import ConfigError, _at_most, _check, _name, _non_negative, _path, _positive, cap_message
-from configs.cli import shorten
 from configs.io import atomic_write_text
 from configs.sindy import SindyConfig, SindyLibraryConfig
 from configs.slurm import SlurmConfig
+from configs.text import shorten
 
 __all__ = [
     "Config",

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from configs.cli import UserError, shorten
+from configs.cli import UserError
 from configs.io import atomic_save_safetensors, file_sha256, read_json, read_safetensors
+from configs.text import shorten
 from models.autoencoder import build_autoencoder
 
 _AE_FIX = "; re-run training/train_ae.py for this run (or restore the file)"

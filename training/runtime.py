@@ -31,7 +31,8 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 from safetensors.torch import load_file, save_file
 
-from configs.cli import LAUNCH_DIR_ENV, PREEMPTED_EXIT, UserError
+from configs.cli import LAUNCH_DIR_ENV, UserError
+from configs.exit_codes import PREEMPTED_EXIT
 from configs.io import atomic_save_safetensors, atomic_write_text, file_sha256, fsync_path
 from configs.schema import OptimConfig
 
