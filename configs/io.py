@@ -36,6 +36,7 @@ __all__ = [
     "fsync_path",
     "file_sha256",
     "read_json",
+    "remove_temporaries",
     "replace_folder",
     "resolve_device",
 ]
@@ -125,6 +126,29 @@ def read_safetensors(
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exn:
         raise error(f"{what or path} is not a readable safetensors file (truncated or corrupt: {exn}){hint}") from None
+
+
+def remove_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete every ``.tmp-*`` file or folder under ``folder`` (what an interrupted atomic write or a killed
+    process left behind); returns what was removed. Call it only while holding the folder's stage lock
+    (configs.lock), so that no live writer's temporary file is taken."""
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = sorted(folder.rglob(f"{TMP_PREFIX}*"), key=lambda p: len(p.parts))
+    removed = []
+    for p in found:
+        if not os.path.lexists(p):
+            continue  # inside a folder removed before it
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with suppress(FileNotFoundError):
+                p.unlink()
+        removed.append(p)
+    return removed
 
 
 def _exchange(a: Path, b: Path) -> bool:
