@@ -94,6 +94,26 @@ def save_weights(module: torch.nn.Module, path: Path, metadata: dict[str, str] |
     atomic_save_safetensors(sd, path, metadata)
 
 
+def describe_nonfinite(arrays: dict, axes: tuple[str, ...] = ("step", "trajectory", "dimension")) -> str | None:
+    """Where the first NaN or Inf of some named arrays (numpy or torch) is, as words, or None when all are finite.
+
+    e.g. ``holds 3 NaN or Inf values in 'drift' (first at step 4, trajectory 2, dimension 3)``: what a refused
+    trajectory block's message says.
+    """
+    import numpy as np
+
+    for name, a in arrays.items():
+        if a is None:
+            continue
+        a = a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+        bad = ~np.isfinite(a)
+        if bad.any():
+            first = np.argwhere(bad)[0]
+            where = ", ".join(f"{axis} {int(i)}" for axis, i in zip(axes, first))
+            return f"holds {int(bad.sum())} NaN or Inf values in {name!r} (first at {where})"
+    return None
+
+
 def check_finite_latents(z: torch.Tensor, where: str) -> None:
     """Refuse latents (N, T, C) holding NaN or Inf: one line naming ``where``, the first sample and coordinate."""
     bad = ~torch.isfinite(z)

@@ -162,3 +162,18 @@ def test_nan_autoencoder_weights_are_refused(tmp_path: Path) -> None:
     save_file(state, str(tmp_path / "ae.safetensors"))
     with pytest.raises(UserError, match=rf"ae\.safetensors holds NaN or Inf values \(tensor '{key}'\)"):
         load_autoencoder(tmp_path)
+
+
+def test_describe_nonfinite_names_array_and_position() -> None:
+    import numpy as np
+
+    from models.artifacts import describe_nonfinite
+
+    z = np.zeros((5, 3, 4))
+    drift = torch.zeros(4, 3, 4)
+    assert describe_nonfinite({"z": z, "drift": drift, "eps": None}) is None
+    drift[2, 1, 3] = float("nan")
+    drift[3, 0, 0] = float("inf")
+    assert describe_nonfinite({"z": z, "drift": drift}) == (
+        "holds 2 NaN or Inf values in 'drift' (first at step 2, trajectory 1, dimension 3)"
+    )
