@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 
-from configs.cli import UserError
+from configs.errors import UserError
 from configs.text import shorten
 
 # Linux's NAME_MAX and PATH_MAX (limits.h); a longer name or path fails at the first open with

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from configs.cli import UserError
+from configs.errors import UserError
 
 __all__ = ["StageLocked", "StageLock", "acquire_stage_lock"]
 
