@@ -28,6 +28,7 @@ import torch
 from analysis.quality.scoring import RUN_SAMPLES, score_images
 from configs.cli import parse_cli, run_cli
 from configs.io import atomic_save_safetensors, atomic_write_text, file_sha256
+from configs.lock import acquire_stage_lock
 from configs.schema import Config
 from models.artifacts import load_autoencoder, load_denoiser, load_latent_stats
 from models.classifier import load_classifier
@@ -81,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     else:
         load_classifier(classifier, "cpu")  # a corrupt file: one line (QualityError) now, not after sampling
+    acquire_stage_lock(run_dir, "score")  # one scoring job per run folder (configs/lock.py), until this process ends
 
     # 2. Samples: the EMA model, seed run.seed + 1 (the grids in TensorBoard use run.seed).
     if n > 0:

@@ -13,7 +13,8 @@ Stages (each reused on rerun when its outputs exist, so a preempted job resumes)
     2. fits           statistics streamed once per block (tasks), then one task per dimension
                       sharing the Gram statistics through the object store                 sindy/fits/<key>/
     3. report         integration of the equations on held-out noise, plots, TensorBoard   report/, tb/sindy
-Every input is checked before Ray starts; bad inputs are one line on stderr and exit code 2.
+Every input is checked before Ray starts; bad inputs are one line on stderr and exit code 2. One job per run
+folder (configs/lock.py); SIGTERM/SIGUSR1 keep the finished blocks and fits, remove temporary files and exit 75.
 
 The steps live in analysis/job/plan.py (checks), analysis/job/stages.py (stages 1 and 3), analysis/job/coordinate_choice.py
 and analysis/job/fits.py (stage 2), analysis/job/views.py (theory, mixture and validation views) and analysis/report/write.py.
@@ -61,14 +62,21 @@ from analysis.job.stages import (  # noqa: E402
     stage_trajectories,
 )
 from configs.cli import parse_cli, run_cli  # noqa: E402
+from configs.exit_codes import PREEMPTED_EXIT  # noqa: E402
+from configs.io import remove_temporaries  # noqa: E402
+from configs.lock import acquire_stage_lock  # noqa: E402
 from configs.schema import Config  # noqa: E402
+from configs.stop import STOPS, Stopped  # noqa: E402
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     cfg: Config = parse_cli(argv, __doc__)
-    times: dict = {}
-    # 1. Check every input before starting anything.
+    # 1. Check every input before starting anything; then take the run folder's lock (one job per folder) and
+    # remove what an interrupted job left (.tmp-* files of fits, blocks or the report; nobody else writes there).
     plan = check_inputs(cfg)
+    acquire_stage_lock(plan.run_dir, "sindy")
+    for stale in remove_temporaries(plan.run_dir / "sindy") + remove_temporaries(plan.run_dir / "report"):
+        print(f"sindy: removed {stale}, left by an interrupted job", file=sys.stderr, flush=True)
     print(
         f"sindy: {plan.n} trajectories, {plan.d}-D fit ({plan.kind}), targets {plan.targets}, "
         f"~{plan.memory_gib:.2f} GiB for the statistics",
@@ -80,6 +88,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg.sindy.ray_address, cfg.sindy.num_cpus, submitted=REPO != Path(__file__).resolve().parents[1]
     )
     print(f"sindy: Ray {ray_how}", flush=True)
+    # SIGTERM/SIGUSR1 (preemption, the time limit) from now on: keep the finished blocks and fits, exit 75.
+    STOPS.install()
+    try:
+        return _stages(cfg, plan, ray_how)
+    except BaseException as e:
+        if not STOPS.signum:  # not a stop signal (or Ray's error around one): a failure of its own
+            raise
+        return _stopped(plan, e)
+
+
+def _stages(cfg: Config, plan, ray_how: str) -> int:
+    times: dict = {}
     # 3. Stage 1: trajectories.
     t0 = time.time()
     tset, how = stage_trajectories(cfg, plan)
@@ -110,11 +130,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"rollout RMSE {plan.polish['rmse_before']:.4g} -> {plan.polish['rmse_after']:.4g} "
             f"({plan.polish['nonzeros']} coefficients, {plan.polish['noises']} training noises)",
         )
-    # 5. Stage 3: the report.
+    # 5. Stage 3: the report, written elsewhere and swapped in whole (with the coordinates it is in).
     t0 = time.time()
-    path = stage_report(cfg, plan, tset, coords, split, fits, lib, times, ray_how, choice)
-    if coords.file_name:
-        save_coordinates(coords, path.parent / coords.file_name)
+    extra = (lambda folder: save_coordinates(coords, folder / coords.file_name)) if coords.file_name else None
+    path = stage_report(cfg, plan, tset, coords, split, fits, lib, times, ray_how, choice, extra=extra)
     print(
         f"sindy: report stage {time.time() - t0:.1f} s; stage times "
         + ", ".join(f"{k} {v[0]:.1f} s" for k, v in times.items()),
@@ -124,6 +143,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"sindy: {len(flagged)} of {len(fits)} dimensions flagged as not generalising", flush=True)
     print(f"sindy: report {path.resolve()}")
     print(f"sindy: TensorBoard {(plan.run_dir / 'tb' / 'sindy').resolve()}")
+    return 0
+
+
+def _stopped(plan, e: BaseException) -> int:
+    """After a stop signal: stop Ray's workers (a fit being written stops with them), remove the temporary files
+    and say what was kept; the rerun resumes from the finished blocks and fits."""
+    import ray  # heavy: imported where it is used, as ray_utils does
+
+    name = Stopped(STOPS.signum).name
+    ray.shutdown()
+    removed = remove_temporaries(plan.run_dir / "sindy") + remove_temporaries(plan.run_dir / "report")
+    kept = len(list((plan.run_dir / "sindy" / "fits").rglob("dim-*.json")))
+    print(
+        f"sindy: stopped by {name}: {kept} finished fits kept in {plan.run_dir / 'sindy'}, {len(removed)} temporary "
+        f"files removed, no report written; run the same command again to resume (exit {PREEMPTED_EXIT})",
+        file=sys.stderr,
+        flush=True,
+    )
+    return PREEMPTED_EXIT
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import NoReturn
 
 from configs.errors import UserError
 from configs.schema import Config, load_config
+from configs.text import MESSAGE_LIMIT
 
 LAUNCH_DIR_ENV = "LATENT_SINDY_LAUNCH_DIR"
 """Set by ``python -m training.launch`` for its workers: a folder where a ``stop`` file asks
@@ -32,6 +33,9 @@ __all__ = ["LAUNCH_DIR_ENV", "UserError", "OneLineParser", "parse_cli", "call_cl
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
         # argparse prints the whole usage block first; the house rule is one line naming the problem.
+        message = " ".join(message.split("\n"))
+        if len(message) > MESSAGE_LIMIT:
+            message = f"{message[:MESSAGE_LIMIT]}... ({len(message)} characters)"
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -74,6 +78,8 @@ def _report(e: BaseException, prog: str | None) -> int:
         bar.close()
     prog = prog or Path(sys.argv[0]).name
     msg = " ".join(str(e).split("\n"))  # one line even when a library's message has several
+    if len(msg) > MESSAGE_LIMIT:
+        msg = f"{msg[:MESSAGE_LIMIT]}... ({len(msg)} characters)"
     print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
     launch_dir = os.environ.get(LAUNCH_DIR_ENV)
     if launch_dir and Path(launch_dir).is_dir():

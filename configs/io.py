@@ -13,6 +13,7 @@ helpers (``python -m configs``) import this module without needing them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import Callable
@@ -36,6 +37,9 @@ __all__ = [
     "atomic_save_safetensors",
     "fsync_path",
     "file_sha256",
+    "read_json",
+    "remove_temporaries",
+    "replace_folder",
     "resolve_device",
 ]
 
@@ -121,7 +125,113 @@ def read_safetensors(
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError) as exn:
-        raise error(f"{what or path} is not a readable safetensors file ({exn}){hint}") from None
+        raise error(f"{what or path} is not a readable safetensors file (truncated or corrupt: {exn}){hint}") from None
+
+
+def remove_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete every ``.tmp-*`` file or folder under ``folder`` (what an interrupted atomic write or a killed
+    process left behind); returns what was removed. Call it only while holding the folder's stage lock
+    (configs.lock), so that no live writer's temporary file is taken."""
+    import shutil
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = sorted(folder.rglob(f"{TMP_PREFIX}*"), key=lambda p: len(p.parts))
+    removed = []
+    for p in found:
+        if not os.path.lexists(p):
+            continue  # inside a folder removed before it
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with suppress(FileNotFoundError):
+                p.unlink()
+        removed.append(p)
+    return removed
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system or file system
+    cannot. Through ctypes because Python's os module has no renameat2."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+def replace_folder(new: str | os.PathLike[str], dest: str | os.PathLike[str]) -> Path:
+    """Put the complete folder ``new`` at ``dest`` (same parent folder), replacing what was there.
+
+    A reader sees the old folder or the new one, never a mix: the two are exchanged in one rename
+    where the system can (renameat2), else ``dest`` is renamed aside first (a crash between the two
+    renames leaves no ``dest`` at all, and the old one beside it as ``.tmp-old-<name>.<pid>``), then
+    the old one is deleted. Returns ``dest``.
+    """
+    import shutil
+
+    new, dest = Path(new), Path(dest)
+    for f in new.rglob("*"):
+        if f.is_file():
+            fsync_path(f)
+    fsync_path(new)
+    if not dest.exists():
+        os.rename(new, dest)
+    elif _exchange(new, dest):
+        shutil.rmtree(new)  # now the old folder
+    else:
+        old = dest.with_name(f"{TMP_PREFIX}old-{dest.name}.{os.getpid()}")
+        os.rename(dest, old)
+        os.rename(new, dest)
+        shutil.rmtree(old)
+    fsync_path(dest.parent)
+    return dest
+
+
+def read_json(
+    path: str | os.PathLike[str], *, missing: str, hint: str = "", max_bytes: int = 64 << 20, error: type | None = None
+) -> dict:
+    """A JSON object from a file that a stage wrote, or one clear line naming the file.
+
+    Args:
+        path: the file.
+        missing: the whole message when the file does not exist (say what makes it).
+        hint: appended to the other messages (how to make a good file).
+        max_bytes: larger files are refused unread (these are small metadata files).
+        error: the exception class (default configs.errors.UserError).
+
+    Raises:
+        error: missing, larger than ``max_bytes``, truncated or invalid JSON, or not a JSON object.
+    """
+    import json
+
+    error = error or UserError
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing)
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise error(f"{path} is {size} bytes, more than the {max_bytes} a metadata file may have{hint}")
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, UnicodeDecodeError) as exn:
+        raise error(f"{path} is unreadable ({exn}){hint}") from None
+    except ValueError as exn:
+        raise error(f"{path} is truncated or not valid JSON ({exn}){hint}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object, found {type(data).__name__}{hint}")
+    return data
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,11 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from configs.checks import ConfigError, _at_most, _check, _name, _non_negative, _one_line, _positive
+from configs.checks import ConfigError, _at_most, _check, _name, _non_negative, _path, _positive, cap_message
 from configs.io import atomic_write_text
 from configs.sindy import SindyConfig, SindyLibraryConfig
 from configs.slurm import SlurmConfig
+from configs.text import shorten
 
 __all__ = [
     "Config",
@@ -45,6 +47,15 @@ __all__ = [
 ]
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
+DIT_PRESETS = ("tiny", "small", "reference", "large", "xl")
+"""The names of models.dit.PRESETS (configs imports nothing of models; tests/configs keeps the two equal)."""
+LATENT_SIZES = {"conv": (294, 100), "vae16": (16, 50)}
+"""Per latent kind: (D = tokens x channels, default T), as models/autoencoder.py and models.diffusion.LATENT_SCHEDULES
+have them; for the disk estimate of the trajectories before any model exists."""
+CONFIG_FILE_LIMIT = 1 << 20
+"""Largest config file read (1 MiB; the shipped ones are about 2 kB)."""
+VALUE_LIMIT = 4096
+"""Longest string value or override (PATH_MAX): no key needs more."""
 
 
 @dataclass
@@ -60,7 +71,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _name("run.name", self.name)
         _check(bool(self.root), "run.root must be a folder, got ''")
-        _one_line("run.root", self.root)
+        _path("run.root", self.root)
         _check(0 <= self.seed < 2**32, f"run.seed must be in [0, 2**32), got {self.seed}")
 
     @property
@@ -94,8 +105,8 @@ class DataConfig:
         _at_most("data", 60000, shard_size=self.shard_size, shuffle_buffer=self.shuffle_buffer)
         _at_most("data", 64, num_workers=self.num_workers)
         _check(bool(self.shards), "data.shards must be a folder, got ''")
-        _one_line("data.shards", self.shards)
-        _one_line("data.source", self.source)
+        _path("data.shards", self.shards)
+        _path("data.source", self.source.removeprefix("idx:"))
 
 
 @dataclass
@@ -191,7 +202,7 @@ class LatentConfig:
 @dataclass
 class DiTConfig(OptimConfig):
     preset: str = "reference"
-    """DiT preset from models.dit.PRESETS (tiny | reference | large | xl)."""
+    """DiT preset from models.dit.PRESETS (tiny | small | reference | large | xl)."""
     batch_size: int = 256
     lr: float = 5e-4
     epochs: float = 200.0
@@ -219,6 +230,11 @@ class DiTConfig(OptimConfig):
     def __post_init__(self) -> None:
         self._validate("dit")
         _check(
+            self.preset in DIT_PRESETS,
+            f"dit.preset must be one of {' | '.join(DIT_PRESETS)}, got {shorten(self.preset)}",
+        )
+        _path("dit.classifier", self.classifier)
+        _check(
             self.schedule in ("auto", "cosine", "linear"),
             f"dit.schedule must be auto | cosine | linear, got {self.schedule!r}",
         )
@@ -242,6 +258,44 @@ class Config:
 
     def __post_init__(self) -> None:
         _check(bool(self.resume), "resume must be 'none', 'auto' or a checkpoint path")
+        _path("resume", self.resume)
+        _path("the run folder run.root/run.name", str(self.run.dir))
+
+
+def _free_bytes(folder: Path) -> int:
+    """Free bytes (for this user) on the file system that holds ``folder`` or its nearest existing parent."""
+    folder = folder.absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def trajectory_bytes(cfg: Config) -> int:
+    """Disk the SINDy job's trajectory blocks take: z (T+1), eps (T) and drift (T) of D float32 per trajectory."""
+    dim, default_t = LATENT_SIZES[cfg.ae.kind]
+    steps = cfg.dit.timesteps or default_t
+    return cfg.sindy.n_trajectories * (3 * steps + 1) * dim * 4
+
+
+def check_disk(cfg: Config) -> None:
+    """Refuse, before any stage starts, a sindy.n_trajectories whose blocks would not fit on run.root's disk.
+
+    Blocks already on disk (a rerun) count as free: they are reused, not written again.
+    """
+    if cfg.sindy.trajectories:
+        return
+    need = trajectory_bytes(cfg)
+    existing = cfg.run.dir / "sindy" / "trajectories"
+    have = _free_bytes(cfg.run.dir)
+    if need > have and existing.is_dir():
+        have += sum(f.stat().st_size for f in existing.rglob("*.safetensors"))
+    _check(
+        need <= have,
+        f"sindy.n_trajectories={cfg.sindy.n_trajectories} needs about {need / 1e9:.3g} GB of trajectory blocks "
+        f"in {shorten(str(cfg.run.dir))}, whose disk has {have / 1e9:.3g} GB free; lower sindy.n_trajectories "
+        "or set run.root to a larger disk",
+    )
 
 
 def _format_omegaconf_error(e: OmegaConfBaseException) -> str:
@@ -277,7 +331,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     try:
         if path is not None:
             path = Path(path)
+            _path("--config", str(path))
             _check(path.is_file(), f"config file not found: {path}")
+            size = path.stat().st_size
+            _check(
+                size <= CONFIG_FILE_LIMIT, f"{path} is {size} bytes, more than {CONFIG_FILE_LIMIT} (not a config file?)"
+            )
             try:
                 loaded = OmegaConf.load(path)
             except yaml.YAMLError as e:
@@ -289,24 +348,45 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
                 schema = OmegaConf.merge(schema, loaded)
         for item in overrides:
             _check(
+                len(item) <= VALUE_LIMIT,
+                f"override {shorten(item)} is {len(item)} characters long, more than {VALUE_LIMIT}",
+            )
+            _check(
                 "=" in item and not item.startswith("="),
-                f"override {item!r} is not of the form key=value (e.g. ae.lr=1e-3)",
+                f"override {shorten(item)} is not of the form key=value (e.g. ae.lr=1e-3)",
             )
         for item in overrides:  # one at a time, so that a parse error names its override
             try:
                 schema = OmegaConf.merge(schema, OmegaConf.from_dotlist([item]))
             except yaml.YAMLError as e:
                 problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-                raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem})") from None
+                raise ConfigError(f"override {shorten(item)}: the value is not valid YAML ({problem})") from None
+        _check_value_sizes(OmegaConf.to_container(schema, resolve=False))
         cfg = OmegaConf.to_object(schema)
     except OmegaConfBaseException as e:
-        raise ConfigError(_format_omegaconf_error(e)) from None
+        raise ConfigError(cap_message(_format_omegaconf_error(e))) from None
     except ConfigError:
         raise
     except ValueError as e:  # __post_init__ checks wrapped by OmegaConf
-        raise ConfigError(str(e).splitlines()[0]) from None
+        raise ConfigError(cap_message(str(e).splitlines()[0])) from None
     assert isinstance(cfg, Config)
+    check_disk(cfg)
     return cfg
+
+
+def _check_value_sizes(tree: Any, key: str = "") -> None:
+    """Every string of the merged config at most VALUE_LIMIT characters (a 50 MB run.root is refused, not echoed)."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _check_value_sizes(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(tree, list):
+        _check(len(tree) <= VALUE_LIMIT, f"{key} has {len(tree)} items, more than {VALUE_LIMIT}")
+        for i, v in enumerate(tree):
+            _check_value_sizes(v, f"{key}[{i}]")
+    elif isinstance(tree, str):
+        _check(
+            len(tree) <= VALUE_LIMIT, f"{key} is {len(tree)} characters long, more than {VALUE_LIMIT}: {shorten(tree)}"
+        )
 
 
 def to_dict(cfg: Any) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from configs.checks import _check, _non_negative, _positive
+from configs.checks import _check, _non_negative, _path, _positive
 
 # The library family names a config may list. The registry is analysis/sindy/registry.py (LIBRARY_FAMILIES: each
 # name with the kinds it builds); configs sit below analysis and cannot import it, so this is the names alone,
@@ -315,3 +315,5 @@ class SindyConfig:
             f"sindy.mixture_components must be a list of ints >= 1, got {list(self.mixture_components)}",
         )
         _positive("sindy", mixture_samples=self.mixture_samples)
+        if self.trajectories:
+            _path("sindy.trajectories", self.trajectories)

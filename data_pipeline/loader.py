@@ -3,9 +3,9 @@
 Pipeline per (rank, worker) "consumer" (webdataset, https://github.com/webdataset/webdataset):
 
     shard list (manifest) -> seeded per-epoch shard shuffle -> this consumer's shards
-      -> whole shard read, size + sha256 checked against the manifest
-      -> tar samples (shards.iter_tar_samples) -> sample shuffle buffer (wds.shuffle, seeded)
-      -> PNG/label decode                   -> batches (wds.batched) -> exact per-worker quota
+      -> whole shard read, size + sha256 checked against the manifest, every sample decoded and
+         checked (tar_reader.read_shard; a bad shard is dropped whole) -> sample shuffle buffer
+         (wds.shuffle, seeded) -> batches (wds.batched) -> exact per-worker quota
 
 Data order is a pure function of ``(seed, epoch, rank, world_size, num_workers)``; nothing
 reads the clock, the pid or ``torch.distributed``. With ``drop_last=True`` every rank yields
@@ -16,10 +16,9 @@ uneven shard counts across ranks never make DDP wait on a rank that has finished
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -29,9 +28,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from data_pipeline.png import decode_png_gray
 from data_pipeline.shards import SPLITS, read_manifest
-from data_pipeline.tar_reader import ShardError, iter_tar_samples
+from data_pipeline.tar_reader import ShardError, read_shard
 
 __all__ = ["ShardLoader", "make_loader", "batches_per_epoch", "load_split_in_memory"]
 
@@ -89,70 +87,6 @@ def _consumer_shards(
     return order, True
 
 
-def _check_shard_bytes(data: bytes, shard: dict[str, Any], path: Path) -> None:
-    """Check a shard's bytes against its manifest entry (size, then sha256) before parsing them.
-
-    The digest covers every byte, so a changed ``.cls`` label, which the tar reader cannot see
-    (its header checksums cover headers only), is caught too. Hashing the bytes the reader has
-    already loaded costs about 3 us per image (sha256 of a 20 MB, 10,000-sample shard: ~35 ms).
-
-    Raises:
-        ShardError: naming ``path`` and what differs.
-    """
-    fix = f"re-run python -m data_pipeline.prepare --out {path.parent} to rewrite it"
-    if len(data) != int(shard["bytes"]):
-        raise ShardError(
-            f"truncated or corrupt shard {path}: {len(data)} bytes, the manifest says {shard['bytes']}; {fix}"
-        )
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != shard["sha256"]:
-        raise ShardError(
-            f"corrupt shard {path}: sha256 {digest[:16]}... differs from the manifest's {str(shard['sha256'])[:16]}... "
-            f"(the file was modified after prepare); {fix}"
-        )
-
-
-def _read_shard(path: Path, shard: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard (shards.iter_tar_samples), verified against its manifest entry.
-
-    The whole file is read and checked (size, sha256) before the first sample is parsed, so a
-    shard that does not match the manifest yields nothing: no sample of a modified shard ever
-    reaches a batch, and ``on_error="skip"`` drops the shard as a whole.
-
-    Args:
-        path: the shard file.
-        shard: its manifest entry ({name, samples, bytes, sha256}).
-
-    Raises:
-        ShardError: naming ``path``, for unreadable files, a size or sha256 that differs from
-            the manifest, unreadable tars, samples missing ``.png``/``.cls`` and shards ending
-            early (the last two only if the manifest itself was written for other files).
-    """
-    expected = int(shard["samples"])
-    count = 0
-    try:
-        data = path.read_bytes()
-        _check_shard_bytes(data, shard, path)
-        for sample in iter_tar_samples(data, str(path)):
-            if "png" not in sample or "cls" not in sample:
-                raise ShardError(
-                    f"sample {sample.get('__key__')!r} has members {sorted(k for k in sample if not k.startswith('__'))}, expected png and cls"
-                )
-            count += 1
-            yield sample
-    except ShardError as exn:
-        raise ShardError(str(exn) if str(path) in str(exn) else f"corrupt shard {path}: {exn}") from exn
-    except Exception as exn:  # OS and decode errors
-        raise ShardError(
-            f"corrupt or truncated shard {path}: {type(exn).__name__}: {exn.args[0] if exn.args else exn}"
-        ) from exn
-    if count != expected:
-        raise ShardError(
-            f"truncated or corrupt shard {path}: ended after {count} of {expected} samples; "
-            "re-run python -m data_pipeline.prepare --verify to check the directory"
-        )
-
-
 class _ShardStream(IterableDataset):
     """One epoch of batches for one rank; splits itself across DataLoader workers."""
 
@@ -161,12 +95,12 @@ class _ShardStream(IterableDataset):
         self.loader = loader
         self.epoch = epoch
 
-    def _handle(self, exn: ShardError, what: str) -> None:
+    def _handle(self, exn: ShardError) -> None:
         if self.loader.on_error == "raise":
             raise exn
         self.loader.stats["skipped"] += 1
-        self.loader.stats[what] += 1
-        log.warning("skipping (%s): %s", what, exn)
+        self.loader.stats["skipped_shards"] += 1
+        log.warning("skipping a bad shard: %s", exn)
 
     def _samples(self, worker: int, n_workers: int, cycle: bool) -> Iterator[dict[str, Any]]:
         # Hand-written instead of wds.split_by_node/split_by_worker: those read the rank from
@@ -189,37 +123,20 @@ class _ShardStream(IterableDataset):
             for shard in shards:
                 path = ld.shard_dir / shard["name"]
                 try:
-                    for i, sample in enumerate(_read_shard(path, shard)):
-                        if strided and (shard["offset"] + i) % n_consumers != consumer:
-                            continue
-                        produced += 1
-                        yield sample
+                    images, labels = read_shard(path, shard)
                 except ShardError as exn:
-                    self._handle(exn, "skipped_shards")
+                    self._handle(exn)
+                    continue
+                for i in range(len(labels)):
+                    if strided and (shard["offset"] + i) % n_consumers != consumer:
+                        continue
+                    produced += 1
+                    yield images[i], int(labels[i])
             if produced == 0:
                 raise ShardError(
                     f"rank {ld.rank} worker {worker} read no usable sample from its shards of "
                     f"{ld.split} in {ld.shard_dir}; re-run python -m data_pipeline.prepare --out {ld.shard_dir}"
                 )
-
-    def _decode(self, samples: Iterable[dict[str, Any]]) -> Iterator[tuple[np.ndarray, int]]:
-        # Own stage rather than wds.decode: its error handler never sees which shard and key
-        # failed, and the fast PNG path keeps pixels as exact uint8.
-        for sample in samples:
-            try:
-                image = decode_png_gray(sample["png"])
-                if image.shape != (28, 28):
-                    raise ValueError(f"image is {image.shape}, expected (28, 28)")
-                label = int(sample["cls"].decode("ascii"))
-                if not 0 <= label <= 9:
-                    raise ValueError(f"label {label} outside 0..9")
-            except (ValueError, UnicodeDecodeError) as exn:
-                self._handle(
-                    ShardError(f"bad sample {sample['__key__']!r} in shard {sample['__url__']}: {exn}"),
-                    "skipped_samples",
-                )
-                continue
-            yield image, label
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         ld = self.loader
@@ -236,11 +153,10 @@ class _ShardStream(IterableDataset):
             )
             stages.append(wds.shuffle(ld.shuffle_buffer, initial=min(ld.shuffle_buffer, 100), rng=rng))
         # Stream `worker` owns epoch batches worker, worker + n_workers, ...; skip those before
-        # start_batch (before decode, so resuming is cheap).
+        # start_batch (before batching; the shards were decoded as they were checked).
         skip = len(range(worker, ld.start_batch, n_workers))
         if skip:
             stages.append(lambda src: islice(src, skip * ld.batch_size, None))
-        stages.append(self._decode)
         stages.append(wds.batched(ld.batch_size, collation_fn=_collate, partial=not ld.drop_last))
         if ld.drop_last:
             quota = len(range(worker, ld.num_batches, n_workers)) - skip
@@ -261,7 +177,7 @@ class ShardLoader:
     iteration yields; :meth:`set_epoch` changes the order for the next iteration.
 
     Attributes:
-        stats: ``skipped`` (skip events), ``skipped_shards``, ``skipped_samples``; counted in
+        stats: ``skipped`` (skip events), ``skipped_shards`` (a bad shard is skipped whole); counted in
             this process, so only complete with ``num_workers=0`` (workers log warnings).
     """
 
@@ -311,7 +227,7 @@ class ShardLoader:
         self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, epoch
         self.on_error, self.drop_last, self.start_batch = on_error, drop_last, start_batch
         self.shards = [dict(s) for s in self.manifest["splits"][split]["shards"]]
-        self.stats = {"skipped": 0, "skipped_shards": 0, "skipped_samples": 0}
+        self.stats = {"skipped": 0, "skipped_shards": 0}
         self.num_batches = batches_per_epoch(self.manifest, split, batch_size, world_size)
         if drop_last and self.num_batches == 0:
             total = self.manifest["splits"][split]["total"]
@@ -383,10 +299,11 @@ def make_loader(
         shuffle_buffer: sample shuffle buffer size; 0 reads shards and samples in stored order.
         seed: base seed; order is a pure function of (seed, epoch, rank, world_size, num_workers).
         epoch: epoch whose order to produce (see also ``ShardLoader.set_epoch``).
-        on_error: ``"raise"``: a corrupt shard raises ShardError naming the file; ``"skip"``:
-            the bad shard or sample is skipped, logged and counted in ``stats``. Every shard is
-            checked against the manifest's size and sha256 before any of its samples is used,
-            so a modified shard is skipped whole (none of its samples was yielded before).
+        on_error: ``"raise"``: a bad shard raises ShardError naming the file; ``"skip"``:
+            the bad shard is skipped whole, logged and counted in ``stats``. Every shard is
+            checked against the manifest's size and sha256, and every sample decoded and
+            checked (28x28, label 0..9, the manifest's count), before any of its samples is
+            used, so none of a bad shard's samples is ever yielded.
         drop_last: True: exactly ``batches_per_epoch`` full batches on every rank (data wraps
             around within a rank if its shards hold fewer samples). False: one pass, every
             sample once, last batch per worker may be partial; single rank only.
@@ -417,7 +334,7 @@ def make_loader(
 
 
 def load_split_in_memory(
-    shard_dir: str | Path, split: str, device: str | torch.device | None = None
+    shard_dir: str | Path, split: str, device: str | torch.device | None = None, on_error: str = "raise"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read every sample of a split, in stored order, into two tensors.
 
@@ -425,17 +342,22 @@ def load_split_in_memory(
         shard_dir: directory written by ``python -m data_pipeline.prepare``.
         split: ``"train"`` or ``"test"``.
         device: where to put the tensors; ``None`` = CPU, ``"auto"`` = CUDA when available.
+        on_error: ``"raise"``: a bad shard raises ShardError naming it; ``"skip"``: a bad shard is
+            left out whole, with a warning (the tensors are shorter by its samples).
 
     Returns:
         images (N, 1, 28, 28) float32 = uint8 / 255, labels (N,) int64.
 
     Raises:
         ManifestError: no valid manifest.
-        ShardError: a shard's size or sha256 differs from the manifest, it is unreadable, or
-            its sample count differs (names the file).
+        ShardError: a shard's size or sha256 differs from the manifest, it is unreadable, its sample
+            count differs, or a sample is undecodable, not 28x28 or labelled outside 0..9 (names the
+            file); with ``on_error="skip"`` only when no shard is usable.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     directory = Path(shard_dir)
     info = read_manifest(directory)["splits"][split]
     total = int(info["total"])
@@ -443,16 +365,21 @@ def load_split_in_memory(
     labels = np.empty((total,), dtype=np.int64)  # (N,)
     n = 0
     for shard in info["shards"]:
-        path = directory / shard["name"]
-        for sample in _read_shard(path, shard):
-            try:
-                image = decode_png_gray(sample["png"])
-                images[n] = image
-                labels[n] = int(sample["cls"].decode("ascii"))
-            except (ValueError, UnicodeDecodeError) as exn:
-                raise ShardError(f"bad sample {sample['__key__']!r} in shard {path}: {exn}") from exn
-            n += 1
+        try:
+            shard_images, shard_labels = read_shard(directory / shard["name"], shard)
+        except ShardError as exn:
+            if on_error == "raise":
+                raise
+            log.warning("skipping a bad shard: %s", exn)
+            continue
+        k = len(shard_labels)  # = the manifest's count, whose sum is total (read_manifest checks it)
+        images[n : n + k], labels[n : n + k] = shard_images, shard_labels
+        n += k
+    if n == 0 and total > 0:
+        raise ShardError(
+            f"no usable shard of {split} in {directory}; re-run python -m data_pipeline.prepare --out {directory}"
+        )
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    x = torch.from_numpy(images).unsqueeze(1).to(device=device or "cpu", dtype=torch.float32).div_(255.0)
-    return x, torch.from_numpy(labels).to(device or "cpu")
+    x = torch.from_numpy(images[:n]).unsqueeze(1).to(device=device or "cpu", dtype=torch.float32).div_(255.0)
+    return x, torch.from_numpy(labels[:n]).to(device or "cpu")

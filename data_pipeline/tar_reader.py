@@ -1,13 +1,18 @@
-"""Reading the shards: samples of an in-memory ustar tar, grouped by webdataset key."""
+"""Reading the shards: samples of an in-memory ustar tar, grouped by webdataset key; a whole shard checked."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from data_pipeline.png import decode_png_gray
 from data_pipeline.sources import DataPipelineError
 
-__all__ = ["ShardError", "iter_tar_samples"]
+__all__ = ["ShardError", "check_shard_bytes", "iter_tar_samples", "read_shard"]
 
 
 class ShardError(DataPipelineError):
@@ -68,3 +73,82 @@ def iter_tar_samples(data: bytes, url: str) -> Iterator[dict[str, Any]]:
             raise ShardError(f"truncated tar: {url} ends inside a header")
     if current is not None:
         yield current
+
+
+def check_shard_bytes(data: bytes, shard: dict[str, Any], path: Path) -> None:
+    """Check a shard's bytes against its manifest entry (size, then sha256) before parsing them.
+
+    The digest covers every byte, so a changed ``.cls`` label, which the tar reader cannot see
+    (its header checksums cover headers only), is caught too. Hashing the bytes the reader has
+    already loaded costs about 3 us per image (sha256 of a 20 MB, 10,000-sample shard: ~35 ms).
+
+    Raises:
+        ShardError: naming ``path`` and what differs.
+    """
+    fix = f"re-run python -m data_pipeline.prepare --out {path.parent} to rewrite it"
+    if len(data) != int(shard["bytes"]):
+        raise ShardError(
+            f"truncated or corrupt shard {path}: {len(data)} bytes, the manifest says {shard['bytes']}; {fix}"
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != shard["sha256"]:
+        raise ShardError(
+            f"corrupt shard {path}: sha256 {digest[:16]}... differs from the manifest's {str(shard['sha256'])[:16]}... "
+            f"(the file was modified after prepare); {fix}"
+        )
+
+
+def read_shard(path: Path, shard: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Every sample of one shard, decoded and checked, before any of them is used.
+
+    The whole file is read and checked (size, sha256), then every sample is parsed and decoded:
+    a PNG that is not 28x28 (checked from its header, before inflating), an undecodable image, a
+    label outside 0..9 or a sample count other than the manifest's makes the whole shard bad. So
+    no sample of a bad shard ever reaches a batch, and ``on_error="skip"`` drops it whole. A
+    shard's decoded pixels are small (10,000 images: 7.8 MB).
+
+    Args:
+        path: the shard file.
+        shard: its manifest entry ({name, samples, bytes, sha256}).
+
+    Returns:
+        images uint8 (n, 28, 28) and labels int64 (n,), in stored order; n = the manifest's count.
+
+    Raises:
+        ShardError: one line naming ``path`` and what is wrong with it.
+    """
+    expected = int(shard["samples"])
+    images = np.empty((expected, 28, 28), dtype=np.uint8)  # (n, 28, 28)
+    labels = np.empty((expected,), dtype=np.int64)  # (n,)
+    count = 0
+    try:
+        data = path.read_bytes()
+        check_shard_bytes(data, shard, path)
+        for sample in iter_tar_samples(data, str(path)):
+            if "png" not in sample or "cls" not in sample:
+                raise ShardError(
+                    f"sample {sample.get('__key__')!r} has members {sorted(k for k in sample if not k.startswith('__'))}, expected png and cls"
+                )
+            if count >= expected:
+                raise ShardError(f"holds more samples than the {expected} of the manifest")
+            try:
+                images[count] = decode_png_gray(sample["png"], shape=(28, 28))
+                label = int(sample["cls"].decode("ascii"))
+                if not 0 <= label <= 9:
+                    raise ValueError(f"label {label} outside 0..9")
+            except (ValueError, UnicodeDecodeError) as exn:
+                raise ShardError(f"bad sample {str(sample['__key__'])[:100]!r}: {str(exn)[:300]}") from None
+            labels[count] = label
+            count += 1
+    except ShardError as exn:
+        raise ShardError(str(exn) if str(path) in str(exn) else f"bad shard {path}: {exn}") from exn
+    except Exception as exn:  # OS errors
+        raise ShardError(
+            f"corrupt or truncated shard {path}: {type(exn).__name__}: {str(exn.args[0] if exn.args else exn)[:300]}"
+        ) from exn
+    if count != expected:
+        raise ShardError(
+            f"truncated or corrupt shard {path}: ended after {count} of {expected} samples; "
+            "re-run python -m data_pipeline.prepare --verify to check the directory"
+        )
+    return images, labels

@@ -21,6 +21,7 @@ import torch
 
 from configs.cli import parse_cli, run_cli
 from configs.io import atomic_write_text, file_sha256, resolve_device
+from configs.lock import acquire_stage_lock
 from models.artifacts import load_autoencoder, save_latent_stats, save_latents
 from training.stage import load_split
 
@@ -53,6 +54,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     run_dir = cfg.run.dir
     device = resolve_device("auto")
     model, meta = load_autoencoder(run_dir, device)
+    acquire_stage_lock(run_dir, "latents")  # one job per folder and stage, until this process ends
     ae_digest = file_sha256(run_dir / "ae.safetensors")
     out = run_dir / "latents"
     out.mkdir(parents=True, exist_ok=True)

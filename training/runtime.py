@@ -26,15 +26,10 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, set_seed
 
 from configs.cli import LAUNCH_DIR_ENV
+from configs.exit_codes import PREEMPTED_EXIT
 from configs.schema import OptimConfig
 
 """Written last into every checkpoint: ``<sha256>  <relative path>`` per file."""
-
-PREEMPTED_EXIT = 75
-"""Exit code of a stage that checkpointed and stopped for a signal (preemption, time limit)
-before it finished: its final outputs are not written; rerun with ``resume=auto`` to continue.
-75 is EX_TEMPFAIL of sysexits.h ("temporary failure, retry"), distinct from success (0),
-a crash (1) and bad input (2)."""
 
 
 def make_accelerator(opt: OptimConfig, run_dir: Path, cpu: bool | None = None) -> Accelerator:

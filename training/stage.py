@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from configs.cli import UserError
+from configs.lock import acquire_stage_lock
 from configs.schema import Config, OptimConfig, config_digest, save_config, to_dict, to_yaml
 from training.checkpoints import preflight_resume
 
@@ -52,7 +53,7 @@ def load_split(cfg: Config, split: str, device: torch.device) -> tuple[torch.Ten
     from data_pipeline.loader import load_split_in_memory
 
     try:
-        return load_split_in_memory(cfg.data.shards, split, device=device)
+        return load_split_in_memory(cfg.data.shards, split, device=device, on_error=cfg.data.on_error)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         raise UserError(str(e).strip().splitlines()[0]) from None
 
@@ -62,7 +63,7 @@ def load_images(cfg: Config, split: str, device: torch.device) -> torch.Tensor:
 
 
 def start_stage(acc, cfg: Config, stage: str, digest: str) -> tuple[Path, Path | None]:
-    """Check ``resume`` against the stage's checkpoints, then save the config and open TensorBoard.
+    """Take the stage's lock, check ``resume`` against its checkpoints, then save the config and open TensorBoard.
 
     Runs before the first training step and before anything is written, so a resume that
     cannot be honoured (another configuration, a fresh start over old checkpoints) leaves the
@@ -72,8 +73,14 @@ def start_stage(acc, cfg: Config, stage: str, digest: str) -> tuple[Path, Path |
     Returns:
         The stage's checkpoint folder ``runs/<name>/checkpoints/<stage>`` and the checkpoint to
         resume from (None for a fresh start).
+
+    Raises:
+        configs.lock.StageLocked: another job runs this stage in this run folder (one line naming it, exit 2).
     """
     ckpt_root = cfg.run.dir / "checkpoints" / stage
+    if acc.is_main_process:
+        # One job per folder and stage; held until the process ends (configs/lock.py).
+        acquire_stage_lock(cfg.run.dir, stage)
 
     def warn(line: str) -> None:
         if acc.is_main_process:

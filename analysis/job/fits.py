@@ -144,6 +144,7 @@ def stage_fits(
         for g in groups[1:]:
             train = train.merge(g)
         if not all(bool(x.gram.isfinite().all() and x.cross.isfinite().all()) for x in (train, heldout)):
+            _refuse_nonfinite_columns(lib, tset, coords)
             zmax = max(float(np.abs(coords.states(b.z)).max()) for b in tset.blocks())
             raise UserError(
                 f"the library overflows on these trajectories (max |z| = {zmax:.3g}; exp(-t z) and cubes "
@@ -201,6 +202,28 @@ def stage_fits(
                 }
             )
     return fits, lib
+
+
+def _refuse_nonfinite_columns(lib: Library, tset: TrajectorySet, coords: Coordinates) -> None:
+    """After the statistics came out non-finite: name the first library column that is NaN or Inf on the data
+    (block, step, trajectory), e.g. a user term exp(1000*z0); returns when every column is finite (an overflow
+    of the sums themselves, which the caller reports)."""
+    names = lib.get_feature_names("text")
+    for b in range(tset.n_blocks):
+        blk = tset.block(b)
+        z = coords.states(blk.z)  # (T+1, n, d)
+        for k in range(z.shape[0]):
+            theta = np.asarray(lib.transform(z[k], np.full(z.shape[1], blk.t[k])))  # (n, p)
+            bad = ~np.isfinite(theta)
+            if bad.any():
+                row, col = (int(i) for i in np.argwhere(bad)[0])
+                cols = np.flatnonzero(bad.any(axis=0))
+                more = f" (and {cols.size - 1} more columns)" if cols.size > 1 else ""
+                raise UserError(
+                    f"library column {names[col]!r}{more} is not finite on the trajectories (block {b}, step {k}, "
+                    f"trajectory {int(blk.index[row])}): a term overflows or divides by zero there; drop or rescale it "
+                    "(sindy.library.terms, sindy.library.families)"
+                )
 
 
 def write_free_time(parts: list[dict], degree: int, path: Path) -> None:

@@ -9,7 +9,6 @@ left out, with a warning, where no mixture can be fitted) and the memory estimat
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from analysis.sindy.theory import SAMPLERS_WITH_THEORY
 from configs.cli import UserError
 from configs.io import file_sha256
 from configs.schema import Config
-from models.artifacts import load_autoencoder, load_denoiser, load_latent_stats
+from models.artifacts import load_autoencoder, load_denoiser, load_latent_stats, read_dit_meta
 
 __all__ = ["Plan", "check_inputs", "mixture_unavailable", "placeholder_library", "MemoryEstimate", "estimate_memory"]
 
@@ -93,7 +92,7 @@ def _check_source(cfg: Config) -> Plan:
     s, run_dir = cfg.sindy, cfg.run.dir
     plan = Plan(run_dir=run_dir)
     dit_meta_file = run_dir / "dit.json"
-    run_meta = json.loads(dit_meta_file.read_text()) if dit_meta_file.is_file() else None
+    run_meta = read_dit_meta(run_dir) if dit_meta_file.is_file() else None  # a damaged one: one line
     if s.trajectories:
         path = Path(s.trajectories)
         if path.suffix == ".npz":

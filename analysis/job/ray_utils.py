@@ -31,6 +31,7 @@ from analysis.sindy.block_stats import accumulate_block
 from analysis.sindy.dimension_fit import fit_dimension
 from configs.cli import UserError
 from configs.io import atomic_write_text
+from configs.stop import STOPS
 
 REPO = Path(__file__).resolve().parents[2]  # analysis/job/ray_utils.py -> the repository
 FAULT_ENV = "LATENT_SINDY_FAULT"
@@ -48,6 +49,7 @@ def _ray():
 # take to join (Ray itself retries an address that does not answer as a GCS for many minutes).
 PROBE_TIMEOUT_S = 5.0
 JOIN_TIMEOUT_S = 90.0
+WAIT_POLL_S = 0.5  # how often wait_all returns to Python (stop signals are raised there)
 
 
 def choose_address(address: str, env_address: str, submitted: bool) -> tuple[str, str]:
@@ -176,7 +178,15 @@ def connect(address: str, num_cpus: int, submitted: bool = False) -> str:
         # workers inherit the environment, and Ray APIs read it) so that nothing here talks to it.
         os.environ.pop("RAY_ADDRESS", None)
         kw = {"num_cpus": num_cpus} if num_cpus > 0 else {}
-        ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, **kw)
+        try:
+            ray.init(address="local", include_dashboard=False, runtime_env=runtime_env, **kw)
+        except Exception as e:  # Ray's own: a start timeout on a loaded machine, a socket path too long, ...
+            ray.shutdown()  # what did start
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"could not start a private Ray instance: {first[:300]}; on a loaded machine retry later or lower "
+                "sindy.num_cpus, or join a running cluster with sindy.ray_address"
+            ) from None
         return f"started a private Ray instance ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
     resolved = _auto_address(source) if target == "auto" else target
     _probe(resolved, source)
@@ -218,9 +228,17 @@ def wait_all(refs: list, desc: str) -> list:
     pending, done = list(refs), {}
     with tqdm(total=len(refs), desc=desc, file=sys.stderr, disable=not refs) as bar:
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            # Ray's wait runs Python signal handlers inside its C++ loop: a stop signal is only recorded
+            # there and raised here (configs/stop.py); the timeout bounds how long that takes.
+            with STOPS.deferred():
+                ready, pending = ray.wait(pending, num_returns=1, timeout=WAIT_POLL_S)
             for r in ready:
-                done[r] = ray.get(r)
+                try:
+                    done[r] = ray.get(r)
+                except ray.exceptions.RayTaskError as e:
+                    if isinstance(e.cause, UserError):  # a task's expected failure: its own one line
+                        raise UserError(str(e.cause).strip().splitlines()[0]) from None
+                    raise
                 bar.update(1)
     return [done[r] for r in refs]
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -243,8 +244,10 @@ def stage_report(
     times: dict,
     ray_how: str,
     choice: dict,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Stage 3: integrate the equations from held-out noise, decode, write everything; returns report.md."""
+    """Stage 3: integrate the equations from held-out noise, decode, write everything (``extra`` writes more
+    files into the report folder before it is swapped in); returns report.md."""
     report_t0 = time.time()
     s, d = cfg.sindy, coords.dim
     xi = np.zeros((d, lib.n_terms))
@@ -307,7 +310,7 @@ def stage_report(
         provenance=provenance(plan, tset, ray_how),
     )
     return write_report(
-        plan.run_dir / "report", plan.run_dir / "tb" / "sindy", fits, lib, ctx, roll, images, views=views
+        plan.run_dir / "report", plan.run_dir / "tb" / "sindy", fits, lib, ctx, roll, images, views=views, extra=extra
     )
 
 

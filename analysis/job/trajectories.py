@@ -44,6 +44,7 @@ from safetensors.torch import load_file
 
 from configs.cli import UserError
 from configs.io import atomic_save_safetensors, atomic_write_text, file_sha256
+from models.artifacts import describe_nonfinite
 from models.diffusion import sample
 
 MANIFEST_FORMAT = "latent-sindy.trajectories/1"
@@ -125,13 +126,20 @@ def generate_block(
 
 
 def write_block(folder: Path, block: int, tensors: dict[str, torch.Tensor], meta: dict) -> Path:
-    """Write one block atomically (a killed worker never leaves a file that looks finished)."""
+    """Write one block atomically (a killed worker never leaves a file that looks finished); one with NaN or Inf
+    is refused (UserError naming array, step, trajectory and dimension) and not written."""
     folder.mkdir(parents=True, exist_ok=True)
     count = int(tensors["z"].shape[1])
     path = folder / block_name(block, count)
     # One metadata key: safetensors stores the metadata as a Rust HashMap, written in a per-process
     # random order, so several keys would make a regenerated block differ in bytes (and sha256) from
     # the original although every tensor is equal, and invalidate the fits keyed by the blocks' digests.
+    problem = describe_nonfinite({k: tensors.get(k) for k in ("z", "drift", "eps", "t")})
+    if problem:  # never written, so no block with NaN ever stands behind a manifest
+        raise UserError(
+            f"the trajectories of block {block} for {path} {problem}: the DiT's sampler diverged (an undertrained or "
+            "broken model); train the DiT again or use another sindy.sampler"
+        )
     record = json.dumps({**meta, "block": block, "count": count}, sort_keys=True)
     return atomic_save_safetensors(tensors, path, {BLOCK_META_KEY: record})
 
@@ -217,6 +225,8 @@ def block_problems(path: Path, manifest: dict) -> list[tuple[Path, str]]:
             )
         elif not block_is_complete(f, {**common, "block": entry["block"], "count": entry["count"]}):
             bad.append((f, "has metadata (block, count, seed, sampler, digests) that differ from its manifest entry"))
+        elif problem := describe_nonfinite(load_file(str(f))):  # NaN under a valid (or recomputed) digest
+            bad.append((f, problem))
     return bad
 
 
@@ -339,6 +349,12 @@ class TrajectorySet:
             if not f.is_file():
                 raise UserError(f"{f} listed in {path} is missing; delete {folder} to regenerate")
             d = load_file(str(f))
+            problem = describe_nonfinite({k: d.get(k) for k in ("z", "drift", "eps", "t")})
+            if problem:
+                raise UserError(
+                    f"trajectory block {f} listed in {path} {problem}; rerun the job that wrote it without "
+                    "sindy.trajectories (it regenerates bad blocks), or delete the folder"
+                )
             index = entry["block"] * bs + np.arange(entry["count"])
             return TrajectoryBlock(
                 index=index, z=d["z"].numpy(), t=d["t"].numpy(), drift=d["drift"].numpy(), eps=d["eps"].numpy()

@@ -14,7 +14,13 @@ images come from the *rollout's* end state, never from the DiT's.
 from __future__ import annotations
 
 import math
+import os
+import resource
+import shutil
+import signal
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +29,12 @@ from analysis.report.context import ReportContext
 from analysis.report.equations import write_equations_json, write_equations_tex, write_rollouts
 from analysis.report.markdown import report_markdown
 from analysis.report.plots import fit_plots, theory_plots, write_tensorboard
-from configs.io import atomic_write_text
+from configs.errors import UserError
+from configs.io import TMP_PREFIX, atomic_write_text, replace_folder
 
-__all__ = ["ReportContext", "flag_of", "write_report"]
+__all__ = ["REPORT_FAULT_ENV", "ReportContext", "flag_of", "write_report"]
+
+REPORT_FAULT_ENV = "LATENT_SINDY_FAULT_REPORT_BYTES"
 
 
 def flag_of(r: dict, poor: float) -> str:
@@ -46,8 +55,11 @@ def write_report(
     roll: dict,
     images: dict | None,
     views: dict | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write report.md, equations.json, equations.tex, rollouts.npz, plots and TensorBoard; returns report.md.
+
+    All or nothing: the files are written into a temporary folder beside ``out`` and swapped in whole.
 
     Args:
         out: report folder (created).
@@ -60,8 +72,36 @@ def write_report(
         images: {"dit", "sindy"} (r, 28, 28) in [0, 1], or None when there is no decoder.
         views: analysis.job.views.theory_views + "validation" (what the equations generate, the fit space,
             the mixture view), or None: written at the top of report.md and in equations.json.
+        extra: writes more files into the report folder before it is swapped in (the coordinates).
+
+    Raises:
+        UserError: a write failed (disk full, ...): one line; the previous report is left as it was.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    # Written into a temporary folder beside ``out`` and swapped in whole (configs.io.replace_folder): a failure
+    # part way (a full disk) leaves the previous complete report, or none, never new plots beside old equations.
+    tmp = out.with_name(f"{TMP_PREFIX}{out.name}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with _fault_file_size_limit():
+            tmp.mkdir(parents=True)
+            md, pngs = _write_files(tmp, fits, library, ctx, roll, images, views)
+            if extra is not None:
+                extra(tmp)
+            write_tensorboard(tb_dir, md, tmp, pngs, fits)
+            replace_folder(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            f"could not write the report into {out}: {e.strerror or e} ({e.filename}); the previous report is "
+            "unchanged (or there is none); free some disk space and rerun the job (its fits are kept)"
+        ) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "report.md"
+
+
+def _write_files(out: Path, fits, library, ctx: ReportContext, roll: dict, images, views) -> tuple[str, list]:
     names = library.get_feature_names("text")
     xi = np.zeros((len(fits), len(names)))
     for r in fits:
@@ -79,5 +119,23 @@ def write_report(
     write_equations_json(out / "equations.json", fits, library, ctx, roll, end_err, views)
     write_equations_tex(out / "equations.tex", fits, library)
     write_rollouts(out / "rollouts.npz", roll, images)
-    write_tensorboard(tb_dir, md, out, pngs, fits)
-    return out / "report.md"
+    return md, pngs
+
+
+@contextmanager
+def _fault_file_size_limit() -> Iterator[None]:
+    """Test hook (like analysis.job.ray_utils.FAULT_ENV): with $LATENT_SINDY_FAULT_REPORT_BYTES set, the kernel
+    refuses this process's writes past that many bytes per file while the report is written (EFBIG, what a full
+    disk does with ENOSPC), so the tests meet a real write failure part way through the report."""
+    limit = os.environ.get(REPORT_FAULT_ENV)
+    if not limit:
+        yield
+        return
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (int(limit), old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_handler)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import numpy as np
@@ -70,7 +71,73 @@ def _parse_term(expr: str):
             f"z0..z{{d-1}}, t, + - * / **, {', '.join(sorted(_FUNCS))})."
         )
 
-    return tree, check(tree)
+    names = check(tree)
+    _constant_value(tree, expr)
+    return tree, names
+
+
+_CONST_FUNCS = {
+    "exp": math.exp,
+    "log": math.log,
+    "tanh": math.tanh,
+    "sin": math.sin,
+    "cos": math.cos,
+    "sqrt": math.sqrt,
+    "abs": abs,
+}
+
+
+def _constant_value(node, expr: str) -> float | None:
+    """The value of a subtree without names (float arithmetic), or None when it holds z_i or t.
+
+    Constant arithmetic is folded here, at parse time, so that ``1/0``, ``10**400``, ``(-1)**0.5`` or
+    ``exp(1000)`` are refused with the expression named instead of raising (or giving inf or complex
+    columns) when the library is evaluated. Floats bound every step: ``10**10**10`` is an overflow here,
+    not an integer with ten billion digits.
+    """
+    if isinstance(node, ast.Expression):
+        return _constant_value(node.body, expr)
+    if isinstance(node, ast.Constant):
+        try:
+            value = float(node.value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise ValueError(f"user term {expr!r}: the number {str(node.value)[:30]} is not a finite real number.")
+        return value
+    if isinstance(node, ast.Name):
+        return None
+    if isinstance(node, ast.UnaryOp):
+        v = _constant_value(node.operand, expr)
+        return None if v is None else (-v if isinstance(node.op, ast.USub) else v)
+    if isinstance(node, ast.Call):
+        v = _constant_value(node.args[0], expr)
+        if v is None:
+            return None
+        what, compute = f"{node.func.id}({v:g})", lambda: _CONST_FUNCS[node.func.id](v)
+    else:  # BinOp
+        a, b = _constant_value(node.left, expr), _constant_value(node.right, expr)
+        if isinstance(node.op, ast.Div) and b == 0.0:
+            raise ValueError(f"user term {expr!r} divides by the constant 0.")
+        if a is None or b is None:
+            return None
+        symbol = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/", ast.Pow: "**"}[type(node.op)]
+        what = f"{a:g} {symbol} {b:g}"
+        compute = {
+            ast.Add: lambda: a + b,
+            ast.Sub: lambda: a - b,
+            ast.Mult: lambda: a * b,
+            ast.Div: lambda: a / b,
+            ast.Pow: lambda: a**b,
+        }[type(node.op)]
+    try:
+        value = compute()
+    except (ZeroDivisionError, OverflowError, ValueError) as e:
+        reason = e.args[-1] if e.args else type(e).__name__
+        raise ValueError(f"user term {expr!r}: the constant {what} is undefined ({reason}).") from None
+    if isinstance(value, complex) or not math.isfinite(value):
+        raise ValueError(f"user term {expr!r}: the constant {what} is not a finite real number.")
+    return float(value)
 
 
 def _eval_term(node, z, t):

@@ -18,6 +18,7 @@ text and LaTeX equations and ``SINDy.print`` (through ``ReportSINDy.equations``)
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.sindy.library import Library, PysindyLibrary
+from configs.errors import UserError
 
 __all__ = [
     "number_text",
@@ -35,6 +37,7 @@ __all__ = [
     "to_pysindy",
     "xi_from_report",
     "load_pysindy",
+    "read_equations",
 ]
 
 
@@ -152,12 +155,90 @@ def load_pysindy(report_dir: str | Path, which: str = "chosen") -> ReportSINDy:
     Args:
         report_dir: the report folder (``runs/<name>/report``) or its equations.json.
         which: "chosen" (the report's equations) or "unrestricted".
+
+    Raises:
+        UserError: the file is missing, truncated or tampered with (one line naming it and the field;
+            :func:`read_equations`).
     """
     path = Path(report_dir)
     path = path / "equations.json" if path.is_dir() else path
-    eq = json.loads(path.read_text())
-    if eq.get("format") != "latent-sindy.equations/1":
-        raise ValueError(f"{path} is not an equations.json of this project (format {eq.get('format')!r}).")
-    lib = Library.from_spec(eq["library"])
-    lib.n_state = len(eq["dims"])
+    eq, lib = read_equations(path)
     return to_pysindy(lib, xi_from_report(eq, which))
+
+
+def shorten(value: object, limit: int) -> str:
+    """repr cut to ``limit`` characters (a tampered file may hold huge values; the engine imports no CLI helpers)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _bad(path: Path, field: str, why: str) -> UserError:
+    return UserError(
+        f"{path}: field {field} {why}; the file was modified or damaged (rerun analysis/sindy_job.py to rewrite it)"
+    )
+
+
+def read_equations(path: str | Path) -> tuple[dict, Library]:
+    """equations.json, every field the equations are rebuilt from checked, and its library bound to the state.
+
+    Raises:
+        UserError: one line naming the file and the field: not JSON, another format, a library that does not
+            rebuild, ``n_terms`` or ``term_names`` that differ from the library's, a term whose index is not an
+            int in 0..n_terms-1, whose name is not the library's name at that index, or whose coefficient is
+            not a finite number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found: run analysis/sindy_job.py for this run first")
+    try:
+        eq = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise UserError(f"{path} is truncated or not valid JSON ({shorten(str(e), 120)})") from None
+    if not isinstance(eq, dict):
+        raise UserError(f"{path} must hold a JSON object, found {type(eq).__name__}")
+    if eq.get("format") != "latent-sindy.equations/1":
+        raise _bad(path, "'format'", f"is {shorten(eq.get('format'), 60)}, not 'latent-sindy.equations/1'")
+    dims = eq.get("dims")
+    if not isinstance(dims, list) or not dims:
+        raise _bad(path, "'dims'", "must be a non-empty list")
+    try:
+        lib = Library.from_spec(eq["library"])
+        lib.n_state = len(dims)
+        names = lib.get_feature_names("text")
+    except Exception as e:  # the spec's own checks: unknown family, bad parameters, ...
+        raise _bad(
+            path, "'library'", f"does not rebuild a library ({type(e).__name__}: {shorten(str(e), 200)})"
+        ) from None
+    n_terms = eq.get("n_terms")
+    if isinstance(n_terms, bool) or not isinstance(n_terms, int) or n_terms != len(names):
+        raise _bad(path, "'n_terms'", f"is {shorten(n_terms, 40)}, but the library has {len(names)} terms")
+    recorded = eq.get("term_names", names)
+    if recorded != names:
+        k = next((i for i in range(len(names)) if i >= len(recorded) or recorded[i] != names[i]), len(names))
+        got = recorded[k] if isinstance(recorded, list) and k < len(recorded) else None
+        raise _bad(path, f"'term_names[{k}]'", f"is {shorten(got, 60)}, the library's term is {names[k]!r}")
+    for i, r in enumerate(dims):
+        if not isinstance(r, dict) or r.get("dim") != i:
+            raise _bad(path, f"'dims[{i}].dim'", f"must be {i}")
+        for which, terms in (
+            ("terms", r.get("terms")),
+            ("unrestricted.terms", (r.get("unrestricted") or {}).get("terms", [])),
+        ):
+            if not isinstance(terms, list):
+                raise _bad(path, f"'dims[{i}].{which}'", "must be a list")
+            for j, t in enumerate(terms):
+                where = f"'dims[{i}].{which}[{j}]"
+                if not isinstance(t, dict):
+                    raise _bad(path, where + "'", "must be an object with index, name and coef")
+                index, coef = t.get("index"), t.get("coef")
+                if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n_terms:
+                    raise _bad(path, where + ".index'", f"is {shorten(index, 40)}, not an int in 0..{n_terms - 1}")
+                if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef):
+                    raise _bad(path, where + ".coef'", f"is {shorten(coef, 40)}, not a finite number")
+                if "name" in t and t["name"] != names[index]:
+                    raise _bad(
+                        path,
+                        where + ".name'",
+                        f"is {shorten(t['name'], 60)}, but term {index} of the library is {names[index]!r}",
+                    )
+    return eq, lib

@@ -64,6 +64,10 @@ HOSTILE = [
     ("slurm.setup", [f"echo $(id>{M}"], "job script is not valid bash"),
     # Legal for a local run, but sbatch would split the #SBATCH --output path at the space.
     ("run.root", "{tmp}/with space/runs", "would contain ' '"),
+    # Names a stage looks up, and sizes, refused before anything is queued (issue 19).
+    ("dit.preset", "huge", "dit.preset must be one of tiny | small | reference | large | xl, got 'huge'"),
+    ("run.root", "{tmp}/" + "r" * 300, "run.root has a 300-byte component, more than the system's file name limit"),
+    ("sindy.n_trajectories", 10**9, "sindy.n_trajectories=1000000000 needs about"),
 ]
 IDS = [f"{k}={v!r}"[:60] for k, v, _ in HOSTILE]
 

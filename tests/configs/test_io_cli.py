@@ -113,3 +113,21 @@ def test_read_safetensors_reads_or_says_what_is_wrong(tmp_path):
 
     with pytest.raises(OwnError, match=r"^the weights is not a readable safetensors file \(.*\); make new ones$"):
         read_safetensors(bad, missing="-", what="the weights", hint="; make new ones", error=OwnError)
+
+
+def test_replace_folder_swaps_a_complete_folder_in(tmp_path):
+    from configs.io import replace_folder
+
+    dest = tmp_path / "report"
+    new = tmp_path / ".tmp-report.1"
+    new.mkdir()
+    (new / "report.md").write_text("first")
+    assert replace_folder(new, dest) == dest and (dest / "report.md").read_text() == "first" and not new.exists()
+    new.mkdir()
+    (new / "report.md").write_text("second")
+    (new / "plot.png").write_bytes(b"png")
+    (dest / "stale.png").write_bytes(b"old")
+    replace_folder(new, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["plot.png", "report.md"]
+    assert (dest / "report.md").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # neither the new nor the old folder left

@@ -171,7 +171,7 @@ def test_bad_inputs(encoded_run, tmp_path):
     _, kind = encoded_run
     other = "conv" if kind == "vae16" else "vae16"
     _expect_error(root, f"holds a {kind} autoencoder", f"ae.kind={other}")
-    _expect_error(root, "Unknown DiT preset", f"ae.kind={kind}", "dit.preset=huge")
+    _expect_error(root, "dit.preset must be one of tiny | small", f"ae.kind={kind}", "dit.preset=huge")
     # A checkpoint written by another architecture is refused before any step.
     ckpts = root / "smoke" / "checkpoints" / "dit"
     run_entry(
