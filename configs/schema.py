@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from configs.checks import ConfigError, _at_most, _check, _name, _non_negative, _one_line, _positive
 from configs.io import atomic_write_text
+from configs.keys import unknown_key_message
 from configs.sindy import SindyConfig, SindyLibraryConfig
 from configs.slurm import SlurmConfig
 
@@ -248,7 +249,7 @@ def _format_omegaconf_error(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None)
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     if type(e).__name__ in ("ConfigAttributeError", "ConfigKeyError") and key:
-        return f"unknown config key '{key}' (see configs/schema.py for the schema)"
+        return unknown_key_message(Config, key)
     if key:
         return f"bad value for '{key}': {msg}"
     return msg
