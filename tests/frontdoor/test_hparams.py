@@ -41,7 +41,9 @@ def test_hparams_tab_of_ae_and_dit(tmp_path, mnist_shards):
         str(REPO / p) for p in ("training/train_ae.py", "training/encode_latents.py", "training/train_dit.py")
     )
     run_entry(accelerate_cmd(two_procs=True) + [train_ae, *smoke_args(tmp_path, mnist_shards)], env=env)
-    run_entry([sys.executable, encode, *smoke_args(tmp_path, mnist_shards)])
+    encoded = run_entry([sys.executable, encode, *smoke_args(tmp_path, mnist_shards)])
+    # Progress without a terminal: plain lines, the last one complete, no carriage returns.
+    assert "latents: train: 60000/60000 images (100%)" in encoded.stderr and "\r" not in encoded.stderr
     run_entry([sys.executable, train_dit, *smoke_args(tmp_path, mnist_shards, "dit.max_steps=5")])
     tb = tmp_path / "smoke" / "tb"
 
