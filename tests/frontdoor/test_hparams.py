@@ -1,6 +1,7 @@
 """TensorBoard's HParams tab for tb/ae and tb/dit, read back with TensorBoard's own reader and its
-hparams plugin's parsers. The autoencoder runs as a real two-rank gloo group (2 CPU processes standing
-in for 2 GPUs): the tab shows what the per-process batch becomes (global_batch = 2 x 64)."""
+hparams plugin's parsers. The autoencoder runs with the README's one-node launch (the multi-GPU
+Accelerate config) as a real two-rank gloo group, 2 CPU processes standing in for 2 GPUs: the tab
+shows what the per-process batch becomes (global_batch = 2 x 64)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import metadata
 
-from tests.conftest import REPO, accelerate_cmd, run_entry
+from tests.conftest import REPO, free_port, run_entry
 
 
 def smoke_args(root: Path, shards: Path, *extra: str) -> list[str]:
@@ -40,7 +41,10 @@ def test_hparams_tab_of_ae_and_dit(tmp_path, mnist_shards):
     train_ae, encode, train_dit = (
         str(REPO / p) for p in ("training/train_ae.py", "training/encode_latents.py", "training/train_dit.py")
     )
-    run_entry(accelerate_cmd(two_procs=True) + [train_ae, *smoke_args(tmp_path, mnist_shards)], env=env)
+    # README's quickstart 2 launch (configs/accelerate/multi_gpu.yaml), 2 CPU processes for 2 GPUs.
+    launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file"]
+    launch += [str(REPO / "configs/accelerate/multi_gpu.yaml"), "--num_processes", "2", "--main_process_port"]
+    run_entry(launch + [str(free_port()), train_ae, *smoke_args(tmp_path, mnist_shards)], env=env)
     encoded = run_entry([sys.executable, encode, *smoke_args(tmp_path, mnist_shards)])
     # Progress without a terminal: plain lines, the last one complete, no carriage returns.
     assert "latents: train: 60000/60000 images (100%)" in encoded.stderr and "\r" not in encoded.stderr
