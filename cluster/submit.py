@@ -40,7 +40,7 @@ from cluster.render import (
     repo_path,
     run_dir,
 )
-from configs.cli import OneLineParser, run_cli
+from configs.cli import CONFIG_KEYS_HELP, OneLineParser, run_cli
 from configs.schema import Config, load_config
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +289,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m cluster.submit",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.split("\n")[1:]),
+        epilog="\n".join(__doc__.split("\n")[1:]) + "\n" + CONFIG_KEYS_HELP,
     )
     p.add_argument("command", choices=[*STAGES, "pipeline", "status", "cancel"])
     p.add_argument("--config", required=True, help="YAML config (configs/smoke.yaml, gpu.yaml, multinode.yaml)")

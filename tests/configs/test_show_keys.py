@@ -86,3 +86,4 @@ def test_help_keeps_formatting_and_says_where_the_keys_are():
         assert text in out
     for script in ("training/train_ae.py", "training/train_dit.py", "training/encode_latents.py"):
         assert "python -m configs show" in run(script, "--help").stdout
+    assert "configs/slurm.py     slurm.*" in run("-m", "cluster.submit", "--help").stdout
