@@ -84,4 +84,4 @@ clean-runs:
 
 # Every benchmark at full size (meant for a GPU machine; see benchmarks/README.md).
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py --shards data/mnist
+	$(PY) -m benchmarks.run_all --shards data/mnist

@@ -1,1 +1,1 @@
-"""latent-sindy: analysis (trajectories, SINDy library/fit/report, quality metrics)."""
+"""latent-sindy: analysis after training: sindy/ (engine), job/ (Ray job), report/, quality/; see docs/ARCHITECTURE.md."""

@@ -5,13 +5,13 @@
 Loads the run's EMA DiT, autoencoder and latent statistics, draws ``dit.eval_samples`` DDPM
 samples from a generator seeded with ``run.seed + 1`` (models.generate.decode_samples, the
 sampler of the DiT's TensorBoard grids), decodes them and scores them with the MNIST classifier
-``dit.classifier`` (analysis/quality.py). Writes into ``runs/<name>/``:
+``dit.classifier`` (analysis/quality/scoring.py). Writes into ``runs/<name>/``:
     samples/ema_samples.safetensors   the samples: ``images`` (N, 1, 28, 28) uint8
     tb/dit                            eval/fd_mnist, eval/fd_floor_at_n, eval/mean_confidence,
                                       eval/chi2_uniform and the text eval/class_counts, at the
                                       DiT's last step (next to its training curves)
     quality.json                      eval_samples, the DiT's steps and EMA sha256, the classifier,
-                                      and ``quality`` (analysis.quality.score; null when skipped)
+                                      and ``quality`` (analysis.quality.scoring.score; null when skipped)
 quality.json is written last, also when scoring is skipped (``dit.eval_samples=0`` or no
 classifier file), so a scheduler can take it as the stage's completion mark. Bad inputs are one
 line on stderr and exit code 2, before any sampling.
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from analysis.quality import RUN_SAMPLES, score_images
+from analysis.quality.scoring import RUN_SAMPLES, score_images
 from configs.cli import parse_cli, run_cli
 from configs.io import atomic_save_safetensors, atomic_write_text, file_sha256
 from configs.schema import Config
@@ -39,6 +39,7 @@ TB_DIR = Path("tb") / "dit"
 
 def log_to_tensorboard(log_dir: Path, q: dict, step: int) -> None:
     """The scalars and class histogram under the tags the DiT's training logged them with before."""
+    # optional heavy dependency: tensorboard, only when its entries are written
     from torch.utils.tensorboard import SummaryWriter
 
     scalars = {

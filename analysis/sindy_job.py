@@ -15,8 +15,8 @@ Stages (each reused on rerun when its outputs exist, so a preempted job resumes)
     3. report         integration of the equations on held-out noise, plots, TensorBoard   report/, tb/sindy
 Every input is checked before Ray starts; bad inputs are one line on stderr and exit code 2.
 
-The steps live in analysis/job_plan.py (checks), analysis/job_stages.py (stages 1 and 3), analysis/coordinate_choice.py
-and analysis/job_fits.py (stage 2), analysis/views.py (theory, mixture and validation views) and analysis/report.py.
+The steps live in analysis/job/plan.py (checks), analysis/job/stages.py (stages 1 and 3), analysis/job/coordinate_choice.py
+and analysis/job/fits.py (stage 2), analysis/job/views.py (theory, mixture and validation views) and analysis/report/write.py.
 """
 
 from __future__ import annotations
@@ -48,10 +48,18 @@ def _find_repo() -> Path:
 
 REPO = _find_repo()
 
-from analysis import ray_utils  # noqa: E402
-from analysis.coordinate_choice import fit_in_coordinates  # noqa: E402
-from analysis.job_plan import check_inputs  # noqa: E402
-from analysis.job_stages import split_trajectories, stage_report, stage_trajectories  # noqa: E402
+from analysis.job import ray_utils  # noqa: E402
+from analysis.job.coordinate_choice import fit_in_coordinates, save_coordinates  # noqa: E402
+from analysis.job.dagger import stage_dagger  # noqa: E402
+from analysis.job.plan import check_inputs  # noqa: E402
+from analysis.job.stages import (  # noqa: E402
+    split_trajectories,
+    stage_polish,
+    stage_queries,
+    stage_report,
+    stage_sensitivity,
+    stage_trajectories,
+)
 from configs.cli import parse_cli, run_cli  # noqa: E402
 from configs.schema import Config  # noqa: E402
 
@@ -76,14 +84,37 @@ def main(argv: Sequence[str] | None = None) -> None:
     t0 = time.time()
     tset, how = stage_trajectories(cfg, plan)
     times["trajectories"] = (time.time() - t0, how)
+    if cfg.sindy.queries:  # 3b. States the DiT labels beside the trajectories (training rows only).
+        t0 = time.time()
+        fwd, how = stage_queries(cfg, plan)
+        plan.queries.append(fwd)
+        times["queries"] = (time.time() - t0, how)
+    if cfg.sindy.weighting == "sensitivity":  # 3c. How much each step's eps error moves the sample.
+        t0 = time.time()
+        plan.step_weights, plan.sensitivity = stage_sensitivity(cfg, plan, tset)
+        times["sensitivity"] = (
+            time.time() - t0,
+            f"the DiT perturbed at each step, {cfg.sindy.sensitivity_noises} noises",
+        )
     # 4. Stage 2: split, coordinates, statistics and per-dimension fits.
     split = split_trajectories(tset.n, plan.n_heldout, plan.n_groups, cfg.sindy.seed)
     coords, fits, lib, choice = fit_in_coordinates(cfg, plan, tset, split, times)
+    # 4b. DAgger: the states the equations' own rollouts visit, labelled by the DiT, then a refit (same coordinates).
+    for r in range(cfg.sindy.dagger_rounds):
+        fits, lib, choice = stage_dagger(cfg, plan, tset, coords, split, fits, lib, choice, r, times)
+    if cfg.sindy.polish_iterations:  # 4c. The chosen coefficients polished through the integrator.
+        t0 = time.time()
+        fits, plan.polish = stage_polish(cfg, plan, tset, coords, split, fits, lib)
+        times["polish"] = (
+            time.time() - t0,
+            f"rollout RMSE {plan.polish['rmse_before']:.4g} -> {plan.polish['rmse_after']:.4g} "
+            f"({plan.polish['nonzeros']} coefficients, {plan.polish['noises']} training noises)",
+        )
     # 5. Stage 3: the report.
     t0 = time.time()
     path = stage_report(cfg, plan, tset, coords, split, fits, lib, times, ray_how, choice)
     if coords.file_name:
-        coords.save(path.parent / coords.file_name)
+        save_coordinates(coords, path.parent / coords.file_name)
     print(
         f"sindy: report stage {time.time() - t0:.1f} s; stage times "
         + ", ".join(f"{k} {v[0]:.1f} s" for k, v in times.items()),

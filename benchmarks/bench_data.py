@@ -1,7 +1,7 @@
 """Data pipeline: images/s of the streaming shard loader per worker process, against a plain
 webdataset pipeline (PIL decode) over the same shards.
 
-    python benchmarks/bench_data.py --shards data/mnist [--repeats 3]
+    python -m benchmarks.bench_data --shards data/mnist [--repeats 3]
 
 Target (issue 6): at least 20,000 images/s per worker process on CPU. "Per worker" is the loader
 with num_workers=0 (everything in the calling process); the multi-worker row is for reference.
@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import argparse
 import io
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import finish, row, time_calls  # noqa: E402
-from data_pipeline.loader import make_loader  # noqa: E402
-from data_pipeline.shards import read_manifest  # noqa: E402
+from benchmarks.common import finish, row, time_calls
+from data_pipeline.loader import make_loader
+from data_pipeline.shards import read_manifest
 
 TARGET = 20_000
 

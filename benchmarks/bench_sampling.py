@@ -2,7 +2,7 @@
 the plain sampler (eager fp32, batch 256), and a check that each variant's recorded trajectories
 match the plain sampler's from the same noise.
 
-    python benchmarks/bench_sampling.py [--kind conv|vae16] [--large-batch 8192]
+    python -m benchmarks.bench_sampling [--kind conv|vae16] [--large-batch 8192]
 
 Targets (issue 6, one H100, reference DiT): conv latent, 100 DDPM steps: >= 20,000 trajectories/s;
 vae16, 50 steps: >= 150,000 trajectories/s; recorded trajectories equal to bf16 tolerance.
@@ -10,15 +10,12 @@ vae16, 50 steps: >= 150,000 trajectories/s; recorded trajectories equal to bf16 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import LATENTS, bench_model, finish, model_parser, pick_device, row, time_calls  # noqa: E402
-from models.diffusion import sample, schedule_for  # noqa: E402
+from benchmarks.common import LATENTS, bench_model, finish, model_parser, pick_device, row, time_calls
+from models.diffusion import sample, schedule_for
 
 TARGETS = {"conv": 20_000, "vae16": 150_000}
 CHECK_BATCH = 256

@@ -1,7 +1,7 @@
 """SINDy fits: library + Gram statistics + 16 STLSQ fits over n samples of a 16-D state with the
 reference library (1,035 terms), against pysindy's STLSQ on the CPU (per-sample ratio).
 
-    python benchmarks/bench_sindy.py [--n 1000000] [--n-compare 20000] [--device auto] [--repeats 3]
+    python -m benchmarks.bench_sindy [--n 1000000] [--n-compare 20000] [--device auto] [--repeats 3]
 
 Target (issue 6, one H100): 1,000,000 samples x 16 dimensions, library, statistics and all 16 fits
 in under 10 s, coefficients equal to the CPU path's. The first two rows fit the same n_compare
@@ -12,7 +12,6 @@ coefficients (1e-8); the third times the Gram path alone at n.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -20,12 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from analysis.gram import GramStats  # noqa: E402
-from analysis.library import Library  # noqa: E402
-from analysis.optimizers import STLSQ  # noqa: E402
-from benchmarks.common import finish, pick_device, row, sync, time_calls  # noqa: E402
+from analysis.sindy.gram import GramStats
+from analysis.sindy.library import Library
+from analysis.sindy.optimizers import STLSQ
+from benchmarks.common import finish, pick_device, row, sync, time_calls
 
 D, THRESHOLD, ALPHA = 16, 0.05, 0.05
 

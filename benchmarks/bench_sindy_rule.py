@@ -1,15 +1,15 @@
 """Choose the SINDy defaults (library, ridge alpha, threshold grid, selection tolerance, term budget)
 by measurement on systems whose equations are known (benchmarks/known_systems.py):
 
-    python benchmarks/bench_sindy_rule.py [--quick]
+    python -m benchmarks.bench_sindy_rule [--quick]
 
 For each setting and system it splits trajectories 80/20 (held out by trajectory, as the job), streams
 the library into Gram statistics, sweeps STLSQ thresholds per dimension and applies the rule
-(analysis.selection.choose_model). Printed per row: terms per dimension (median, max), held-out R^2 (min,
+(analysis.sindy.selection.choose_model). Printed per row: terms per dimension (median, max), held-out R^2 (min,
 median), and the system's own check: Lorenz exact support (7 terms) and worst relative coefficient
 error; Gaussian DDIM whether every chosen term is z-linear (times a time function); mixture the
 fraction of dimensions with R^2 >= 0.99 within the budget. The last rows compare the coordinates the job
-chooses between (sindy.coordinates): the systems' own and the dynamics' linear modes (analysis/coordinates.py),
+chooses between (sindy.coordinates): the systems' own and the dynamics' linear modes (analysis/sindy/coordinates.py),
 with the pooled held-out unexplained variance (sum RSS / sum TSS, unchanged by a rotation) the job compares.
 The library is the job's default less the mixture family, which needs a trained run's latents.
 Writes results/sindy_rule.json.
@@ -21,23 +21,20 @@ import argparse
 import dataclasses
 import json
 import re
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from analysis.coordinates import linear_modes  # noqa: E402
-from analysis.gram import GramStats  # noqa: E402
-from analysis.library import build_library, principal_directions  # noqa: E402
-from analysis.optimizers import STLSQ  # noqa: E402
-from analysis.selection import sweep_with_gate  # noqa: E402
-from benchmarks import known_systems as ks  # noqa: E402
-from benchmarks.common import RESULTS  # noqa: E402
-from configs.sindy import SindyLibraryConfig  # noqa: E402
+from analysis.sindy.build import build_library, principal_directions
+from analysis.sindy.coordinates import linear_modes
+from analysis.sindy.gram import GramStats
+from analysis.sindy.optimizers import STLSQ
+from analysis.sindy.selection import sweep_with_gate
+from benchmarks import known_systems as ks
+from benchmarks.common import RESULTS
+from configs.sindy import SindyLibraryConfig
 
 # A term linear in z times a function of t only (the exact form of DDIM on Gaussian data).
 Z_LINEAR = re.compile(r"^(1|z\d+|t(\^\d+)?|z\d+ t(\^\d+)?)$")

@@ -1,7 +1,7 @@
 """DiT training throughput: samples/s of one optimiser step (forward, eps loss, backward, clip,
 AdamW), latents resident on the device, against the plain step (eager fp32, batch 256).
 
-    python benchmarks/bench_train.py [--kind conv] [--preset reference] [--large-batch 16384]
+    python -m benchmarks.bench_train [--kind conv] [--preset reference] [--large-batch 16384]
 
 Targets (issue 6, one H100, reference DiT, conv latent): >= 400,000 samples/s at a large batch in
 bf16; the reference recipe (batch 256, ~47,000 steps) in under 3 minutes of training. The recipe
@@ -12,15 +12,12 @@ time printed here is steps x the best batch-256 step time, an estimate; the run 
 from __future__ import annotations
 
 import contextlib
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import LATENTS, bench_model, finish, model_parser, pick_device, row, time_calls  # noqa: E402
-from models.diffusion import eps_loss, schedule_for  # noqa: E402
+from benchmarks.common import LATENTS, bench_model, finish, model_parser, pick_device, row, time_calls
+from models.diffusion import eps_loss, schedule_for
 
 RECIPE_STEPS = 47_000
 TARGET_LARGE, TARGET_RECIPE_S = 400_000, 180.0

@@ -1,6 +1,6 @@
 """Every benchmark in one go (on a GPU machine: the full sizes), then one summary table.
 
-    python benchmarks/run_all.py [--quick] [--shards data/mnist]
+    python -m benchmarks.run_all [--quick] [--shards data/mnist]
 
 --quick shrinks every size (a functional check on any machine; its numbers mean nothing).
 Results: benchmarks/results/<name>.json and results/summary.json.
@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import bench_data, bench_sampling, bench_sindy, bench_train  # noqa: E402
-from benchmarks.common import RESULTS, verdict  # noqa: E402
+from benchmarks import bench_data, bench_sampling, bench_sindy, bench_train
+from benchmarks.common import RESULTS, verdict
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

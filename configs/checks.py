@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from configs.cli import UserError
+from configs.errors import UserError
 
 
 class ConfigError(UserError, ValueError):

@@ -16,10 +16,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
-if TYPE_CHECKING:
-    from configs.schema import Config
+from configs.errors import UserError
+from configs.schema import Config, load_config
 
 LAUNCH_DIR_ENV = "LATENT_SINDY_LAUNCH_DIR"
 """Set by ``python -m training.launch`` for its workers: a folder where a ``stop`` file asks
@@ -27,11 +27,6 @@ them to checkpoint and stop, where a stopped worker leaves ``preempted.*`` and a
 stopped on a UserError leaves ``usererror.*`` (see training/launch.py)."""
 
 __all__ = ["CONFIG_KEYS_HELP", "LAUNCH_DIR_ENV", "UserError", "OneLineParser", "parse_cli", "call_cli", "run_cli"]
-
-
-class UserError(RuntimeError):
-    """An expected failure caused by input (missing files, mismatched runs, a bad config): the
-    message names the problem and the fix; reported as one line and exit code 2."""
 
 
 CONFIG_KEYS_HELP = """\
@@ -57,8 +52,6 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_cli(argv: Sequence[str] | None, description: str) -> Config:
     """``--config X.yaml key=value ...`` -> validated Config."""
-    from configs.schema import load_config
-
     p = OneLineParser(description=description, epilog=CONFIG_KEYS_HELP)
     p.add_argument("--config", required=True, help="YAML config (configs/smoke.yaml, local.yaml, gpu.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ae.lr=1e-3 resume=auto")

@@ -20,6 +20,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from configs.errors import UserError
+
 if TYPE_CHECKING:
     import torch
 
@@ -124,12 +126,10 @@ def read_safetensors(
         missing: the whole message when the file does not exist (say what makes it).
         what: how the message names an unreadable file (default: the path).
         hint: appended to the unreadable-file message (e.g. how to make a good one).
-        error: the exception class (default configs.cli.UserError; a subclass of it keeps the one-line CLI).
+        error: the exception class (default configs.errors.UserError; a subclass of it keeps the one-line CLI).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from configs.cli import UserError
 
     error = error or UserError
     path = Path(path)
@@ -165,8 +165,6 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        from configs.cli import UserError
-
         raise UserError(
             f"device={str(device)!r} was requested but CUDA is not available here; use device='cpu' or device='auto'"
         )

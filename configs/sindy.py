@@ -6,10 +6,15 @@ from dataclasses import dataclass, field
 
 from configs.checks import _check, _non_negative, _positive
 
+# The library family names a config may list. The registry is analysis/sindy/registry.py (LIBRARY_FAMILIES: each
+# name with the kinds it builds); configs sit below analysis and cannot import it, so this is the names alone,
+# held equal to the registry by tests/analysis/test_library_config.py.
+LIBRARY_FAMILY_NAMES = ("polynomial", "time", "time_state", "exp", "tanh", "terms", "mixture")
+
 
 @dataclass
 class SindyLibraryConfig:
-    """The SINDy candidate library (analysis/library.py, build_library); defaults chosen on known systems
+    """The SINDy candidate library (analysis/sindy/build.py, build_library); defaults chosen on known systems
     (benchmarks/bench_sindy_rule.py: Lorenz-63, DDIM on Gaussian and two-mode mixture data)."""
 
     preset: str = "standard"
@@ -46,7 +51,8 @@ class SindyLibraryConfig:
     mixture_features: list[str] = field(default_factory=lambda: ["eps"])
     """Columns of the mixture family: eps (the mixture's exact eps*_j, one per dimension; composed into its drift
     p z_j + q eps*_j when the fit target is a velocity) | posterior (its posterior weights r_k(z, t), one per
-    component)."""
+    component) | regimes (r_k(z, t) z_j, one per component and dimension: a linear regime per component) |
+    gaussian (the closed-form eps of the mixture's moment-matched Gaussian, one per dimension)."""
     gated: list[str] = field(default_factory=lambda: ["tanh"])
     """Families kept per dimension only if they earn it on held-out data: the best held-out unexplained variance
     with them must be at most `gate` x the best without them (else the dimension is fitted without them)."""
@@ -54,11 +60,11 @@ class SindyLibraryConfig:
     """The factor of `gated` (0 < gate <= 1; 1 keeps a family whenever it helps at all)."""
     terms: list[str] = field(default_factory=list)
     """User terms for the `terms` family, e.g. ["z0 * z1", "exp(-t) * z3"]: numbers, z0..z{d-1}, t, + - * / **,
-    exp log tanh sin cos sqrt abs; parsed against this grammar (by analysis/library.py, checked before any work),
+    exp log tanh sin cos sqrt abs; parsed against this grammar (by analysis/sindy/library.py, checked before any work),
     never evaluated as code."""
 
     def __post_init__(self) -> None:
-        known = ("polynomial", "time", "time_state", "exp", "tanh", "terms", "mixture")
+        known = LIBRARY_FAMILY_NAMES
         _check(
             self.preset in ("standard", "reference"),
             f"sindy.library.preset must be standard | reference, got {self.preset!r}",
@@ -103,9 +109,10 @@ class SindyLibraryConfig:
         _check(0 < self.gate <= 1, f"sindy.library.gate must be in (0, 1], got {self.gate}")
         _check(
             bool(self.mixture_features)
-            and all(f in ("eps", "posterior") for f in self.mixture_features)
+            and all(f in ("eps", "posterior", "regimes", "gaussian") for f in self.mixture_features)
             and len(set(self.mixture_features)) == len(self.mixture_features),
-            f"sindy.library.mixture_features must be a non-empty subset of [eps, posterior], got {self.mixture_features}",
+            "sindy.library.mixture_features must be a non-empty subset of [eps, posterior, regimes, gaussian], got "
+            f"{self.mixture_features}",
         )
         _check(
             "terms" not in self.families or bool(self.terms),
@@ -136,7 +143,7 @@ class SindyConfig:
     coordinates: str = "auto"
     """latent: the latent's own coordinates (conv: its sindy.pca_components principal components) | modes: those
     rotated to the linear modes of the dynamics (the eigenvectors of the per-step least-squares linear drift; for
-    Gaussian data the exact drift is uncoupled there, analysis/coordinates.py) | auto: fit in both and keep the
+    Gaussian data the exact drift is uncoupled there, analysis/sindy/coordinates.py) | auto: fit in both and keep the
     modes only if their pooled held-out unexplained variance is within (1 + threshold_tol) x the better one's
     with fewer terms in all (the latent's own on a tie)."""
     library: SindyLibraryConfig = field(default_factory=SindyLibraryConfig)
@@ -201,14 +208,42 @@ class SindyConfig:
     """Time order of the states in an external .npz: descending (z_T first, state k at t = 1 - k/T) | ascending."""
     fit_space: str = "drift"
     """drift: fit the velocity target itself | eps: fit the DiT's recorded eps_theta(z, t) and compose the drift
-    exactly as p(t) z + q(t) eps_fit, p and q known from the schedule and sampler (analysis/theory.py); the
+    exactly as p(t) z + q(t) eps_fit, p and q known from the schedule and sampler (analysis/sindy/theory.py); the
     report gives the held-out R^2 of both eps and drift and the rollouts either way."""
     validation_noises: int = 400
     """Held-out noises the chosen equations are integrated from, decoded and classified against the DiT's
-    samples from the same noise (class agreement, FD-MNIST, confidence; analysis/validation.py); at most the
+    samples from the same noise (class agreement, FD-MNIST, confidence; analysis/job/validation.py); at most the
     held-out trajectories. 0 disables the validation."""
+    queries: int = 0
+    """Forward-noised training latents per sampler step, labelled by the EMA DiT, added to the training rows
+    (analysis/job/queries.py: the DiT's own training distribution; the trajectories alone give one state per
+    trajectory and step). Needs the job's own trajectories and targets eps or drift; 0 adds none."""
+    dagger_rounds: int = 0
+    """Rounds of DAgger (analysis/job/queries.py): roll the fitted equations out from sindy.dagger_noises training
+    noises, have the DiT label every state they visit, add those rows and fit again (in the chosen coordinates).
+    Needs the job's own trajectories and targets eps or drift; 0 skips it."""
+    dagger_noises: int = 1000
+    """Initial noises (of training trajectories) each DAgger round rolls the equations out from."""
+    polish_iterations: int = 0
+    """Levenberg-Marquardt steps that move the chosen equations' nonzero coefficients (the terms stay) so that
+    their Euler rollouts from training noises pass through the DiT's trajectories (analysis/sindy/polish.py); each
+    step costs one rollout per nonzero coefficient. The report's regression R^2 are those of the fit before it;
+    the yardstick table scores the polished equations. 0 skips it."""
+    polish_noises: int = 200
+    """Training trajectories the polishing matches."""
+    weighting: str = "none"
+    """Regression row weights per sampler step. none: every row alike (in drift space the eps error is then
+    weighted by q(t)^2, large at t = 1) | sensitivity: by how far an eps error at that step moves the final
+    sample, measured on the DiT (analysis/job/queries.py step_sensitivity), so the fit spends its terms where the
+    generated sample depends on them; needs the job's own trajectories and a sampler with a known linear part."""
+    sensitivity_noises: int = 64
+    """Initial noises the step sensitivity of sindy.weighting=sensitivity is averaged over (at most one block's)."""
+    yardsticks: bool = True
+    """Score the equations beside their yardsticks from the same held-out noises (analysis/job/yardsticks.py): the
+    DiT's raw weights (ceiling), the DiT with iid eps noise at R^2 0.999-0.95 (sensitivity), the closed-form
+    Gaussian and mixture (floors) and a dense per-step affine fit (reference); report.md and equations.json."""
     mixture_components: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20])
-    """Gaussian-mixture view of the denoiser (analysis/mixture.py): component counts tried by EM on the
+    """Gaussian-mixture view of the denoiser (analysis/sindy/mixture.py): component counts tried by EM on the
     training latents, the best by held-out (test split) log-likelihood is kept; empty disables the view."""
     mixture_samples: int = 10000
     """Training latents (a seeded random subset) the mixtures are fitted to; EM costs grow with it (local run,
@@ -267,7 +302,14 @@ class SindyConfig:
             f"sindy.fit_space=eps fits the recorded eps and composes the drift; it cannot be combined with "
             f"sindy.target={self.target} (set sindy.target=drift or sindy.fit_space=drift)",
         )
-        _non_negative("sindy", validation_noises=self.validation_noises)
+        _non_negative("sindy", validation_noises=self.validation_noises, queries=self.queries)
+        _check(
+            self.weighting in ("none", "sensitivity"),
+            f"sindy.weighting must be none | sensitivity, got {self.weighting!r}",
+        )
+        _positive("sindy", sensitivity_noises=self.sensitivity_noises, dagger_noises=self.dagger_noises)
+        _non_negative("sindy", dagger_rounds=self.dagger_rounds, polish_iterations=self.polish_iterations)
+        _positive("sindy", polish_noises=self.polish_noises)
         _check(
             all(isinstance(k, int) and k >= 1 for k in self.mixture_components),
             f"sindy.mixture_components must be a list of ints >= 1, got {list(self.mixture_components)}",

@@ -11,7 +11,7 @@ References:
 
 The Frechet distance lives here, next to the network, because both sides of the classifier use
 it: training (training/train_classifier.py) stores the floor, the distance of real training
-digits to the test set, in the sidecar; scoring (analysis/quality.py) compares generated digits.
+digits to the test set, in the sidecar; scoring (analysis/quality/scoring.py) compares generated digits.
 
 Files of a classifier ``X.safetensors``:
     * ``X.safetensors``: weights (safetensors only, so loading never unpickles).

@@ -25,15 +25,8 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from configs.schema import OptimConfig
-from training.runtime import (
-    StopFlag,
-    TrainState,
-    clean_stale_tmp,
-    load_checkpoint,
-    restore_scheduler,
-    save_checkpoint,
-    set_aside_newer,
-)
+from training.checkpoints import TrainState, clean_stale_tmp, load_checkpoint, save_checkpoint, set_aside_newer
+from training.runtime import StopFlag, restore_scheduler
 
 STOP_SYNC_EVERY = 10
 """On N processes the ranks agree on a stop request every this many steps (and at log steps):

@@ -13,7 +13,7 @@ import torch
 
 from configs.cli import UserError
 from configs.schema import Config, OptimConfig, config_digest, save_config, to_dict, to_yaml
-from training.runtime import preflight_resume
+from training.checkpoints import preflight_resume
 
 # Cadence fields change how often things are written, not what is computed: a run may be
 # resumed with other values for them.

@@ -1,11 +1,11 @@
-"""The fit's coordinates (analysis/coordinates.py): the dynamics' linear modes and the affine map's round trip."""
+"""The fit's coordinates (analysis/sindy/coordinates.py): the dynamics' linear modes and the affine map's round trip."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from analysis.coordinates import Coordinates, linear_modes
+from analysis.sindy.coordinates import Coordinates, linear_modes
 
 
 def _affine_system(n: int, d: int = 6, steps: int = 8, seed: int = 0):
@@ -51,7 +51,7 @@ def test_modes_after_a_base_round_trip(base):
 
 
 def test_the_coordinate_choice_weighs_terms_pooled_and_worst_fit():
-    from analysis.coordinate_choice import choose_coordinates
+    from analysis.job.coordinate_choice import choose_coordinates
 
     def cand(terms, pooled, worst):
         return {"terms": terms, "unexplained": pooled, "worst": worst}

@@ -1,4 +1,4 @@
-"""Tests for the SINDy fit: analysis/gram.py, analysis/optimizers.py, analysis/selection.py, analysis/metrics.py.
+"""Tests for the SINDy fit: analysis/sindy/gram.py, analysis/sindy/optimizers.py, analysis/sindy/selection.py, analysis/sindy/metrics.py.
 
 (a) the Gram path reproduces pysindy.STLSQ to 1e-8;
 (b) known sparse dynamics are recovered exactly in support; coefficients to 1e-6
@@ -17,12 +17,12 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from analysis.families import Polynomial
-from analysis.gram import GramStats
-from analysis.library import Library
-from analysis.metrics import r2_score, rmse
-from analysis.optimizers import SR3, STLSQ
-from analysis.selection import bagging_gram, sweep_thresholds
+from analysis.sindy.families import Polynomial
+from analysis.sindy.gram import GramStats
+from analysis.sindy.library import Library
+from analysis.sindy.metrics import r2_score, rmse
+from analysis.sindy.optimizers import SR3, STLSQ
+from analysis.sindy.selection import bagging_gram, sweep_thresholds
 
 
 def pysindy_stlsq(theta, y, **kw):

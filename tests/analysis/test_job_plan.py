@@ -1,8 +1,8 @@
-"""Tests for analysis/job_plan.py that need no run folder (the checks on runs: tests/analysis_job/test_sindy_job.py)."""
+"""Tests for analysis/job/plan.py that need no run folder (the checks on runs: tests/analysis_job/test_sindy_job.py)."""
 
 from __future__ import annotations
 
-from analysis.job_plan import estimate_memory
+from analysis.job.plan import estimate_memory
 
 
 def test_memory_estimate():

@@ -1,4 +1,4 @@
-"""Tests for the SINDy library (analysis/library.py, families.py, terms.py): term counts, names, values,
+"""Tests for the SINDy library (analysis/sindy/library.py, families.py, terms.py): term counts, names, values,
 numpy/torch parity, spec, pysindy."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pysindy
 import pytest
 import torch
 
-from analysis.families import ExpNegSquare, ExpNegTimeState, Polynomial, TimePolynomial, TimeTimesState
-from analysis.gram import GramStats
-from analysis.library import Library, PysindyLibrary, reference_n_terms
-from analysis.optimizers import STLSQ
+from analysis.sindy.families import ExpNegSquare, ExpNegTimeState, Polynomial, TimePolynomial, TimeTimesState
+from analysis.sindy.gram import GramStats
+from analysis.sindy.library import Library, PysindyLibrary, reference_n_terms
+from analysis.sindy.optimizers import STLSQ
 
 FAMILIES = [
     Polynomial(3, include_bias=True),

@@ -1,6 +1,6 @@
-"""The configurable library (analysis/library.py: TimeSpline, TimeProduct, Tanh, CustomTerms, build_library),
-the selection rule on unexplained variance (analysis/selection.py: choose_model) and the one equation formatter
-(analysis/export.py: rhs_text)."""
+"""The configurable library (analysis/sindy/: TimeSpline, TimeProduct, Tanh, CustomTerms, build_library),
+the selection rule on unexplained variance (analysis/sindy/selection.py: choose_model) and the one equation formatter
+(analysis/sindy/export.py: rhs_text)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.custom_terms import CustomTerms
-from analysis.export import rhs_text
-from analysis.families import Tanh, TimeProduct, TimeSpline
-from analysis.library import Library, build_library, principal_directions
-from analysis.selection import UV_FLOOR, choose_model
+from analysis.sindy.build import build_library, principal_directions
+from analysis.sindy.custom_terms import CustomTerms
+from analysis.sindy.export import rhs_text
+from analysis.sindy.families import Tanh, TimeProduct, TimeSpline
+from analysis.sindy.library import Library
+from analysis.sindy.registry import FAMILIES, LIBRARY_FAMILIES
+from analysis.sindy.selection import UV_FLOOR, choose_model
 
 
 @pytest.fixture
@@ -126,9 +128,9 @@ def test_one_formatter_for_text_and_latex():
 
 
 def test_forward_stepwise_path_is_nested_least_squares():
-    from analysis.gram import GramStats
-    from analysis.optimizers import ForwardStepwise
-    from analysis.selection import sweep_thresholds
+    from analysis.sindy.gram import GramStats
+    from analysis.sindy.optimizers import ForwardStepwise
+    from analysis.sindy.selection import sweep_thresholds
 
     rng = np.random.default_rng(1)
     X = rng.normal(size=(400, 30))
@@ -145,3 +147,11 @@ def test_forward_stepwise_path_is_nested_least_squares():
     ho = GramStats.from_arrays(X[300:], y[300:], device="cpu")
     sw = sweep_thresholds(st, ho, 0, n_thresholds=5, max_terms=4)
     assert set(np.flatnonzero(sw.chosen_coef)) == {2, 7, 11} and sw.n_terms[sw.chosen] <= 4
+
+
+def test_the_config_knows_exactly_the_registry_families():
+    from configs.sindy import LIBRARY_FAMILY_NAMES
+
+    assert LIBRARY_FAMILY_NAMES == tuple(LIBRARY_FAMILIES)
+    kinds = {k for ks in LIBRARY_FAMILIES.values() for k in ks}
+    assert kinds <= set(FAMILIES), kinds - set(FAMILIES)

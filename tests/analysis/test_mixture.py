@@ -1,4 +1,4 @@
-"""analysis.mixture: the closed-form eps* of a Gaussian mixture on known cases, EM model choice, the term family."""
+"""analysis.sindy.mixture: the closed-form eps* of a Gaussian mixture on known cases, EM model choice, the term family."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from analysis.families import Polynomial
-from analysis.library import Library
-from analysis.mixture import GaussianMixtureEps, MixtureEps, fit_mixture
+from analysis.sindy.families import Polynomial
+from analysis.sindy.library import Library
+from analysis.sindy.mixture import GaussianMixtureEps, MixtureEps, fit_mixture
 
 
 def _spd(rng, d):
@@ -101,3 +101,41 @@ def test_mixture_drift_feature_is_the_composed_closed_form():
     np.testing.assert_allclose(lib.transform(z, 1 - k / T), p[k] * z + q[k] * eps, rtol=1e-12)
     with pytest.raises(ValueError, match="needs the sampler's p and q"):
         MixtureEps.from_mixture(mix, ab, features=("drift",))
+
+
+def test_regime_columns_are_posteriors_times_states():
+    from analysis.sindy.mixture import GaussianMixtureEps, MixtureEps
+
+    rng = np.random.default_rng(0)
+    mix = GaussianMixtureEps(np.array([0.3, 0.7]), rng.standard_normal((2, 3)), np.stack([np.eye(3)] * 2))
+    ab = np.linspace(0.01, 0.99, 10)
+    fam = MixtureEps.from_mixture(mix, ab, ("posterior", "regimes"))
+    z, t = rng.standard_normal((5, 3)), np.full(5, 0.55)
+    cols = fam._columns(z, t)
+    assert fam.n_output_features(3) == 2 + 6 == cols.shape[1]
+    r = cols[:, :2]
+    assert np.allclose(r.sum(axis=1), 1.0)
+    assert np.allclose(cols[:, 2:], (r[:, :, None] * z[:, None, :]).reshape(5, 6))
+    assert fam.names(3)[2:5] == ["r_mix0 z0", "r_mix0 z1", "r_mix0 z2"]
+
+
+def test_gaussian_feature_is_the_moment_matched_closed_form():
+    from analysis.sindy.mixture import GaussianMixtureEps, MixtureEps, moment_matched
+
+    rng = np.random.default_rng(1)
+    means = rng.standard_normal((3, 2))
+    covs = np.stack([np.eye(2) * v for v in (0.5, 1.0, 2.0)])
+    mix = GaussianMixtureEps(np.array([0.2, 0.3, 0.5]), means, covs)
+    # Moment matching checked against samples of the mixture.
+    comp = rng.choice(3, size=200_000, p=mix.weights)
+    x = means[comp] + rng.standard_normal((200_000, 2)) * np.sqrt(np.array([0.5, 1.0, 2.0])[comp])[:, None]
+    g = moment_matched(mix)
+    assert np.allclose(g.means[0], x.mean(axis=0), atol=0.02) and np.allclose(g.covariances[0], np.cov(x.T), atol=0.03)
+    fam = MixtureEps.from_mixture(mix, np.linspace(0.01, 0.99, 10), ("gaussian",))
+    z, t = rng.standard_normal((4, 2)), np.full(4, 0.35)
+    k = 10 - int(np.ceil(0.35 * 10 - 1e-9))
+    ab = np.linspace(0.01, 0.99, 10)[k]
+    a, s = np.sqrt(ab), np.sqrt(1 - ab)
+    C = a**2 * g.covariances[0] + s**2 * np.eye(2)
+    want = s * np.linalg.solve(C, (z - a * g.means[0]).T).T
+    assert np.allclose(fam._columns(z, t), want) and fam.names(2) == ["eps_gauss0", "eps_gauss1"]

@@ -1,4 +1,4 @@
-"""analysis.theory: p(t) z + q(t) eps reproduces the sampler's recorded drift on real trajectories."""
+"""analysis.sindy.theory: p(t) z + q(t) eps reproduces the sampler's recorded drift on real trajectories."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.theory import LinearPart, linear_part, state_index
+from analysis.sindy.theory import LinearPart, linear_part, state_index
 from models.diffusion import cosine_schedule, linear_schedule, sample
 from models.dit import build_dit
 

@@ -1,11 +1,11 @@
-"""analysis.validation: windowed R^2 and rollouts against a reference, on cases with known answers."""
+"""analysis.job.validation: windowed R^2 and rollouts against a reference, on cases with known answers."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from analysis.targets import time_windows, window_index
-from analysis.validation import rollout, windowed_r2
+from analysis.job.validation import rollout, windowed_r2
+from analysis.sindy.targets import time_windows, window_index
 
 
 def test_windowed_r2_splits_t_into_equal_windows():

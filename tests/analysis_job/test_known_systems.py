@@ -53,8 +53,8 @@ def test_lorenz_exact_terms_and_pysindy_round_trip(tmp_path, ray_session, capsys
         "the mixture family is left out of the library: " in (tmp_path / "smoke" / "report" / "report.md").read_text()
     )
 
-    from analysis.export import load_pysindy, xi_from_report
-    from analysis.library import Library
+    from analysis.sindy.export import load_pysindy, xi_from_report
+    from analysis.sindy.library import Library
 
     model = load_pysindy(tmp_path / "smoke" / "report")
     capsys.readouterr()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis.ray_utils import choose_address
+from analysis.job.ray_utils import choose_address
 from tests.analysis_job.conftest import JOB, copy_run, kill_marked, smoke
 from tests.conftest import REPO, free_port, run_entry
 
@@ -31,7 +31,7 @@ AUTH = {"RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").is_fi
 CONNECT = """
 import json, sys
 sys.path.insert(0, {repo!r})
-from analysis import ray_utils
+from analysis.job import ray_utils
 from configs.cli import run_cli
 {patch}
 def main(argv):

@@ -175,7 +175,7 @@ def test_bad_inputs_fail_before_work(trained_run, tmp_path):
 
 
 def test_trajectories_do_not_depend_on_workers(trained_run):
-    from analysis.trajectories import generate_block
+    from analysis.job.trajectories import generate_block
     from models.artifacts import load_denoiser
 
     model, schedule, meta = load_denoiser(trained_run / "smoke", "cpu")

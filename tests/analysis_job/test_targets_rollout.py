@@ -1,15 +1,15 @@
 """Targets and integration conventions without Ray: central differences on a known ODE, and the
-fit + Euler rollout of analysis/integration.py recover dz/dt = -z (t from 1 to 0, dt = 1/T)."""
+fit + Euler rollout of analysis/sindy/integration.py recover dz/dt = -z (t from 1 to 0, dt = 1/T)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from analysis.gram import GramStats
-from analysis.integration import integrate, sindy_rhs
-from analysis.library import Library
-from analysis.optimizers import STLSQ
-from analysis.targets import central_diff, regression_samples
+from analysis.sindy.gram import GramStats
+from analysis.sindy.integration import integrate, sindy_rhs
+from analysis.sindy.library import Library
+from analysis.sindy.optimizers import STLSQ
+from analysis.sindy.targets import central_diff, regression_samples
 
 
 def test_central_diff_sign_and_ends():

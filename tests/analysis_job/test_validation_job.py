@@ -72,6 +72,7 @@ def test_validation_on_top_eps_fit_and_mixture(trained_run, tiny_classifier, mni
     assert len(mx["eps"]["pooled"]) == 16 and "the encoded test split" in mx["heldout"]
     for name in ("validation_rmse.png", "mixture_means.png"):
         assert (run_dir / "report" / name).is_file()
+    check_yardsticks(eq, md)
 
     # No classifier: the report says so, nothing crashes; only the report stage runs again.
     run_entry([sys.executable, JOB, *common, f"dit.classifier={tmp_path / 'none.safetensors'}"])
@@ -83,10 +84,40 @@ def test_validation_on_top_eps_fit_and_mixture(trained_run, tiny_classifier, mni
     assert eq["stage_times"]["fits"] == 0.0
 
 
+def check_yardsticks(eq: dict, md: str) -> None:
+    """The yardstick table: every generator from the same held-out noises, each figure consistent with its row."""
+    from analysis.quality.agreement import NOISE_R2, gap_share, wilson_interval
+
+    y = eq["yardsticks"]
+    rows = {r["name"]: r for r in y["rows"]}
+    kinds = [r["kind"] for r in y["rows"]]
+    head = ["ceiling"] + ["sensitivity"] * len(NOISE_R2)
+    assert kinds[: len(head)] == head and kinds[-2:] == ["reference", "equations"]
+    assert kinds[len(head) : -2] in (["floor"], ["floor", "floor"])  # the Gaussian, and the mixture if K > 1
+    assert y["n_noises"] == eq["validation"]["equations"]["n_noises"]
+    for r in y["rows"]:
+        n = y["n_noises"]
+        k = round(r["same_digit"] * n)
+        assert r["ci95"] == pytest.approx(list(wilson_interval(k, n)))
+        assert r["confident"]["n"] <= n and 0 <= r["final_error"] and r["per_sample_r2"] <= 1
+        assert np.isfinite(r["fd_mnist"]) and len(r["eps_r2_windows"]) == 5
+    # The sensitivity rows' eps R^2, measured on the held-out states, is the nominal one.
+    for r2 in NOISE_R2:
+        assert rows[f"EMA DiT + iid eps noise, R^2 {r2:g}"]["eps_r2_median"] == pytest.approx(
+            r2, abs=0.3 * (1 - r2) + 2e-3
+        )
+    # The equations' eps R^2 in the table is the fit-space view's (same held-out states, eps space).
+    assert rows["the equations"]["terms"] == sum(len(d["terms"]) for d in eq["dims"])
+    h = y["headline"]
+    ceil, floor, eqr = rows[h["ceiling"]], rows[h["floor"]], rows["the equations"]
+    assert h["same_digit_gap_share"] == gap_share(eqr["same_digit"], floor["same_digit"], ceil["same_digit"])
+    assert "## The equations beside their yardsticks" in md and f"| the equations | equations | {eqr['terms']} |" in md
+
+
 def test_mixture_family_in_the_library_must_earn_its_place(trained_run, mnist_shards, tmp_path):
     """The mixture's closed-form drift as library columns: fitted to the training latents in the fit's coordinates,
     gated per dimension when asked (gate 1: kept wherever it helps at all), and the library spec round-trips."""
-    from analysis.library import Library
+    from analysis.sindy.library import Library
 
     root = copy_run(trained_run, tmp_path)
     run_dir = root / "smoke"

@@ -1,5 +1,5 @@
 """The feature classifier (models.classifier, training/train_classifier.py), FD-MNIST and the other
-sample-quality metrics (analysis.quality), and their CLIs.
+sample-quality metrics (analysis.quality.scoring), and their CLIs.
 
 One small classifier is trained once per module on CPU (1 epoch over the first 30,000
 training images, batch 64, one thread) and shared by every test. The MNIST splits are read
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from analysis import quality as q
+from analysis.quality import scoring as q
 from configs.io import file_sha256
 from data_pipeline.loader import load_split_in_memory
 from models import classifier as cl
@@ -282,7 +282,7 @@ def test_score_images_caches_and_accepts_uint8(trained, test_images, mnist_shard
 
 def _run_cli(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "analysis.quality", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "analysis.quality.scoring", *args], cwd=REPO, capture_output=True, text=True, timeout=300
     )
 
 

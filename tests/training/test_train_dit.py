@@ -71,7 +71,7 @@ def tiny_classifier(tmp_path_factory, mnist_shards) -> Path:
 def test_single_process_smoke_then_scoring(encoded_run, tmp_path, tiny_classifier, mnist_shards):
     from safetensors.torch import load_file
 
-    from analysis.quality import score_images
+    from analysis.quality.scoring import score_images
     from data_pipeline.shards import file_sha256
 
     root = fresh_copy(encoded_run, tmp_path / "r")

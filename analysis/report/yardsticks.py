@@ -1,0 +1,100 @@
+"""report.md's yardstick section: the equations beside the DiT's ceiling, the closed-form floors, a dense
+reference and the sensitivity curve, all from the same held-out noise (analysis/job/yardsticks.py measures them)."""
+
+from __future__ import annotations
+
+__all__ = ["yardstick_section"]
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def _ci(ci) -> str:
+    return "" if not ci else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _num(x, spec: str = ".3f") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+def yardstick_section(y: dict | None) -> list[str]:
+    """The headline, the table and the eps R^2 per window of t; one line when the yardsticks were skipped."""
+    if not y:
+        return []
+    L = ["## The equations beside their yardsticks", ""]
+    if "skipped" in y and "rows" not in y:
+        return L + [f"Not measured: {y['skipped']}.", ""]
+    rows, h = y["rows"], y.get("headline", {})
+    eq = next((r for r in rows if r["kind"] == "equations"), None)
+    if h.get("same_digit_gap_share") is not None:
+        floor = next(r for r in rows if r["name"] == h["floor"])
+        ceil = next(r for r in rows if r["name"] == h["ceiling"])
+        L += [
+            f"**The equations close {100 * h['same_digit_gap_share']:.0f}% of the gap** between the floor "
+            f"({h['floor']}: {_pct(floor['same_digit'])} same digit) and the ceiling ({h['ceiling']}: "
+            f"{_pct(ceil['same_digit'])}): {_pct(eq['same_digit'])} same digit, "
+            f"{100 * h['same_digit_above_floor']:+.1f} points above the floor"
+            + (
+                f"; in final error they close {100 * h['final_error_gap_share']:.0f}% of it."
+                if h.get("final_error_gap_share") is not None
+                else "."
+            ),
+            "",
+        ]
+    dit = y.get("skipped", {}).get("dit_images") if isinstance(y.get("skipped"), dict) else None
+    if y.get("levers"):
+        lv = y["levers"]
+        L += [
+            f"How these equations were fitted: {lv['fit_space']} space, {lv['queries']} forward-noised DiT queries per "
+            f"step, {lv['dagger_rounds']} DAgger rounds, weighting {lv['weighting']}, mixture features "
+            f"{', '.join(lv['mixture_features'])}, {lv['polish_iterations']} polishing steps, at most "
+            f"{lv['term_budget']} terms per dimension (benchmarks/bench_levers.py measures each lever on and off).",
+            "",
+        ]
+    L += [
+        f"Every generator starts from the initial noise of the same {y['n_noises']} held-out trajectories and runs "
+        f"the {y['sampler']} grid to t = 0. *Same digit*: the MNIST classifier gives its decoded sample the DiT's "
+        "class (95% Wilson interval); *confident*: only the DiT samples the classifier gives at least 0.9"
+        + (f" ({100 * dit['confident_share']:.0f}% of them)" if dit else "")
+        + "; *final error*: mean ||z0 - z0_DiT|| / ||z0_DiT||; *per-sample R^2*: median over samples of "
+        "1 - ||z0 - z0_DiT||^2 / ||z0_DiT - mean||^2; *eps R^2*: median over dimensions on the DiT's held-out "
+        "states. The sensitivity rows translate an eps R^2 into agreement."
+        + (
+            f" The DiT's own samples: FD-MNIST {dit['fd_mnist']:.2f}, confidence {dit['mean_confidence']:.3f}."
+            if dit
+            else ""
+        ),
+        "",
+        "| generator | role | terms | eps R^2 | same digit [95% CI] | same digit, confident | final error "
+        "| per-sample R^2 | FD-MNIST | confidence |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        conf = r.get("confident") or {}
+        L.append(
+            f"| {r['name']} | {r['kind']} | {r['terms'] if r['terms'] is not None else ''} "
+            f"| {_num(r.get('eps_r2_median'), '.4f')} | {_pct(r.get('same_digit'))}{_ci(r.get('ci95'))} "
+            f"| {_pct(conf.get('same_digit'))}{_ci(conf.get('ci95'))} | {_num(r['final_error'])}"
+            + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
+            + f" | {_num(r['per_sample_r2'])} | {_num(r.get('fd_mnist'), '.2f')} "
+            f"| {_num(r.get('mean_confidence'))} |"
+        )
+    L.append("")
+    with_w = [r for r in rows if r.get("eps_r2_windows")]
+    if with_w:
+        wins = with_w[0]["eps_r2_windows"]
+        L += [
+            "eps R^2 (median over dimensions) per window of t:",
+            "",
+            "| generator | " + " | ".join(f"t in ({w['t_from']:.2f}, {w['t_to']:.2f}]" for w in wins) + " |",
+            "|---|" + "---|" * len(wins),
+        ]
+        L += [
+            f"| {r['name']} | " + " | ".join(f"{w['median']:.4f}" for w in r["eps_r2_windows"]) + " |" for r in with_w
+        ]
+        L.append("")
+    for what, why in (y.get("skipped") or {}).items():
+        if what != "dit_images":
+            L.append(f"- not measured ({what}): {why}")
+    return L + [""]

@@ -1,0 +1,155 @@
+"""The yardstick table's arithmetic, and the yardsticks on exact Gaussian data (where the answers are known)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from analysis.job.validation import windowed_r2
+from analysis.job.yardsticks import dense_affine, headline
+from analysis.quality.agreement import end_state_errors, gap_share, noise_sigma, same_digit, wilson_interval
+from analysis.report.yardsticks import yardstick_section
+from analysis.sindy.integration import integrate
+from analysis.sindy.mixture import GaussianMixtureEps
+from analysis.sindy.targets import time_windows
+from analysis.sindy.theory import LinearPart, linear_part, noise_levels, state_index
+from models.diffusion import cosine_schedule
+
+
+def test_wilson_interval_known_values():
+    # Worked by hand from the formula: centre (p + z^2/2n) / (1 + z^2/n), half-width z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n).
+    lo, hi = wilson_interval(765, 1000)
+    assert lo == pytest.approx(0.73774, abs=1e-4) and hi == pytest.approx(0.79023, abs=1e-4)
+    lo, hi = wilson_interval(10, 10)  # stays inside [0, 1] and is not degenerate at 100%
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(0.7225, abs=2e-4)
+    assert wilson_interval(0, 10)[0] == 0.0
+    assert all(np.isnan(wilson_interval(0, 0)))
+    with pytest.raises(ValueError):
+        wilson_interval(11, 10)
+
+
+def test_same_digit_overall_and_confident():
+    ref = np.array([1, 2, 3, 4, 5])
+    gen = np.array([1, 2, 0, 4, 0])
+    conf = np.array([0.95, 0.5, 0.99, 0.9, 0.1])  # confident: indices 0, 2, 3
+    out = same_digit(gen, ref, conf)
+    assert out["n"] == 5 and out["same_digit"] == pytest.approx(0.6)
+    assert out["ci95"][0] < 0.6 < out["ci95"][1]
+    assert out["confident"]["n"] == 3 and out["confident"]["same_digit"] == pytest.approx(2 / 3)
+    none = same_digit(gen, ref, np.zeros(5))
+    assert none["confident"] == {"n": 0, "same_digit": None, "ci95": None}
+    with pytest.raises(ValueError):
+        same_digit(gen[:3], ref, conf)
+
+
+def test_end_state_errors_and_divergence():
+    ref = np.array([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+    assert end_state_errors(ref, ref) == {"final_error": 0.0, "per_sample_r2": 1.0, "diverged": 0}
+    gen = ref + np.array([[0.1, 0.0], [0.0, 0.0], [0.0, 0.5]])
+    out = end_state_errors(gen, ref)
+    assert out["final_error"] == pytest.approx((0.1 / 1 + 0 + 0.5 / 5) / 3)
+    bad = gen.copy()
+    bad[1] = np.nan
+    out = end_state_errors(bad, ref)
+    assert out["diverged"] == 1 and out["final_error"] == np.inf
+
+
+def test_gap_share_and_headline():
+    assert gap_share(0.8, 0.7, 0.9) == pytest.approx(0.5)
+    assert gap_share(0.8, 0.9, 0.9) is None and gap_share(None, 0.1, 0.9) is None
+    rows = [
+        {"name": "ceil", "kind": "ceiling", "same_digit": 0.99, "final_error": 0.01},
+        {"name": "gauss", "kind": "floor", "same_digit": 0.72, "final_error": 0.33},
+        {"name": "mix", "kind": "floor", "same_digit": 0.68, "final_error": 0.30},
+        {"name": "eq", "kind": "equations", "same_digit": 0.81, "final_error": 0.17},
+    ]
+    h = headline(rows)
+    assert h["floor"] == "gauss" and h["ceiling"] == "ceil"
+    assert h["same_digit_gap_share"] == pytest.approx((0.81 - 0.72) / (0.99 - 0.72))
+    assert h["final_error_gap_share"] == pytest.approx((0.33 - 0.17) / (0.33 - 0.01))
+
+
+def test_noise_sigma_gives_the_nominal_r2():
+    rng = np.random.default_rng(0)
+    eps = rng.standard_normal((50, 400, 3)) * np.array([1.0, 0.5, 2.0])
+    for r2 in (0.999, 0.99, 0.95):
+        noisy = eps + noise_sigma(eps, r2) * rng.standard_normal(eps.shape)
+        got = windowed_r2(eps, noisy, np.linspace(1, 0.02, 50), [0.0, 1.0])["pooled"]
+        assert np.allclose(got, r2, atol=0.2 * (1 - r2) + 1e-4)
+    with pytest.raises(ValueError):
+        noise_sigma(eps, 0.0)
+
+
+def test_exact_gaussian_the_floor_agrees_fully_and_the_dense_reference_is_exact():
+    """Data from an exact Gaussian: its closed form is the denoiser, so the Gaussian floor reproduces the reference
+    trajectories (eps R^2 1, 100% same digit, final error 0), and so does the per-step affine reference (the
+    Gaussian eps* is affine in z at every step)."""
+    rng = np.random.default_rng(1)
+    d, n, T = 4, 300, 50
+    A = rng.standard_normal((d, d))
+    gauss = GaussianMixtureEps(np.ones(1), rng.standard_normal((1, d)), (A @ A.T / d + 0.05 * np.eye(d))[None])
+    sched = cosine_schedule(T)
+    p, q = linear_part(sched, "ddim")
+    lp = LinearPart(p, q)
+    a, s = noise_levels(sched)
+
+    def eps_fn(z, t):
+        k = int(state_index(t, T))
+        return gauss.eps(z, a[k], s[k])
+
+    t = np.arange(T, -1, -1) / T
+    ref, _ = integrate(lp.composed_rhs(eps_fn), rng.standard_normal((n, d)), t, "euler")
+    eps_ref = np.stack([eps_fn(ref[k], t[k]) for k in range(T)])
+    edges = time_windows(t, 5)
+
+    def label(z):  # a stand-in classifier: the sign pattern of the first two coordinates, 4 classes
+        return (z[:, 0] > 0).astype(int) * 2 + (z[:, 1] > 0)
+
+    W = dense_affine(ref[:-1], eps_ref)
+
+    def dense_fn(z, tt):
+        return np.concatenate([z, np.ones((len(z), 1))], axis=1) @ W[int(state_index(tt, T))]
+
+    for fn in (eps_fn, dense_fn):
+        sim, _ = integrate(lp.composed_rhs(fn), ref[0], t, "euler")
+        pred = np.stack([fn(ref[k], t[k]) for k in range(T)])
+        assert windowed_r2(eps_ref, pred, t[:-1], edges)["median"] == pytest.approx(1.0, abs=1e-6)
+        assert same_digit(label(sim[-1]), label(ref[-1]), np.ones(n))["same_digit"] == 1.0
+        errs = end_state_errors(sim[-1], ref[-1])
+        assert errs["final_error"] < 1e-5 and errs["per_sample_r2"] > 1 - 1e-6
+
+
+def test_yardstick_section_renders_every_row():
+    row = {
+        "terms": None,
+        "eps_r2_median": 0.99,
+        "eps_r2_windows": [{"t_from": 0.0, "t_to": 0.5, "median": 0.98}, {"t_from": 0.5, "t_to": 1.0, "median": 0.995}],
+        "same_digit": 0.9,
+        "ci95": [0.88, 0.92],
+        "confident": {"n": 10, "same_digit": 1.0, "ci95": [0.72, 1.0]},
+        "final_error": 0.1,
+        "per_sample_r2": 0.95,
+        "diverged": 0,
+        "fd_mnist": 3.2,
+        "mean_confidence": 0.9,
+    }
+    rows = [
+        {**row, "name": "ceil", "kind": "ceiling", "same_digit": 0.99},
+        {**row, "name": "gauss", "kind": "floor", "same_digit": 0.7, "final_error": 0.3, "diverged": 2},
+        {**row, "name": "the equations", "kind": "equations", "same_digit": 0.8},
+    ]
+    y = {"n_noises": 10, "sampler": "ddim", "rows": rows, "headline": headline(rows), "skipped": {"x": "why"}}
+    md = "\n".join(yardstick_section(y))
+    assert "close 34% of the gap" in md and "+10.0 points above the floor" in md
+    assert (
+        md.count("\n| ") >= 3 + 1 + 3
+        and "(2 diverged)" in md
+        and "| the equations | equations |  | 0.9900 | 80.0% [88.0, 92.0] | 100.0% [72.0, 100.0] |" in md
+    )
+    assert "- not measured (x): why" in md
+    assert yardstick_section({"skipped": "no DiT"}) == [
+        "## The equations beside their yardsticks",
+        "",
+        "Not measured: no DiT.",
+        "",
+    ]
