@@ -124,6 +124,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"sindy: {len(flagged)} of {len(fits)} dimensions flagged as not generalising", flush=True)
     print(f"sindy: report {path.resolve()}")
     print(f"sindy: TensorBoard {(plan.run_dir / 'tb' / 'sindy').resolve()}")
+    # The last line says how to use the result (the equations' coordinates are in report.md).
+    print(
+        "sindy: load the equations: from analysis.sindy.export import load_pysindy; "
+        f"model = load_pysindy({str(path.parent.resolve())!r}); model.print()",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

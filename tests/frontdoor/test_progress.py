@@ -39,3 +39,20 @@ def test_prepare_reports_each_shard(tmp_path, capsys, monkeypatch):
         ("train", "2", "2"),
         ("test", "1", "1"),
     ]
+
+
+def test_ray_tasks_progress_in_plain_lines(monkeypatch, capsys):
+    """The equation-discovery job's progress over Ray tasks (trajectory blocks, fits) in a log."""
+    ray = __import__("pytest").importorskip("ray")
+    from analysis.job.ray_utils import wait_all
+
+    monkeypatch.delenv(PROGRESS_ENV, raising=False)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        square = ray.remote(lambda i: i * i)
+        assert wait_all([square.remote(i) for i in range(20)], "fits") == [i * i for i in range(20)]
+    finally:
+        ray.shutdown()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert re.findall(r"^fits: (\d+)/20 tasks", err, re.M) == [str(n) for n in range(2, 21, 2)]
