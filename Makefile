@@ -13,12 +13,19 @@ CLASSIFIER_EPOCHS ?= 2
 # Stamp changes when the dependency list changes, so edits to setup.cfg reinstall.
 STAMP  := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml 2>/dev/null | cksum | cut -d' ' -f1)
 # training.launch wraps `accelerate launch`: it forwards SIGTERM/SIGUSR1/SIGINT to the workers
-# (checkpoint and stop) and exits 75 when a stage stopped before it finished (README, "Exit codes").
+# (checkpoint and stop) and exits 75 when a stage stopped before it finished (docs/TRAINING.md, "Exit codes").
 # The thread count is explicit so that accelerate does not warn about choosing it.
 CPU_THREADS ?= $(shell nproc 2>/dev/null || echo 1)
 ACCEL  := $(PY) -m training.launch --config_file configs/accelerate/cpu.yaml --num_cpu_threads_per_process $(CPU_THREADS)
+# With nvidia-smi, every GPU of the node (GPUS=N to use fewer): one process per GPU, so the global
+# batch is N x the per-process batch_size (docs/TRAINING.md, "Several GPUs").
 ifneq ($(shell command -v nvidia-smi 2>/dev/null),)
+GPUS   ?= $(shell nvidia-smi --list-gpus 2>/dev/null | grep -c '^GPU')
+ifeq ($(GPUS),1)
 ACCEL  := $(PY) -m training.launch --config_file configs/accelerate/single_gpu.yaml
+else ifneq ($(filter-out 0,$(GPUS)),)
+ACCEL  := $(PY) -m training.launch --config_file configs/accelerate/multi_gpu.yaml --num_processes $(GPUS)
+endif
 endif
 
 .PHONY: run test lint install data clean-runs bench

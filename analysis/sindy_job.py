@@ -143,6 +143,12 @@ def _stages(cfg: Config, plan, ray_how: str) -> int:
     print(f"sindy: {len(flagged)} of {len(fits)} dimensions flagged as not generalising", flush=True)
     print(f"sindy: report {path.resolve()}")
     print(f"sindy: TensorBoard {(plan.run_dir / 'tb' / 'sindy').resolve()}")
+    # The last line says how to use the result (the equations' coordinates are in report.md).
+    print(
+        "sindy: load the equations: from analysis.sindy.export import load_pysindy; "
+        f"model = load_pysindy({str(path.parent.resolve())!r}); model.print()",
+        flush=True,
+    )
     return 0
 
 

@@ -6,7 +6,7 @@
     python -m cluster.submit score     --config ...    # FD-MNIST of the DiT's samples
     python -m cluster.submit sindy     --config ...
     python -m cluster.submit pipeline  --config ...    # slurm.pipeline stages chained with afterok
-    python -m cluster.submit status    --config ...    # the run's jobs (squeue / scontrol)
+    python -m cluster.submit status    --config ...    # the run's jobs (scontrol, then sacct)
     python -m cluster.submit cancel    --config ...
 
 Job scripts are rendered from cluster/slurm/train.sh.in (training, encoding, scoring) and
@@ -40,7 +40,7 @@ from cluster.render import (
     repo_path,
     run_dir,
 )
-from configs.cli import OneLineParser, run_cli
+from configs.cli import CONFIG_KEYS_HELP, OneLineParser, run_cli
 from configs.schema import Config, load_config
 
 # ----------------------------------------------------------------------------------------------
@@ -206,6 +206,23 @@ def job_state(job_id: str) -> dict[str, str]:
     return dict(kv.split("=", 1) for kv in proc.stdout.split() if "=" in kv)
 
 
+def accounted_state(job_id: str) -> dict[str, str]:
+    """State and exit code of a finished job from ``sacct``, for jobs slurmctld has forgotten
+    (it keeps a finished job only MinJobAge seconds, 300 by default). Asks the accounting
+    database first, then the job-completion log (``sacct -c``, for clusters that keep only
+    that); empty when neither knows the job."""
+    for extra in ([], ["-c"]):
+        proc = _run(["sacct", *extra, "-n", "-P", "-X", "-j", job_id, "-o", "JobID,State,ExitCode"])
+        if proc.returncode != 0:
+            continue
+        records = [f for f in (line.split("|") for line in proc.stdout.splitlines()) if len(f) == 3 and f[0] == job_id]
+        if records:
+            # The last record: a requeued job has one per run; State may read "CANCELLED by 0".
+            _, state, exit_code = records[-1]
+            return {"JobState": state.split()[0], "ExitCode": exit_code}
+    return {}
+
+
 def cmd_status(cfg: Config) -> int:
     jobs = recorded_jobs(cfg)
     if not jobs:
@@ -213,8 +230,9 @@ def cmd_status(cfg: Config) -> int:
         return 0
     print(f"{'JOBID':>8}  {'STAGE':9}  {'STATE':12}  {'RESTARTS':8}  {'EXIT':6}  LOG")
     for j in jobs:
-        info = job_state(j["job_id"])
-        state = info.get("JobState", "GONE")  # slurmctld forgets finished jobs after MinJobAge
+        # slurmctld forgets finished jobs after MinJobAge; sacct still knows them. GONE: nobody does.
+        info = job_state(j["job_id"]) or accounted_state(j["job_id"])
+        state = info.get("JobState", "GONE")
         print(
             f"{j['job_id']:>8}  {j['stage']:9}  {state:12}  {info.get('Restarts', '-'):8}  "
             f"{info.get('ExitCode', '-'):6}  {log_dir(cfg) / (cfg.run.name + '-' + j['stage'] + '-' + j['job_id'] + '.out')}"
@@ -271,7 +289,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         prog="python -m cluster.submit",
         description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.split("\n")[1:]),
+        epilog="\n".join(__doc__.split("\n")[1:]) + "\n" + CONFIG_KEYS_HELP,
     )
     p.add_argument("command", choices=[*STAGES, "pipeline", "status", "cancel"])
     p.add_argument("--config", required=True, help="YAML config (configs/smoke.yaml, gpu.yaml, multinode.yaml)")

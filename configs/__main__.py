@@ -1,17 +1,41 @@
-"""``python -m configs --config X.yaml [key=value ...]``: the paths ``make run`` needs, as
-shell-quoted assignments for ``eval``; a bad config is one line on stderr and exit code 2."""
+"""The config from the shell.
+
+    python -m configs --config X.yaml [key=value ...]        the paths `make run` needs, as shell-quoted
+                                                           assignments for `eval` (the Makefile reads them)
+    python -m configs show --config X.yaml [key=value ...]   the resolved config as YAML, every key with its
+                                                           one-line doc and each section with its file
+
+A bad config is one line on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
 
-from configs.cli import OneLineParser, run_cli
-from configs.schema import load_config
+from configs.cli import CONFIG_KEYS_HELP, OneLineParser, run_cli
+from configs.keys import render_config
+from configs.schema import Config, load_config
+
+
+def show(argv: Sequence[str]) -> None:
+    p = OneLineParser(prog="python -m configs show", description=__doc__, epilog=CONFIG_KEYS_HELP)
+    p.add_argument("--config", help="YAML config (default: the schema's defaults)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sindy.n_trajectories=500")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    source = args.config or "the schema defaults"
+    header = f"resolved from {source}" + (f" with {' '.join(args.overrides)}" if args.overrides else "")
+    print(render_config(Config, cfg, header), end="")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = OneLineParser(prog="make run", description=__doc__)
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["show"]:
+        return show(argv[1:])
+    p = OneLineParser(prog="make run", description=__doc__, epilog=CONFIG_KEYS_HELP)
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
@@ -21,4 +45,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, prog="make run")
+    run_cli(main, prog="python -m configs")

@@ -27,10 +27,25 @@ LAUNCH_DIR_ENV = "LATENT_SINDY_LAUNCH_DIR"
 them to checkpoint and stop, where a stopped worker leaves ``preempted.*`` and a worker that
 stopped on a UserError leaves ``usererror.*`` (see training/launch.py)."""
 
-__all__ = ["LAUNCH_DIR_ENV", "UserError", "OneLineParser", "parse_cli", "call_cli", "run_cli"]
+__all__ = ["CONFIG_KEYS_HELP", "LAUNCH_DIR_ENV", "UserError", "OneLineParser", "parse_cli", "call_cli", "run_cli"]
+
+
+CONFIG_KEYS_HELP = """\
+config keys:
+  python -m configs show --config FILE [key=value ...]   the resolved config, every key with its value and doc
+  configs/schema.py    run, data, ae, latents, dit, resume (the schema; YAML files only override it)
+  configs/sindy.py     sindy.* and sindy.library.* (equation discovery)
+  configs/slurm.py     slurm.* (python -m cluster.submit)"""
 
 
 class OneLineParser(argparse.ArgumentParser):
+    """argparse with the house's one-line errors. Descriptions and epilogs keep their line breaks
+    (RawDescriptionHelpFormatter): the entry points' docstrings hold tables and command lists."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:  # type: ignore[override]
         # argparse prints the whole usage block first; the house rule is one line naming the problem.
         message = " ".join(message.split("\n"))
@@ -41,7 +56,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def parse_cli(argv: Sequence[str] | None, description: str) -> Config:
     """``--config X.yaml key=value ...`` -> validated Config."""
-    p = OneLineParser(description=description)
+    p = OneLineParser(description=description, epilog=CONFIG_KEYS_HELP)
     p.add_argument("--config", required=True, help="YAML config (configs/smoke.yaml, local.yaml, gpu.yaml)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ae.lr=1e-3 resume=auto")
     args = p.parse_args(argv)

@@ -35,6 +35,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_save_safetensors",
+    "atomic_symlink",
     "fsync_path",
     "file_sha256",
     "read_json",
@@ -86,6 +87,22 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` atomically (see :func:`atomic_write`)."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_symlink(link: str | os.PathLike[str], target: str) -> Path:
+    """Point ``link`` at ``target`` (a path relative to the link's folder) atomically: a reader
+    sees the old target or the new one, never no link. A real folder in the way is an error
+    (FileExistsError), never replaced."""
+    link = Path(link)
+    if link.exists() and not link.is_symlink():
+        raise FileExistsError(f"{link} is a real file or folder, not a pointer; move it away first")
+    tmp = temp_path(link)
+    with suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    fsync_path(link.parent)
+    return link
 
 
 def atomic_save_safetensors(

@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from configs.checks import ConfigError, _at_most, _check, _name, _non_negative, _path, _positive, cap_message
 from configs.io import atomic_write_text
+from configs.keys import unknown_key_message
 from configs.sindy import SindyConfig, SindyLibraryConfig
 from configs.slurm import SlurmConfig
 from configs.text import shorten
@@ -302,7 +303,7 @@ def _format_omegaconf_error(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None)
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     if type(e).__name__ in ("ConfigAttributeError", "ConfigKeyError") and key:
-        return f"unknown config key '{key}' (see configs/schema.py for the schema)"
+        return unknown_key_message(Config, key)
     if key:
         return f"bad value for '{key}': {msg}"
     return msg

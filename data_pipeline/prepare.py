@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from configs.cli import OneLineParser, UserError, call_cli
+from configs.progress import progress
 from data_pipeline.shards import SPLITS, PrepareResult, prepare_shards, read_manifest, verify_shards
 
 __all__ = ["main", "build_parser"]
@@ -56,9 +57,19 @@ def _summary(result: PrepareResult) -> str:
     return f"{result.out_dir}: {state} ({counts}); source {result.manifest['source']['name']}"
 
 
-def _progress(split: str, index: int, total: int) -> None:
-    # A line per shard is enough: a full run is a handful of shards and a few seconds.
-    print(f"  {split}: shard {index + 1}/{total}", file=sys.stderr, flush=True)
+class _ShardProgress:
+    """One progress counter per split (a bar on a terminal, a line per shard without one)."""
+
+    def __init__(self) -> None:
+        self.bars: dict[str, object] = {}
+
+    def __call__(self, split: str, index: int, total: int) -> None:
+        bar = self.bars.get(split)
+        if bar is None:
+            bar = self.bars[split] = progress(total, f"prepare: {split}", unit="shards", every=1 / total)
+        bar.update(1)
+        if index + 1 == total:
+            bar.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
                 return 1
             print(f"{args.out}: all shards match manifest.json")
             return 0
-        result = prepare_shards(args.out, shard_size=args.shard_size, source=args.source, progress=_progress)
+        result = prepare_shards(args.out, shard_size=args.shard_size, source=args.source, progress=_ShardProgress())
     except ValueError as exn:
         raise UserError(str(exn)) from None
     except OSError as exn:  # disk full, permission denied, read-only file system: the temp file is gone

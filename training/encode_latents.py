@@ -22,22 +22,19 @@ import torch
 from configs.cli import parse_cli, run_cli
 from configs.io import atomic_write_text, file_sha256, resolve_device
 from configs.lock import acquire_stage_lock
+from configs.progress import progress
 from models.artifacts import load_autoencoder, save_latent_stats, save_latents
 from training.stage import load_split
 
 
 @torch.no_grad()
-def encode_split(
-    model: torch.nn.Module, images: torch.Tensor, batch_size: int, progress_s: float = 10.0, label: str = ""
-) -> torch.Tensor:
-    """(N, 1, 28, 28) -> (N, T, C) float32 on the CPU, printing a progress line every ``progress_s``."""
+def encode_split(model: torch.nn.Module, images: torch.Tensor, batch_size: int, label: str = "") -> torch.Tensor:
+    """(N, 1, 28, 28) -> (N, T, C) float32 on the CPU, with progress (``label`` names it; '' for none)."""
     out, n = [], images.shape[0]
-    t_last = time.perf_counter()
-    for i in range(0, n, batch_size):
-        out.append(model.encode(images[i : i + batch_size]).float().cpu())
-        if label and time.perf_counter() - t_last >= progress_s:
-            print(f"latents: {label}: encoded {min(i + batch_size, n)}/{n}", flush=True)
-            t_last = time.perf_counter()
+    with progress(n if label else 0, f"latents: {label}", unit="images") as bar:
+        for i in range(0, n, batch_size):
+            out.append(model.encode(images[i : i + batch_size]).float().cpu())
+            bar.update(min(batch_size, n - i))
     return torch.cat(out)
 
 

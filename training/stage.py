@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -93,5 +94,41 @@ def start_stage(acc, cfg: Config, stage: str, digest: str) -> tuple[Path, Path |
     # fresh start, which may reuse a folder whose checkpoints were deleted).
     acc.init_trackers(stage, init_kwargs={"tensorboard": {"purge_step": step + 1 if ckpt else 0}})
     if acc.is_main_process:
-        acc.get_tracker("tensorboard", unwrap=True).add_text("config", f"```\n{to_yaml(cfg)}\n```", 0)
+        writer = acc.get_tracker("tensorboard", unwrap=True)
+        writer.add_text("config", f"```\n{to_yaml(cfg)}\n```", 0)
+        log_hparams(writer, stage_hparams(cfg, stage, acc.num_processes), HPARAM_METRICS[stage])
     return ckpt_root, ckpt
+
+
+# The scalars the HParams tab shows beside each run's hyperparameters (tags this run logs; the
+# dit's eval/* come from analysis/score_samples.py, which writes them into the same tb/dit).
+HPARAM_METRICS = {
+    "ae": ("train/loss", "eval/test_bce", "eval/test_mse"),
+    "dit": ("train/loss", "eval/fd_mnist", "eval/mean_confidence"),
+}
+
+
+def stage_hparams(cfg: Config, stage: str, num_processes: int) -> dict[str, bool | int | float | str]:
+    """The hyperparameters of a training stage, flat: its config section, the seed, the latent kind,
+    and what the processes make of the per-process batch (global batch, processes)."""
+    section = getattr(cfg, stage)
+    values = {f"{stage}.{k}": v for k, v in to_dict(section).items() if k not in _CADENCE}
+    values.update({"run.seed": cfg.run.seed, "ae.kind": cfg.ae.kind, "num_processes": num_processes})
+    values["global_batch"] = section.batch_size * section.grad_accum * num_processes
+    # The HParams plugin takes numbers, strings and booleans: lists (betas) become their text.
+    return {k: v if isinstance(v, bool | int | float | str) else str(v) for k, v in sorted(values.items())}
+
+
+def log_hparams(writer, hparams: dict, metrics: Sequence[str]) -> None:
+    """The HParams tab of this TensorBoard run: ``hparams`` and the ``metrics`` tags beside them.
+
+    Written into the stage's own event folder with TensorBoard's hparams summaries (through
+    torch.utils.tensorboard.summary.hparams). Accelerate's ``init_trackers(config=...)`` goes
+    through ``SummaryWriter.add_hparams``, which writes them into a new timestamped sub-run per
+    (re)start, where the HParams tab finds none of the stage's scalars.
+    """
+    from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+    for summary in hparams_summaries(hparams, {m: None for m in metrics}):
+        writer.file_writer.add_summary(summary)
+    writer.flush()

@@ -25,13 +25,12 @@ import sys
 import threading
 from pathlib import Path
 
-from tqdm import tqdm
-
 from analysis.sindy.block_stats import accumulate_block
 from analysis.sindy.dimension_fit import fit_dimension
 from configs.cli import UserError
 from configs.io import atomic_write_text
 from configs.stop import STOPS
+from configs.progress import progress
 
 REPO = Path(__file__).resolve().parents[2]  # analysis/job/ray_utils.py -> the repository
 FAULT_ENV = "LATENT_SINDY_FAULT"
@@ -222,11 +221,12 @@ def connect(address: str, num_cpus: int, submitted: bool = False) -> str:
 
 
 def wait_all(refs: list, desc: str) -> list:
-    """ray.get every ref, with a tqdm bar over finished tasks; results in submission order."""
+    """ray.get every ref, with progress over finished tasks (a bar on a terminal, plain lines every
+    10% in a Slurm log or file: configs.progress); results in submission order."""
 
     ray = _ray()
     pending, done = list(refs), {}
-    with tqdm(total=len(refs), desc=desc, file=sys.stderr, disable=not refs) as bar:
+    with progress(len(refs), desc, unit="tasks") as bar:
         while pending:
             # Ray's wait runs Python signal handlers inside its C++ loop: a stop signal is only recorded
             # there and raised here (configs/stop.py); the timeout bounds how long that takes.

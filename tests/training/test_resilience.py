@@ -22,7 +22,7 @@ from tests.training.test_train_ae import assert_same_weights, smoke_args
 TRAIN_AE = str(REPO / "training" / "train_ae.py")
 TRAIN_DIT = str(REPO / "training" / "train_dit.py")
 ENCODE = str(REPO / "training" / "encode_latents.py")
-PREEMPTED_EXIT = 75  # documented in README.md, "Exit codes"
+PREEMPTED_EXIT = 75  # documented in docs/TRAINING.md, "Exit codes"
 
 
 def scalars(tb: Path, tag: str) -> list[tuple[int, float]]:
