@@ -29,8 +29,8 @@ from analysis.sindy.block_stats import accumulate_block
 from analysis.sindy.dimension_fit import fit_dimension
 from configs.cli import UserError
 from configs.io import atomic_write_text
-from configs.stop import STOPS
 from configs.progress import progress
+from configs.stop import STOPS
 
 REPO = Path(__file__).resolve().parents[2]  # analysis/job/ray_utils.py -> the repository
 FAULT_ENV = "LATENT_SINDY_FAULT"
