@@ -53,7 +53,8 @@ def lorenz(n: int = 8, steps: int = 400, dt: float = 0.005, seed: int = 0) -> di
 
 
 def _ddim(eps_fn, n: int, d: int, T: int, seed: int) -> dict:
-    from models.diffusion import cosine_schedule, sample
+    from models.diffusion import sample
+    from models.schedules import cosine_schedule
 
     sched = cosine_schedule(T)
     ab = sched.alpha_bars.numpy()

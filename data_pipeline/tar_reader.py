@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from data_pipeline.sources import DataPipelineError
+from data_pipeline.errors import DataPipelineError
 
 __all__ = ["ShardError", "iter_tar_samples"]
 

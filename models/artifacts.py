@@ -135,13 +135,13 @@ def load_denoiser(run_dir: Path, device: torch.device | str = "cpu", ema: bool =
     """The trained DiT of a run folder (EMA weights by default), its schedule and dit.json.
 
     Returns:
-        (model in eval mode, models.diffusion.Schedule on ``device``, metadata dict).
+        (model in eval mode, models.schedules.Schedule on ``device``, metadata dict).
 
     Raises:
         UserError: no trained DiT in the folder, or weights that do not fit the recorded architecture.
     """
-    from models.diffusion import schedule_for
     from models.dit import DiT, DiTConfig
+    from models.schedules import schedule_for
 
     meta_file = run_dir / "dit.json"
     weights = run_dir / ("dit_ema.safetensors" if ema else "dit.safetensors")
