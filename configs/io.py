@@ -20,6 +20,8 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from safetensors import SafetensorError
+
 from configs.errors import UserError
 
 if TYPE_CHECKING:
@@ -89,6 +91,8 @@ def atomic_save_safetensors(
 ) -> Path:
     """``safetensors.torch.save_file`` made atomic (see :func:`atomic_write`); the tensors are
     saved as given (callers choose dtype, device and contiguity)."""
+    # heavy dependency (safetensors.torch imports torch): configs is imported by the config and cluster
+    # commands, which must start fast without torch
     from safetensors.torch import save_file
 
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -111,7 +115,7 @@ def read_safetensors(
         hint: appended to the unreadable-file message (e.g. how to make a good one).
         error: the exception class (default configs.errors.UserError; a subclass of it keeps the one-line CLI).
     """
-    from safetensors import SafetensorError
+    # heavy dependency (safetensors.torch imports torch): the config and cluster commands must start fast
     from safetensors.torch import load_file
 
     error = error or UserError
@@ -142,6 +146,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     Raises:
         configs.cli.UserError: a CUDA device was asked for where CUDA is not available.
     """
+    # heavy dependency: torch (seconds to import), which the config and cluster commands must start fast without
     import torch
 
     if device is None or str(device) == "auto":

@@ -38,8 +38,8 @@ _LOADER_NAMES = ("ShardLoader", "batches_per_epoch", "load_split_in_memory", "ma
 
 
 def __getattr__(name: str) -> Any:
-    # Lazy: the loader imports torch (seconds); `python -m data_pipeline.prepare` never needs it.
     if name in _LOADER_NAMES:
+        # heavy dependency: the loader imports torch (seconds); `python -m data_pipeline.prepare` must start fast
         from data_pipeline import loader
 
         return getattr(loader, name)

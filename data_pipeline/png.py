@@ -98,7 +98,8 @@ def decode_png_gray(data: bytes) -> np.ndarray:
         rows = np.frombuffer(raw, dtype=np.uint8).reshape(height, width + 1)
         if not rows[:, 0].any():
             return rows[:, 1:].copy()
-    from PIL import Image  # only for PNGs that other tools wrote
+    # optional: PIL only for PNGs that other tools wrote (ours decode with zlib alone, in the loader's hot path)
+    from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
         return np.asarray(img.convert("L"), dtype=np.uint8).copy()

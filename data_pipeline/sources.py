@@ -36,18 +36,15 @@ from data_pipeline.mnist_arrays import MnistArrays, assemble, verify_arrays
 
 __all__ = ["RestrictedUnpickler", "load_mnist", "load_pickle_source"]
 
+# numpy 2 moved numpy.core to numpy._core; importing numpy.core there warns, so resolve the real module once and
+# map both pickled names onto it (RestrictedUnpickler).
+try:
+    import numpy._core.multiarray as _multiarray  # type: ignore[import-not-found]
+except ImportError:  # numpy 1.x
+    import numpy.core.multiarray as _multiarray  # type: ignore[no-redef]
+
 
 # --------------------------------------------------------------------------- pickle source
-
-
-def _numpy_multiarray() -> Any:
-    # numpy 2 moved numpy.core to numpy._core; importing numpy.core there warns, so resolve
-    # the real module once and map both pickled names onto it.
-    try:
-        import numpy._core.multiarray as multiarray  # type: ignore[import-not-found]
-    except ImportError:  # numpy 1.x
-        import numpy.core.multiarray as multiarray  # type: ignore[no-redef]
-    return multiarray
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -63,7 +60,7 @@ class RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         """Resolve a global only if it is one of the numpy array constructors."""
         if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "_reconstruct":
-            return _numpy_multiarray()._reconstruct
+            return _multiarray._reconstruct
         if module == "numpy" and name in ("ndarray", "dtype"):
             return getattr(np, name)
         raise pickle.UnpicklingError(

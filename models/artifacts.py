@@ -12,10 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from configs.cli import UserError
 from configs.io import atomic_save_safetensors, file_sha256, read_safetensors
 from models.autoencoder import build_autoencoder
+from models.dit import DiT, DiTConfig
+from models.schedules import schedule_for
 
 
 def save_weights(module: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -119,8 +122,6 @@ def load_latent_data(run_dir: Path, expect_kind: str) -> LatentData:
     except RuntimeError:
         raise UserError(f"latent stats of shape {list(mean.shape)} do not fit latents {shape}") from None
     ae_sha = file_sha256(run_dir / "ae.safetensors")
-    from safetensors import safe_open
-
     with safe_open(str(train_file), "pt") as f:
         written_for = (f.metadata() or {}).get("ae_sha256")
     if written_for != ae_sha:
@@ -140,9 +141,6 @@ def load_denoiser(run_dir: Path, device: torch.device | str = "cpu", ema: bool =
     Raises:
         UserError: no trained DiT in the folder, or weights that do not fit the recorded architecture.
     """
-    from models.dit import DiT, DiTConfig
-    from models.schedules import schedule_for
-
     meta_file = run_dir / "dit.json"
     weights = run_dir / ("dit_ema.safetensors" if ema else "dit.safetensors")
     if not meta_file.is_file() or not weights.is_file():

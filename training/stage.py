@@ -12,6 +12,7 @@ import torch
 
 from configs.cli import UserError
 from configs.schema import Config, OptimConfig, config_digest, save_config, to_dict, to_yaml
+from data_pipeline.loader import load_split_in_memory
 from training.checkpoints import preflight_resume
 
 # Cadence fields change how often things are written, not what is computed: a run may be
@@ -49,8 +50,6 @@ def load_split(cfg: Config, split: str, device: torch.device) -> tuple[torch.Ten
     Raises:
         UserError: missing, empty or corrupted shards (the message names the folder or shard).
     """
-    from data_pipeline.loader import load_split_in_memory
-
     try:
         return load_split_in_memory(cfg.data.shards, split, device=device)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
