@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import webdataset as wds
+from PIL import Image
 
 from benchmarks.common import finish, row, time_calls
 from data_pipeline.loader import make_loader
@@ -25,9 +27,6 @@ TARGET = 20_000
 
 def plain_epoch(shard_dir: Path, batch_size: int) -> int:
     """The plain way: webdataset's own PIL decoder and batching, one process."""
-    import webdataset as wds
-    from PIL import Image
-
     urls = [str(shard_dir / s["name"]) for s in read_manifest(shard_dir)["splits"]["train"]["shards"]]
 
     def pil_gray(data: bytes) -> np.ndarray:

@@ -173,9 +173,11 @@ def main(argv=None) -> int:
 def pareto_plot(pareto: list[dict], yard: list[dict], path: Path) -> None:
     """Terms per dimension against same digit and against final error; the default budget marked; the floors and
     the ceiling as horizontal lines."""
+    # optional heavy dependency: matplotlib, only when there is a Pareto front to plot
     import matplotlib
 
     matplotlib.use("Agg")
+    # optional heavy dependency: pyplot after the Agg backend is chosen
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))

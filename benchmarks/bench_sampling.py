@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import LATENTS, bench_model, finish, model_parser, pick_device, row, time_calls
-from models.diffusion import sample, schedule_for
+from models.diffusion import sample
+from models.schedules import schedule_for
 
 TARGETS = {"conv": 20_000, "vae16": 150_000}
 CHECK_BATCH = 256

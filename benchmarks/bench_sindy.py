@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pysindy
 import torch
 
 from analysis.sindy.gram import GramStats
@@ -44,8 +45,6 @@ def gram_fit(lib: Library, z, t, y, device: torch.device, chunk: int) -> np.ndar
 
 
 def pysindy_fit(lib: Library, z, t, y) -> np.ndarray:
-    import pysindy
-
     theta = lib.transform(z, t)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import LATENTS, bench_model, finish, model_parser, pick_device, row, time_calls
-from models.diffusion import eps_loss, schedule_for
+from models.diffusion import eps_loss
+from models.schedules import schedule_for
 
 RECIPE_STEPS = 47_000
 TARGET_LARGE, TARGET_RECIPE_S = 400_000, 180.0

@@ -6,7 +6,9 @@ max over repeats, and the ratio of each variant's median throughput to the basel
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from models.dit import build_dit
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -22,8 +26,6 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"{p.name} ({p.total_memory / 2**30:.0f} GiB), torch {torch.__version__}, CUDA {torch.version.cuda}"
-    import os
-
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
 
 
@@ -114,8 +116,6 @@ def format_table(rows: list[dict]) -> str:
 
 def model_parser(doc: str):
     """The arguments the model benchmarks share: --kind, --preset, --device, --repeats, --out."""
-    import argparse
-
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--kind", default="conv", choices=sorted(LATENTS))
     ap.add_argument("--preset", default="reference")
@@ -139,8 +139,6 @@ LATENTS = {"conv": ((49, 6), dict(rope="2d", abs_pos=False)), "vae16": ((16, 1),
 def bench_model(kind: str, preset: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
     """The DiT of ``preset`` for a latent ``kind`` as train_dit builds it; the zero-initialised
     layers get small random weights so that its output (and every check) is not trivially zero."""
-    from models.dit import build_dit
-
     (n, c), kw = LATENTS[kind]
     model = build_dit(preset, c, n, **kw)
     g = torch.Generator().manual_seed(seed)

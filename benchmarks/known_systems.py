@@ -21,6 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy.integrate import solve_ivp
+
+from models.diffusion import sample
+from models.schedules import cosine_schedule
 
 LORENZ = {"sigma": 10.0, "rho": 28.0, "beta": 8.0 / 3.0}
 # The 7 true terms: dx = -s x + s y; dy = r x - y - x z; dz = x y - b z (text names of our library).
@@ -39,8 +43,6 @@ def lorenz_rhs(x: np.ndarray) -> np.ndarray:
 def lorenz(n: int = 8, steps: int = 400, dt: float = 0.005, seed: int = 0) -> dict:
     """n Lorenz-63 trajectories from random initial states on the attractor's scale (RK45, rtol 1e-10)
     with exact derivatives as ``velocities``."""
-    from scipy.integrate import solve_ivp
-
     rng = np.random.default_rng(seed)
     t = np.arange(steps + 1) * dt
     traj = []
@@ -53,8 +55,6 @@ def lorenz(n: int = 8, steps: int = 400, dt: float = 0.005, seed: int = 0) -> di
 
 
 def _ddim(eps_fn, n: int, d: int, T: int, seed: int) -> dict:
-    from models.diffusion import cosine_schedule, sample
-
     sched = cosine_schedule(T)
     ab = sched.alpha_bars.numpy()
     noise = torch.randn((n, d), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

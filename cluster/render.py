@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from configs.cli import UserError
 from configs.schema import Config
 
@@ -79,8 +81,6 @@ def python_path(cfg: Config) -> str:
 
 
 def is_deepspeed(accelerate_config: Path) -> bool:
-    from omegaconf import OmegaConf
-
     return str(OmegaConf.load(accelerate_config).get("distributed_type", "")).upper() == "DEEPSPEED"
 
 

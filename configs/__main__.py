@@ -11,6 +11,7 @@ A bad config is one line on stderr and exit code 2.
 from __future__ import annotations
 
 import shlex
+import sys
 from collections.abc import Sequence
 
 from configs.cli import CONFIG_KEYS_HELP, OneLineParser, run_cli
@@ -30,7 +31,6 @@ def show(argv: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["show"]:

@@ -13,13 +13,19 @@ helpers (``python -m configs``) import this module without needing them.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import hashlib
+import json
 import os
+import shutil
 from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from safetensors import SafetensorError
 
 from configs.errors import UserError
 
@@ -110,6 +116,8 @@ def atomic_save_safetensors(
 ) -> Path:
     """``safetensors.torch.save_file`` made atomic (see :func:`atomic_write`); the tensors are
     saved as given (callers choose dtype, device and contiguity)."""
+    # heavy dependency (safetensors.torch imports torch): configs is imported by the config and cluster
+    # commands, which must start fast without torch
     from safetensors.torch import save_file
 
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -132,7 +140,7 @@ def read_safetensors(
         hint: appended to the unreadable-file message (e.g. how to make a good one).
         error: the exception class (default configs.errors.UserError; a subclass of it keeps the one-line CLI).
     """
-    from safetensors import SafetensorError
+    # heavy dependency (safetensors.torch imports torch): the config and cluster commands must start fast
     from safetensors.torch import load_file
 
     error = error or UserError
@@ -149,7 +157,6 @@ def remove_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
     """Delete every ``.tmp-*`` file or folder under ``folder`` (what an interrupted atomic write or a killed
     process left behind); returns what was removed. Call it only while holding the folder's stage lock
     (configs.lock), so that no live writer's temporary file is taken."""
-    import shutil
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -171,8 +178,6 @@ def remove_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system or file system
     cannot. Through ctypes because Python's os module has no renameat2."""
-    import ctypes
-    import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -196,7 +201,6 @@ def replace_folder(new: str | os.PathLike[str], dest: str | os.PathLike[str]) ->
     renames leaves no ``dest`` at all, and the old one beside it as ``.tmp-old-<name>.<pid>``), then
     the old one is deleted. Returns ``dest``.
     """
-    import shutil
 
     new, dest = Path(new), Path(dest)
     for f in new.rglob("*"):
@@ -231,7 +235,6 @@ def read_json(
     Raises:
         error: missing, larger than ``max_bytes``, truncated or invalid JSON, or not a JSON object.
     """
-    import json
 
     error = error or UserError
     path = Path(path)
@@ -269,6 +272,7 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     Raises:
         configs.cli.UserError: a CUDA device was asked for where CUDA is not available.
     """
+    # heavy dependency: torch (seconds to import), which the config and cluster commands must start fast without
     import torch
 
     if device is None or str(device) == "auto":

@@ -17,9 +17,12 @@ import difflib
 import inspect
 import re
 import textwrap
+import typing
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 __all__ = ["KeyDoc", "key_docs", "section_file", "unknown_key_message", "render_config"]
 
@@ -112,7 +115,6 @@ def key_docs(root: type) -> dict[str, KeyDoc]:
 
 
 def _resolve_types(cls: type) -> dict[str, Any]:
-    import typing
 
     try:
         return typing.get_type_hints(cls)
@@ -152,7 +154,6 @@ def unknown_key_message(root: type, key: str) -> str:
 
 
 def _yaml_value(value: Any) -> str:
-    import yaml
 
     text = yaml.safe_dump(value, default_flow_style=True, width=10_000, allow_unicode=True).strip()
     return text.removesuffix("\n...").removesuffix("...").strip()

@@ -14,6 +14,8 @@ import sys
 import time
 from typing import IO, Any
 
+from tqdm import tqdm
+
 __all__ = ["progress", "PROGRESS_ENV"]
 
 PROGRESS_ENV = "LATENT_SINDY_PROGRESS"
@@ -71,7 +73,5 @@ def progress(total: int, desc: str, *, unit: str = "it", file: IO[str] | None = 
     mode = os.environ.get(PROGRESS_ENV, "")
     interactive = mode == "bar" or (mode != "lines" and file.isatty())
     if interactive:
-        from tqdm import tqdm
-
         return tqdm(total=total, desc=desc, unit=unit, file=file, disable=not total)
     return _Lines(total, desc, unit, file, every)

@@ -130,6 +130,7 @@ def _check_declared_size(width: int, height: int, shape: tuple[int, int] | None)
 
 def _decode_with_pil(data: bytes, shape: tuple[int, int]) -> np.ndarray:
     """PNGs that other tools wrote: opened lazily, size checked again before ``load()``."""
+    # optional: PIL only for PNGs that other tools wrote (ours decode with zlib alone, in the loader's hot path)
     from PIL import Image
 
     try:

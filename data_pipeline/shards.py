@@ -38,8 +38,10 @@ from typing import Any
 import numpy as np
 
 from configs.io import TMP_PREFIX, atomic_write_bytes, file_sha256
+from data_pipeline.errors import DataPipelineError
+from data_pipeline.mnist_arrays import MnistArrays
 from data_pipeline.png import PNG_ZLIB_LEVEL, encode_png_gray
-from data_pipeline.sources import DataPipelineError, MnistArrays, load_mnist
+from data_pipeline.sources import load_mnist
 
 __all__ = [
     "MANIFEST_NAME",

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from data_pipeline.errors import DataPipelineError
 from data_pipeline.png import decode_png_gray
-from data_pipeline.sources import DataPipelineError
 
 __all__ = ["ShardError", "check_shard_bytes", "iter_tar_samples", "read_shard"]
 

@@ -10,12 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors import safe_open
 
 from configs.cli import UserError
 from configs.io import atomic_save_safetensors, file_sha256, read_json, read_safetensors
 from configs.text import shorten
 from models.autoencoder import build_autoencoder
+from models.dit import DiT, DiTConfig
+from models.schedules import schedule_for
 
 _AE_FIX = "; re-run training/train_ae.py for this run (or restore the file)"
 _DIT_FIX = "; re-run training/train_dit.py for this run (or restore the file)"
@@ -55,7 +59,6 @@ def read_ae_meta(run_dir: Path, missing: str | None = None) -> dict:
 def read_dit_meta(run_dir: Path) -> dict:
     """``run_dir/dit.json`` with the fields the loaders use checked: kind, latent_shape, schedule_kind,
     timesteps and dit_config (every key a DiTConfig field). One line naming the file and field otherwise."""
-    from models.dit import DiTConfig
 
     path = run_dir / "dit.json"
     meta = read_json(path, missing=f"{path} not found: run training/train_dit.py for this run first", hint=_DIT_FIX)
@@ -77,7 +80,6 @@ def read_dit_meta(run_dir: Path) -> dict:
 
 def dit_config_of(meta: dict, path: Path):
     """The DiTConfig that dit.json (read by :func:`read_dit_meta`) records, or one line naming the bad value."""
-    from models.dit import DiTConfig
 
     arch = dict(meta["dit_config"])
     if arch.get("grid") is not None:
@@ -100,7 +102,6 @@ def describe_nonfinite(arrays: dict, axes: tuple[str, ...] = ("step", "trajector
     e.g. ``holds 3 NaN or Inf values in 'drift' (first at step 4, trajectory 2, dimension 3)``: what a refused
     trajectory block's message says.
     """
-    import numpy as np
 
     for name, a in arrays.items():
         if a is None:
@@ -235,8 +236,6 @@ def load_latent_data(run_dir: Path, expect_kind: str) -> LatentData:
     except RuntimeError:
         raise UserError(f"latent stats of shape {list(mean.shape)} do not fit latents {shape}") from None
     ae_sha = file_sha256(run_dir / "ae.safetensors")
-    from safetensors import safe_open
-
     with safe_open(str(train_file), "pt") as f:
         written_for = (f.metadata() or {}).get("ae_sha256")
     if written_for != ae_sha:
@@ -251,15 +250,12 @@ def load_denoiser(run_dir: Path, device: torch.device | str = "cpu", ema: bool =
     """The trained DiT of a run folder (EMA weights by default), its schedule and dit.json.
 
     Returns:
-        (model in eval mode, models.diffusion.Schedule on ``device``, metadata dict).
+        (model in eval mode, models.schedules.Schedule on ``device``, metadata dict).
 
     Raises:
         UserError: no trained DiT in the folder, a dit.json that is truncated or has a missing, mistyped or
             unknown field, weights that are truncated, hold NaN/Inf or do not fit the recorded architecture.
     """
-    from models.diffusion import schedule_for
-    from models.dit import DiT
-
     meta_file = run_dir / "dit.json"
     weights = run_dir / ("dit_ema.safetensors" if ema else "dit.safetensors")
     if not meta_file.is_file() or not weights.is_file():

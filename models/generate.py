@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from models.diffusion import Schedule, sample
+from models.diffusion import sample
+from models.schedules import Schedule
 
 
 @torch.no_grad()

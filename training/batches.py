@@ -11,6 +11,9 @@ from collections.abc import Iterator
 
 import torch
 
+from data_pipeline.loader import batches_per_epoch, make_loader
+from data_pipeline.shards import read_manifest
+
 
 class TensorBatches:
     """Batches from tensors already resident on the training device (the in-memory path).
@@ -62,9 +65,6 @@ class StreamBatches:
         on_error: str,
         device: torch.device,
     ) -> None:
-        from data_pipeline.loader import batches_per_epoch
-        from data_pipeline.shards import read_manifest
-
         self.kw = dict(
             shard_dir=shard_dir,
             split=split,
@@ -80,8 +80,6 @@ class StreamBatches:
         self.batches_per_epoch = batches_per_epoch(read_manifest(shard_dir), split, batch_size, world_size)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
-        from data_pipeline.loader import make_loader
-
         # The stream is a pure function of (seed, epoch, rank, workers): start_batch skips the
         # batches a resumed run already trained on, before decoding them.
         for images, labels in make_loader(epoch=epoch, start_batch=start, **self.kw):

@@ -14,6 +14,7 @@ import torch
 from configs.cli import UserError
 from configs.lock import acquire_stage_lock
 from configs.schema import Config, OptimConfig, config_digest, save_config, to_dict, to_yaml
+from data_pipeline.loader import load_split_in_memory
 from training.checkpoints import preflight_resume
 
 # Cadence fields change how often things are written, not what is computed: a run may be
@@ -51,8 +52,6 @@ def load_split(cfg: Config, split: str, device: torch.device) -> tuple[torch.Ten
     Raises:
         UserError: missing, empty or corrupted shards (the message names the folder or shard).
     """
-    from data_pipeline.loader import load_split_in_memory
-
     try:
         return load_split_in_memory(cfg.data.shards, split, device=device, on_error=cfg.data.on_error)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as e:
@@ -127,6 +126,7 @@ def log_hparams(writer, hparams: dict, metrics: Sequence[str]) -> None:
     through ``SummaryWriter.add_hparams``, which writes them into a new timestamped sub-run per
     (re)start, where the HParams tab finds none of the stage's scalars.
     """
+    # optional heavy dependency: tensorboard, only when the HParams are written
     from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
     for summary in hparams_summaries(hparams, {m: None for m in metrics}):

@@ -21,9 +21,10 @@ from configs.cli import UserError, parse_cli, run_cli
 from configs.io import atomic_write_text
 from configs.schema import Config, to_dict
 from models.artifacts import load_autoencoder, load_latent_data, save_weights
-from models.diffusion import LATENT_SCHEDULES, eps_loss, schedule_for
+from models.diffusion import eps_loss
 from models.dit import DiT, build_dit
 from models.generate import decode_samples
+from models.schedules import LATENT_SCHEDULES, schedule_for
 from training.batches import TensorBatches
 from training.ema import EMA
 from training.loop import Hooks, run_loop

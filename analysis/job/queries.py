@@ -64,7 +64,7 @@ def forward_block(
 
     Args:
         model: the EMA DiT in eval mode.
-        schedule: its models.diffusion.Schedule.
+        schedule: its models.schedules.Schedule.
         train: (M, N, C) the normalised training latents the DiT was trained on.
         sampler: the trajectories' sampler (its drift is recorded beside eps).
         seed, block: all randomness of the block comes from these two (block_seed), so a block is reproducible.

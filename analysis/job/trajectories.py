@@ -89,7 +89,7 @@ def generate_block(
 
     Args:
         model: the EMA DiT in eval mode on ``device`` (eps prediction on normalised latents).
-        schedule: its models.diffusion.Schedule on ``device``.
+        schedule: its models.schedules.Schedule on ``device``.
         latent_shape: (N, C) of one latent.
         sampler: "ddpm" (ancestral, beta variance, as the reference) | "ddim" (eta = 0) | "ode".
         seed, block: the block's randomness is a function of these two only.

@@ -23,7 +23,7 @@ from analysis.sindy.targets import time_windows
 from analysis.sindy.theory import SAMPLERS_WITH_THEORY, LinearPart, linear_part, noise_levels, state_index
 from configs.schema import Config
 from models.artifacts import load_autoencoder, load_latent_data, load_latent_stats
-from models.diffusion import schedule_for
+from models.schedules import schedule_for
 
 __all__ = [
     "make_decoder",

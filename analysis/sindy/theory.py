@@ -46,7 +46,7 @@ def linear_part(schedule, sampler: str) -> tuple[np.ndarray, np.ndarray]:
     """p and q of every trajectory state, in the analysis order (state k = 0..T-1, t = 1 - k/T).
 
     Args:
-        schedule: models.diffusion.Schedule the trajectories were sampled with.
+        schedule: models.schedules.Schedule the trajectories were sampled with.
         sampler: "ddim" (eta = 0) | "ode" (Euler) | "ddpm" (the drift of its deterministic mean).
 
     Returns:

@@ -8,7 +8,7 @@ import torch
 
 from analysis.job.queries import forward_block, label_states, step_sensitivity
 from analysis.sindy.theory import linear_part, noise_levels
-from models.diffusion import cosine_schedule
+from models.schedules import cosine_schedule
 
 
 class Linear(torch.nn.Module):

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from analysis.sindy.theory import LinearPart, linear_part, state_index
-from models.diffusion import cosine_schedule, linear_schedule, sample
+from models.diffusion import sample
 from models.dit import build_dit
+from models.schedules import cosine_schedule, linear_schedule
 
 
 def _random_dit(seed: int = 0) -> torch.nn.Module:

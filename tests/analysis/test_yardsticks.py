@@ -13,7 +13,7 @@ from analysis.sindy.integration import integrate
 from analysis.sindy.mixture import GaussianMixtureEps
 from analysis.sindy.targets import time_windows
 from analysis.sindy.theory import LinearPart, linear_part, noise_levels, state_index
-from models.diffusion import cosine_schedule
+from models.schedules import cosine_schedule
 
 
 def test_wilson_interval_known_values():

@@ -24,7 +24,7 @@ def configs_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_the_config_tables_match_the_models() -> None:
     from models.autoencoder import build_autoencoder
-    from models.diffusion import LATENT_SCHEDULES
+    from models.schedules import LATENT_SCHEDULES
     from models.dit import PRESETS
 
     assert tuple(PRESETS) == DIT_PRESETS

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from data_pipeline.errors import SourceUnavailable
+from data_pipeline.mnist_arrays import MnistArrays
 from data_pipeline.shards import prepare_shards
-from data_pipeline.sources import MnistArrays, SourceUnavailable, load_mnist
+from data_pipeline.sources import load_mnist
 
 SMALL_LIMIT = 650  # 7 shards of <= 100 per split: uneven across 2 ranks, last shard short
 SMALL_SHARD_SIZE = 100

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from data_pipeline.loader import load_split_in_memory, make_loader
+from data_pipeline.mnist_arrays import MnistArrays
 from data_pipeline.png import decode_png_gray, encode_png_gray
-from data_pipeline.sources import MnistArrays
 from data_pipeline.tar_reader import ShardError, iter_tar_samples
 
 from .conftest import SMALL_LIMIT

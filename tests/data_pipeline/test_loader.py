@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from data_pipeline.loader import batches_per_epoch, load_split_in_memory, make_loader
+from data_pipeline.mnist_arrays import MnistArrays
 from data_pipeline.shards import read_manifest
-from data_pipeline.sources import MnistArrays
 from data_pipeline.tar_reader import ShardError
 
 from .conftest import SMALL_LIMIT

@@ -19,8 +19,8 @@ import webdataset as wds
 from PIL import Image
 
 from data_pipeline import prepare, shards
+from data_pipeline.mnist_arrays import EXPECTED_TEST_COUNTS, MnistArrays
 from data_pipeline.shards import ManifestError, prepare_shards, read_manifest, verify_shards
-from data_pipeline.sources import EXPECTED_TEST_COUNTS, MnistArrays
 
 REPO = Path(__file__).resolve().parents[2]
 

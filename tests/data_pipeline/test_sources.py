@@ -14,22 +14,20 @@ import numpy as np
 import pytest
 
 from data_pipeline import sources
-from data_pipeline.sources import (
+from data_pipeline.errors import SourceCorrupt, SourceUnavailable
+from data_pipeline.idx import read_idx, write_idx
+from data_pipeline.mnist_arrays import (
+    ARRAY_ORDER,
     EXPECTED_DIGESTS,
     EXPECTED_TEST_COUNTS,
     EXPECTED_TRAIN_COUNTS,
     MNIST_SOURCE_DIGEST,
     MnistArrays,
-    RestrictedUnpickler,
-    SourceCorrupt,
-    SourceUnavailable,
     array_digest,
-    load_mnist,
-    load_pickle_source,
-    read_idx,
+    combined_digest,
     verify_arrays,
-    write_idx,
 )
+from data_pipeline.sources import RestrictedUnpickler, load_mnist, load_pickle_source
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -105,6 +103,11 @@ def test_real_mnist_digests_and_counts(mnist_arrays: MnistArrays) -> None:
     for name, digest in EXPECTED_DIGESTS.items():
         assert array_digest(getattr(a, name)) == digest
     assert a.source_digest == MNIST_SOURCE_DIGEST
+
+
+def test_recorded_source_digest_is_the_combination_of_the_recorded_digests() -> None:
+    assert combined_digest(EXPECTED_DIGESTS) == MNIST_SOURCE_DIGEST
+    assert set(ARRAY_ORDER) == set(EXPECTED_DIGESTS)
 
 
 def test_altered_data_is_rejected_naming_the_array(mnist_arrays: MnistArrays) -> None:

@@ -7,20 +7,9 @@ import math
 import pytest
 import torch
 
-from models.diffusion import (
-    SAMPLERS,
-    cosine_schedule,
-    ddim_step,
-    ddpm_step,
-    eps_loss,
-    linear_schedule,
-    ode_drift,
-    ode_step,
-    q_sample,
-    sample,
-    schedule_for,
-)
+from models.diffusion import SAMPLERS, ddim_step, ddpm_step, eps_loss, ode_drift, ode_step, q_sample, sample
 from models.dit import build_dit
+from models.schedules import cosine_schedule, linear_schedule, schedule_for
 
 # ----------------------------------------------------------------------------- schedules
 

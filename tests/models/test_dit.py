@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.diffusion import cosine_schedule, eps_loss
+from models.diffusion import eps_loss
 from models.dit import PRESETS, DiT, DiTConfig, RotaryEmbedding, build_dit
+from models.schedules import cosine_schedule
 
 # (rope kind, num_tokens, in_channels): the two latents of the project.
 LAYOUTS = [("2d", 49, 6), ("1d", 16, 1)]
