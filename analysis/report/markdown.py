@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from analysis.report.context import ReportContext
+from analysis.report.usage import coordinate_choice_lines, usage_lines
 from analysis.report.yardsticks import yardstick_section
 from analysis.sindy.export import equation_text  # the one formatter of equation text
 from analysis.sindy.families import Polynomial
@@ -17,7 +18,6 @@ __all__ = [
     "optimizer_text",
     "library_text",
     "windows_text",
-    "coordinate_choice_lines",
     "validation_section",
     "theory_sections",
 ]
@@ -68,6 +68,7 @@ def report_markdown(
     L += _target_comparison(fits, ctx)
     L += _equations(fits)
     L += _integration(ctx, roll, images, end_err)
+    L += usage_lines(f"runs/{ctx.run}/report", library.uses_time, ctx.T, ctx.coordinates)
     L += theory_sections(views)
     L += _plots_and_times(pngs, ctx)
     return "\n".join(L) + "\n"
@@ -278,23 +279,6 @@ def _median(r2: list) -> str:
 def _range(r2: list) -> str:
     v = np.asarray(r2, dtype=np.float64)
     return "n/a" if not np.isfinite(v).any() else f"{np.nanmin(v):.3f} to {np.nanmax(v):.3f}"
-
-
-def coordinate_choice_lines(choice: dict | None) -> list[str]:
-    """One line saying which coordinates were compared and why these were kept (sindy.coordinates=auto)."""
-    if not choice or len(choice["candidates"]) < 2:
-        return (
-            [f"- coordinates not compared: {choice['modes_skipped']}"] if choice and "modes_skipped" in choice else []
-        )
-    parts = [
-        f"{c['kind']} {c['terms']} terms, 1-R^2 {c['unexplained_heldout']:.3g} pooled / "
-        f"{c['worst_unexplained_heldout']:.3g} worst"
-        for c in choice["candidates"]
-    ]
-    return [
-        f"- coordinates compared (terms in all; held-out unexplained variance pooled over dimensions and of the "
-        f"worst dimension): {'; '.join(parts)}; kept **{choice['chosen']}** ({choice['rule']})"
-    ]
 
 
 def validation_section(views: dict | None, ctx: ReportContext) -> list[str]:

@@ -10,6 +10,16 @@ References:
     >>> zdot = model.predict(z, u=t)                      # == Theta(z, t) Xi^T of the report
     >>> traj = model.simulate(z0, t=np.linspace(1, 0, 51), u=lambda s: np.array([s]))
 
+The model's states are the report's fit coordinates u = C (z - m) of the normalised latent z (C (rows) and m
+in coordinates.safetensors or pca.safetensors beside equations.json; C = I and m = 0 when the fit was in the
+latent's own coordinates). ``analysis.report.usage.load_coordinates`` gives them as a ``Coordinates``, so
+a user with latents z simulates from ``coords.states(z_T)`` and maps the result back with ``coords.inverse``
+(exact for rotations, the PCA reconstruction otherwise):
+
+    >>> from analysis.report.usage import load_coordinates
+    >>> coords = load_coordinates("runs/local/report")
+    >>> z = coords.inverse(model.simulate(coords.states(z_T), t=np.linspace(1, 0, 51), u=lambda s: np.array([s])))
+
 Time is pysindy's control input u (the library's last input column, ``PysindyLibrary``); a library
 without time terms takes no u. Equation text is written in one place, ``rhs_text``: the report's
 text and LaTeX equations and ``SINDy.print`` (through ``ReportSINDy.equations``) all call it.
