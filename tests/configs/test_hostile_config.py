@@ -24,8 +24,8 @@ def configs_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_the_config_tables_match_the_models() -> None:
     from models.autoencoder import build_autoencoder
-    from models.schedules import LATENT_SCHEDULES
     from models.dit import PRESETS
+    from models.schedules import LATENT_SCHEDULES
 
     assert tuple(PRESETS) == DIT_PRESETS
     for kind, (dim, steps) in LATENT_SIZES.items():
