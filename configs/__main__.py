@@ -45,4 +45,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main, prog="python -m configs")
+    # Without `show` the Makefile is the caller: errors name what the user typed.
+    run_cli(main, prog="python -m configs show" if sys.argv[1:2] == ["show"] else "make run")
