@@ -133,7 +133,7 @@ def test_sigkill_resume_weights_and_ema_bit_exact(encoded_run, tmp_path):
         pytest.skip("resume is latent-agnostic; vae16 is the faster kind")
     ref = fresh_copy(encoded_run, tmp_path / "ref")
     cut = fresh_copy(encoded_run, tmp_path / "cut")
-    extra = ("dit.max_steps=240", "dit.checkpoint_every=40", "dit.eval_samples=0", "dit.image_every=1000")
+    extra = ("dit.max_steps=120", "dit.checkpoint_every=40", "dit.eval_samples=0", "dit.image_every=1000")
     run_entry([sys.executable, TRAIN_DIT, *smoke_args(ref, REPO / "unused", *extra)])
     proc = subprocess.Popen(
         [sys.executable, TRAIN_DIT, *smoke_args(cut, REPO / "unused", *extra)],
