@@ -6,7 +6,7 @@ Safetensors files (weights, latent stats, latents, the scored samples) are compa
 with their metadata: their raw bytes can differ between two runs of the very same code, because safetensors writes
 the metadata in hash-map order. equations.tex and rollouts.npz are compared byte for byte, equations.json without
 its wall-clock fields ("seconds", "stage_times", "created") and the keys that name the run or hash its files
-("run", "digests"). Prints one line per file; exit 0 when all are identical, 1 otherwise.
+("run", "digests", and "settings_fingerprint", which hashes the settings with the weights' sha256). Prints one line per file; exit 0 when all are identical, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-VOLATILE = ("seconds", "stage_times", "created", "digests", "run")
+VOLATILE = ("seconds", "stage_times", "created", "digests", "run", "settings_fingerprint")
 SAFETENSORS = ("ae.safetensors", "dit.safetensors", "dit_ema.safetensors", "latent_stats.safetensors")
 BYTES = ("latents/meta.json", "report/equations.tex", "report/rollouts.npz")
 

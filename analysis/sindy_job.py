@@ -12,7 +12,8 @@ Stages (each reused on rerun when its outputs exist, so a preempted job resumes)
     1. trajectories   Ray actors (one per GPU, else one per CPU) generate seeded blocks   sindy/trajectories/
     2. fits           statistics streamed once per block (tasks), then one task per dimension
                       sharing the Gram statistics through the object store                 sindy/fits/<key>/
-    3. report         integration of the equations on held-out noise, plots, TensorBoard   report/, tb/sindy
+    3. report         integration of the equations on held-out noise, plots, TensorBoard   reports/<fingerprint>/,
+                      one folder per settings fingerprint; report links to the latest      tb/sindy/<fingerprint>/
 Every input is checked before Ray starts; bad inputs are one line on stderr and exit code 2. One job per run
 folder (configs/lock.py); SIGTERM/SIGUSR1 keep the finished blocks and fits, remove temporary files and exit 75.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -53,6 +55,12 @@ from analysis.job import ray_utils  # noqa: E402
 from analysis.job.coordinate_choice import fit_in_coordinates, save_coordinates  # noqa: E402
 from analysis.job.dagger import stage_dagger  # noqa: E402
 from analysis.job.plan import check_inputs  # noqa: E402
+from analysis.job.report_folders import (  # noqa: E402
+    ReportFolders,
+    adopt_old_layout,
+    check_report_folders,
+    report_folders,
+)
 from analysis.job.stages import (  # noqa: E402
     split_trajectories,
     stage_polish,
@@ -71,11 +79,16 @@ from configs.stop import STOPS, Stopped  # noqa: E402
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg: Config = parse_cli(argv, __doc__)
-    # 1. Check every input before starting anything; then take the run folder's lock (one job per folder) and
-    # remove what an interrupted job left (.tmp-* files of fits, blocks or the report; nobody else writes there).
+    # 1. Check every input before starting anything; then take the run folder's lock (one job per folder), check
+    # where the report will go (its settings fingerprint's folder), move an earlier job's report folder into
+    # reports/ and remove what an interrupted job left (.tmp-* of fits, blocks, reports, events; only we write there).
     plan = check_inputs(cfg)
     acquire_stage_lock(plan.run_dir, "sindy")
-    for stale in remove_temporaries(plan.run_dir / "sindy") + remove_temporaries(plan.run_dir / "report"):
+    folders = report_folders(cfg.sindy, plan)
+    check_report_folders(folders)
+    for line in adopt_old_layout(folders):
+        print(f"sindy: {line}", file=sys.stderr, flush=True)
+    for stale in _remove_temporaries(folders):
         print(f"sindy: removed {stale}, left by an interrupted job", file=sys.stderr, flush=True)
     print(
         f"sindy: {plan.n} trajectories, {plan.d}-D fit ({plan.kind}), targets {plan.targets}, "
@@ -91,14 +104,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     # SIGTERM/SIGUSR1 (preemption, the time limit) from now on: keep the finished blocks and fits, exit 75.
     STOPS.install()
     try:
-        return _stages(cfg, plan, ray_how)
+        return _stages(cfg, plan, folders, ray_how)
     except BaseException as e:
         if not STOPS.signum:  # not a stop signal (or Ray's error around one): a failure of its own
             raise
-        return _stopped(plan, e)
+        return _stopped(plan, folders, e)
 
 
-def _stages(cfg: Config, plan, ray_how: str) -> int:
+def _remove_temporaries(folders: ReportFolders) -> list[Path]:
+    """The .tmp-* files and folders of an interrupted job: fits and blocks, report folders, event folders, and the
+    link's (or an earlier job's report's) temporary beside runs/<name>/report."""
+    beside = sorted(folders.run_dir.glob(".tmp-report.*"))
+    for p in beside:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return (
+        remove_temporaries(folders.run_dir / "sindy")
+        + remove_temporaries(folders.reports)
+        + remove_temporaries(folders.tb_root)
+        + beside
+    )
+
+
+def _stages(cfg: Config, plan, folders: ReportFolders, ray_how: str) -> int:
     times: dict = {}
     # 3. Stage 1: trajectories.
     t0 = time.time()
@@ -133,7 +163,7 @@ def _stages(cfg: Config, plan, ray_how: str) -> int:
     # 5. Stage 3: the report, written elsewhere and swapped in whole (with the coordinates it is in).
     t0 = time.time()
     extra = (lambda folder: save_coordinates(coords, folder / coords.file_name)) if coords.file_name else None
-    path = stage_report(cfg, plan, tset, coords, split, fits, lib, times, ray_how, choice, extra=extra)
+    path = stage_report(cfg, plan, tset, coords, split, fits, lib, times, ray_how, choice, folders, extra=extra)
     print(
         f"sindy: report stage {time.time() - t0:.1f} s; stage times "
         + ", ".join(f"{k} {v[0]:.1f} s" for k, v in times.items()),
@@ -142,24 +172,25 @@ def _stages(cfg: Config, plan, ray_how: str) -> int:
     flagged = json.loads((path.parent / "equations.json").read_text())["flagged_dims"]
     print(f"sindy: {len(flagged)} of {len(fits)} dimensions flagged as not generalising", flush=True)
     print(f"sindy: report {path.resolve()}")
-    print(f"sindy: TensorBoard {(plan.run_dir / 'tb' / 'sindy').resolve()}")
-    # The last line says how to use the result (the equations' coordinates are in report.md).
+    print(f"sindy: TensorBoard {folders.tb.resolve()} (every report's: {folders.tb_root.resolve()})")
+    # The last line names the report folder and says how to use it (the equations' coordinates are in report.md).
     print(
-        "sindy: load the equations: from analysis.sindy.export import load_pysindy; "
-        f"model = load_pysindy({str(path.parent.resolve())!r}); model.print()",
+        f"sindy: report folder {folders.report.resolve()} (settings fingerprint {folders.fingerprint}; "
+        f"{folders.link} links to it); load the equations: from analysis.sindy.export import load_pysindy; "
+        f"model = load_pysindy({str(folders.report.resolve())!r}); model.print()",
         flush=True,
     )
     return 0
 
 
-def _stopped(plan, e: BaseException) -> int:
+def _stopped(plan, folders: ReportFolders, e: BaseException) -> int:
     """After a stop signal: stop Ray's workers (a fit being written stops with them), remove the temporary files
     and say what was kept; the rerun resumes from the finished blocks and fits."""
     import ray  # heavy: imported where it is used, as ray_utils does
 
     name = Stopped(STOPS.signum).name
     ray.shutdown()
-    removed = remove_temporaries(plan.run_dir / "sindy") + remove_temporaries(plan.run_dir / "report")
+    removed = _remove_temporaries(folders)
     kept = len(list((plan.run_dir / "sindy" / "fits").rglob("dim-*.json")))
     print(
         f"sindy: stopped by {name}: {kept} finished fits kept in {plan.run_dir / 'sindy'}, {len(removed)} temporary "

@@ -125,7 +125,9 @@ def main(argv=None) -> int:
         root = Path(tmp)
         name = args.run.name
         # Weights, latents and the trajectories; not the fits or the report (every setting fits anew).
-        shutil.copytree(args.run, root / name, ignore=shutil.ignore_patterns("fits", "report", "tb", "samples"))
+        shutil.copytree(
+            args.run, root / name, ignore=shutil.ignore_patterns("fits", "report", "reports", "tb", "samples")
+        )
         rows, yard = [], None
         for label, extra in levers:
             eq, sec = run_job(root, name, extra, common)

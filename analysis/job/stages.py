@@ -18,6 +18,7 @@ import torch
 from analysis.job import ray_utils
 from analysis.job.plan import Plan
 from analysis.job.queries import step_sensitivity
+from analysis.job.report_folders import ReportFolders, point_report_at
 from analysis.job.trajectories import (
     T_CONVENTION,
     TrajectorySet,
@@ -244,10 +245,12 @@ def stage_report(
     times: dict,
     ray_how: str,
     choice: dict,
+    folders: ReportFolders,
     extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Stage 3: integrate the equations from held-out noise, decode, write everything (``extra`` writes more
-    files into the report folder before it is swapped in); returns report.md."""
+    """Stage 3: integrate the equations from held-out noise, decode, write everything into the settings'
+    own report folder (``extra`` writes more files into it before it is swapped in), then point
+    ``runs/<name>/report`` at it (analysis/job/report_folders.py); returns its report.md."""
     report_t0 = time.time()
     s, d = cfg.sindy, coords.dim
     xi = np.zeros((d, lib.n_terms))
@@ -308,10 +311,11 @@ def stage_report(
         warnings=plan.warnings,
         digests=plan.digests or {"external_sha256": tset.manifest.get("sha256")},
         provenance=provenance(plan, tset, ray_how),
+        fingerprint=folders.settings,
     )
-    return write_report(
-        plan.run_dir / "report", plan.run_dir / "tb" / "sindy", fits, lib, ctx, roll, images, views=views, extra=extra
-    )
+    md = write_report(folders.report, folders.tb, fits, lib, ctx, roll, images, views=views, extra=extra)
+    point_report_at(folders)
+    return md
 
 
 def provenance(plan: Plan, tset: TrajectorySet, ray_how: str) -> str:

@@ -26,6 +26,8 @@ class ReportContext:
         stage_times: {stage: (seconds, note)}, the report's own added by write_report (from report_t0, if given).
         source: "generated" or "npz". warnings: lines for the report. digests: the weights' or file's
         sha256. provenance: one line on where the trajectories come from and how Ray ran.
+        fingerprint: the settings fingerprint's record (analysis/job/report_folders.py: id, the sindy.* settings
+        and inputs it covers, the keys it leaves out), or None outside the job.
     """
 
     run: str
@@ -46,3 +48,4 @@ class ReportContext:
     digests: dict
     provenance: str
     report_t0: float | None = None
+    fingerprint: dict | None = None

@@ -39,6 +39,7 @@ def write_equations_json(
         "t_convention": ctx.t_convention,
         "coordinates": ctx.coordinates,
         "digests": ctx.digests,
+        "settings_fingerprint": ctx.fingerprint,
         "library": library.spec(),
         "n_terms": len(names),
         "term_names": names,

@@ -68,7 +68,8 @@ def report_markdown(
     L += _target_comparison(fits, ctx)
     L += _equations(fits)
     L += _integration(ctx, roll, images, end_err)
-    L += usage_lines(f"runs/{ctx.run}/report", library.uses_time, ctx.T, ctx.coordinates)
+    where = f"runs/{ctx.run}/reports/{ctx.fingerprint['id']}" if ctx.fingerprint else f"runs/{ctx.run}/report"
+    L += usage_lines(where, library.uses_time, ctx.T, ctx.coordinates)
     L += theory_sections(views)
     L += _plots_and_times(pngs, ctx)
     return "\n".join(L) + "\n"
@@ -100,6 +101,15 @@ def _overview(fits: list[dict], library, xi: np.ndarray, ctx: ReportContext, vie
         f"- threshold: {optimizer_text(ctx)}, {ctx.settings.n_thresholds} thresholds; rule: {fits[0]['rule']}",
         f"- uncertainty: bagging over {ctx.n_groups} trajectory groups, {ctx.settings.n_bootstrap} resamples",
         f"- provenance: {ctx.provenance}",
+        *(
+            [
+                f"- settings fingerprint **{ctx.fingerprint['id']}** (the sindy.* settings and inputs in equations.json, "
+                f"`settings_fingerprint`); other settings' reports: `runs/{ctx.run}/reports/`, the latest at "
+                f"`runs/{ctx.run}/report`"
+            ]
+            if ctx.fingerprint
+            else []
+        ),
         "",
     ]
     for w in ctx.warnings:

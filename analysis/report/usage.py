@@ -26,7 +26,7 @@ def usage_lines(report_dir: str, uses_time: bool, T: int, coordinates: str) -> l
     (t = 1 - k/T, from z_T at t = 1 to z_0 at t = 0), and which coordinates the model's states are in.
 
     Args:
-        report_dir: the report folder as the user reaches it (``runs/<name>/report``).
+        report_dir: the report folder as the user reaches it (``runs/<name>/reports/<fingerprint>``).
         uses_time: whether the library has time terms (time is then pysindy's control input u).
         T: the sampler's steps.
         coordinates: the report's description of the fit coordinates (``Coordinates.describe``).

@@ -59,11 +59,12 @@ def write_report(
 ) -> Path:
     """Write report.md, equations.json, equations.tex, rollouts.npz, plots and TensorBoard; returns report.md.
 
-    All or nothing: the files are written into a temporary folder beside ``out`` and swapped in whole.
+    All or nothing: the files are written into a temporary folder beside ``out`` and swapped in whole; so are the
+    TensorBoard events (a rerun replaces them instead of adding a second set).
 
     Args:
-        out: report folder (created).
-        tb_dir: TensorBoard folder (``runs/<name>/tb/sindy``).
+        out: report folder (created; the job's is ``runs/<name>/reports/<fingerprint>``).
+        tb_dir: TensorBoard folder of this report alone (``runs/<name>/tb/sindy/<fingerprint>``; replaced whole).
         fits: per-dimension results of analysis.sindy.dimension_fit.fit_dimension, in dimension order; each gets its "flag".
         library: the analysis.sindy.library.Library (bound to d).
         ctx: the run's data, settings and provenance.
@@ -79,24 +80,31 @@ def write_report(
     """
     # Written into a temporary folder beside ``out`` and swapped in whole (configs.io.replace_folder): a failure
     # part way (a full disk) leaves the previous complete report, or none, never new plots beside old equations.
+    # The events go to a temporary folder too, swapped in just before the report (its events are there when it is).
     tmp = out.with_name(f"{TMP_PREFIX}{out.name}.{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tb_tmp = tb_dir.with_name(f"{TMP_PREFIX}{tb_dir.name}.{os.getpid()}")
+    for t in (tmp, tb_tmp):
+        shutil.rmtree(t, ignore_errors=True)
     try:
         with _fault_file_size_limit():
             tmp.mkdir(parents=True)
             md, pngs = _write_files(tmp, fits, library, ctx, roll, images, views)
             if extra is not None:
                 extra(tmp)
-            write_tensorboard(tb_dir, md, tmp, pngs, fits)
+            tb_tmp.mkdir(parents=True)
+            write_tensorboard(tb_tmp, md, tmp, pngs, fits)
+            replace_folder(tb_tmp, tb_dir)
             replace_folder(tmp, out)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for t in (tmp, tb_tmp):
+            shutil.rmtree(t, ignore_errors=True)
         raise UserError(
             f"could not write the report into {out}: {e.strerror or e} ({e.filename}); the previous report is "
             "unchanged (or there is none); free some disk space and rerun the job (its fits are kept)"
         ) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for t in (tmp, tb_tmp):
+            shutil.rmtree(t, ignore_errors=True)
         raise
     return out / "report.md"
 

@@ -27,6 +27,22 @@ def smoke(root: Path, *extra: str) -> list[str]:
     return ["--config", str(REPO / "configs" / "smoke.yaml"), f"run.root={root}", *extra]
 
 
+NPZ_ARGS = ("sindy.ray_address=local", f"sindy.trajectories={NPZ}", "sindy.target=central_diff")
+
+
+def npz_job(root: Path, *extra: str) -> list[str]:
+    """The job's command on the reference study's trajectory file (no trained run needed)."""
+    return [sys.executable, JOB, *smoke(root, *NPZ_ARGS, *extra)]
+
+
+@pytest.fixture(scope="session")
+def npz_run(tmp_path_factory) -> Path:
+    """One finished job on the reference file: ``<root>/smoke`` with its fits and report (copy it to change it)."""
+    root = tmp_path_factory.mktemp("npz-run")
+    run_entry(npz_job(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, mnist_shards) -> Path:
     """``<root>/smoke`` with ae, latent stats and a 30-step DiT (EMA), through the real entry points."""
@@ -51,7 +67,7 @@ def copy_run(src_root: Path, dest_root: Path, with_sindy: bool = False) -> Path:
     """A fresh run folder with the trained weights (and optionally the finished stages)."""
     import shutil
 
-    skip = ["checkpoints", "tb", "latents", "report"] + ([] if with_sindy else ["sindy"])
+    skip = ["checkpoints", "tb", "latents", "report", "reports"] + ([] if with_sindy else ["sindy"])
     shutil.copytree(src_root / "smoke", dest_root / "smoke", ignore=shutil.ignore_patterns(*skip))
     return dest_root
 

@@ -9,21 +9,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.analysis_job.conftest import JOB, NPZ, smoke
+from tests.analysis_job.conftest import npz_job as job
 from tests.configs.test_lock import hold_in_child
 from tests.conftest import REPO, run_entry
-
-NPZ_ARGS = ("sindy.ray_address=local", f"sindy.trajectories={NPZ}", "sindy.target=central_diff")
-
-
-def job(root: Path, *extra: str) -> list[str]:
-    return [sys.executable, JOB, *smoke(root, *NPZ_ARGS, *extra)]
 
 
 def one_error_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
@@ -36,14 +29,6 @@ def one_error_line(proc: subprocess.CompletedProcess, code: int = 2) -> str:
 
 def leftovers(run_dir: Path) -> list[str]:
     return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob(".tmp-*"))
-
-
-@pytest.fixture(scope="module")
-def npz_run(tmp_path_factory) -> Path:
-    """One finished job on the reference file: ``<root>/smoke`` with its fits and report."""
-    root = tmp_path_factory.mktemp("npz-run")
-    run_entry(job(root))
-    return root
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
@@ -124,19 +109,25 @@ def test_a_report_that_cannot_be_written_leaves_the_previous_one_whole(npz_run: 
     import shutil
 
     root = tmp_path / "r"
-    shutil.copytree(npz_run, root)
+    shutil.copytree(npz_run, root, symlinks=True)
     report = root / "smoke" / "report"
+    first = os.readlink(report)  # reports/<the first settings' fingerprint>
     before = {p.name: p.read_bytes() for p in report.iterdir()}
     # The kernel refuses writes past 20 kB in the job's own process from the report stage on (EFBIG, as a
-    # full disk gives ENOSPC): the plots fail part way.
-    proc = run_entry(job(root, "sindy.rollouts=8"), env={"LATENT_SINDY_FAULT_REPORT_BYTES": "20000"}, check=False)
+    # full disk gives ENOSPC): the plots fail part way. Other settings (sindy.rollouts): another report folder.
+    proc = run_entry(job(root, "sindy.rollouts=6"), env={"LATENT_SINDY_FAULT_REPORT_BYTES": "20000"}, check=False)
     line = one_error_line(proc)
-    assert "could not write the report" in line and str(report) in line, line
-    assert {p.name: p.read_bytes() for p in report.iterdir()} == before
-    assert leftovers(root / "smoke") == []
-    # Without the fault the same command replaces the whole report.
-    run_entry(job(root, "sindy.rollouts=8"))
-    assert json.loads((report / "equations.json").read_text())["rollout"]["index"].__len__() == 8
+    assert "could not write the report into " + str(root / "smoke" / "reports") in line, line
+    assert os.readlink(report) == first and {p.name: p.read_bytes() for p in report.iterdir()} == before
+    assert leftovers(root / "smoke") == [] and os.listdir(root / "smoke" / "reports") == [first.split("/")[1]]
+    # Without the fault the same command writes the other settings' report beside the first; report links to it.
+    run_entry(job(root, "sindy.rollouts=6"))
+    assert json.loads((report / "equations.json").read_text())["rollout"]["index"].__len__() == 6
+    second = os.readlink(report)
+    assert second != first and sorted(os.listdir(root / "smoke" / "reports")) == sorted(
+        p.split("/")[1] for p in (first, second)
+    )
+    assert {p.name: p.read_bytes() for p in (root / "smoke" / first).iterdir()} == before  # the first one, intact
 
 
 def _with_a_term(eq: dict) -> dict:

@@ -63,7 +63,8 @@ def test_lorenz_exact_terms_and_pysindy_round_trip(tmp_path, ray_session, capsys
     md = (tmp_path / "smoke" / "report" / "report.md").read_text()
     for j, line in enumerate(printed):  # one formatter: pysindy prints the report's own right-hand sides
         assert f"dz{j}/dt = {line.split(' = ', 1)[1]}" in md
-    assert "## Use the equations" in md and 'model = load_pysindy("runs/smoke/report")' in md
+    # The usage names this report's own folder (runs/<name>/report links to the latest of them).
+    assert "## Use the equations" in md and re.search(r'model = load_pysindy\("runs/smoke/reports/[0-9a-f]{12}"\)', md)
     assert "the states are the normalised latent's own coordinates" in md
     lib = Library.from_spec(eq["library"])
     z, t = data["trajectories"][0], data["t"]

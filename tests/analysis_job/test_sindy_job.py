@@ -4,6 +4,7 @@ reference study's DDPM file (held-out R^2 reported and flagged), and bad inputs 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -66,7 +67,8 @@ def test_local_job_survives_killed_worker_and_resumes(trained_run, tmp_path):
     assert not np.allclose(roll["sindy"][-1], roll["reference"][-1])
     assert not np.array_equal(roll["images_dit"], roll["images_sindy"])
     np.testing.assert_allclose(roll["sindy"][0], roll["reference"][0])  # same initial noise
-    ea = EventAccumulator(str(run_dir / "tb" / "sindy"), size_guidance={"images": 0, "tensors": 0})
+    fingerprint = os.readlink(run_dir / "report").split("/")[1]  # report -> reports/<settings fingerprint>
+    ea = EventAccumulator(str(run_dir / "tb" / "sindy" / fingerprint), size_guidance={"images": 0, "tensors": 0})
     ea.Reload()
     assert "sindy/samples_vs_sindy" in ea.Tags()["images"] and ea.Tags()["tensors"]
     # Rerun: every stage is found finished and reused.
@@ -74,6 +76,9 @@ def test_local_job_survives_killed_worker_and_resumes(trained_run, tmp_path):
     eq2 = json.loads((run_dir / "report" / "equations.json").read_text())
     assert eq2["stage_times"]["fits"] == 0.0 and eq2["stage_times"]["trajectories"] < eq["stage_times"]["trajectories"]
     assert [r["terms"] for r in eq2["dims"]] == [r["terms"] for r in eq["dims"]]
+    # The same settings: the same report folder and event folder, replaced (one set of events, not two).
+    assert os.listdir(run_dir / "reports") == [fingerprint] == os.listdir(run_dir / "tb" / "sindy")
+    assert len(os.listdir(run_dir / "tb" / "sindy" / fingerprint)) == 1
 
 
 def test_conv_latent_fits_in_pca_coordinates_with_sr3(trained_conv_run):
