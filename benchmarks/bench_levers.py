@@ -119,6 +119,8 @@ def main(argv=None) -> int:
         levers = [LEVERS[0]] + [lv for lv in LEVERS[1:] if any(k in lv[0] for k in keys)]
     if args.budgets is not None:
         budgets = [int(b) for b in args.budgets.split(",") if b]
+        if budgets and DEFAULT_BUDGET not in budgets:
+            budgets.append(DEFAULT_BUDGET)  # the chosen point is always on the plot (it is the baseline's job)
     elif args.only:
         budgets = []
     with tempfile.TemporaryDirectory(prefix="bench-levers-") as tmp:
