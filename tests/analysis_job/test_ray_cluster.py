@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -52,15 +53,27 @@ def test_ray_job_submit(trained_run, tmp_path):
             timeout=120,
             env=AUTH,
         )
-        proc = run_entry(
-            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--", sys.executable, JOB, *smoke(root)],
-            timeout=400,
-            env=AUTH,
-        )
+        address = f"http://127.0.0.1:{dash}"
+        submit = [RAY, "job", "submit", "--address", address, "--", sys.executable, JOB, *smoke(root)]
+        proc = _submit_when_an_agent_is_up(submit)
         assert "joined" in proc.stdout and "sindy: report" in proc.stdout, proc.stdout[-2000:]
         _report_ok(root / "smoke")
     finally:
         kill_marked(temp)
+
+
+def _submit_when_an_agent_is_up(submit: list[str], wait_s: float = 120) -> subprocess.CompletedProcess:
+    """`ray job submit`, again while the head answers "No available agent to submit job, please try again later":
+    the dashboard agent of a head just started registers some seconds after `ray start` returns (longer on a
+    loaded machine), and until then the head refuses submissions without having accepted the job."""
+    deadline = time.time() + wait_s
+    while True:
+        proc = run_entry(submit, timeout=400, env=AUTH, check=False)
+        if proc.returncode == 0 or "No available agent" not in proc.stdout + proc.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert proc.returncode == 0, f"{submit} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
 
 
 @pytest.fixture(scope="module")
