@@ -6,7 +6,8 @@ Safetensors files (weights, latent stats, latents, the scored samples) are compa
 with their metadata: their raw bytes can differ between two runs of the very same code, because safetensors writes
 the metadata in hash-map order. equations.tex and rollouts.npz are compared byte for byte, equations.json without
 its wall-clock fields ("seconds", "stage_times", "created") and the keys that name the run or hash its files
-("run", "digests", and "settings_fingerprint", which hashes the settings with the weights' sha256). Prints one line per file; exit 0 when all are identical, 1 otherwise.
+("run", "digests", and "settings_fingerprint", which hashes the settings with the weights' sha256). Prints one
+line per file; exit 0 when all are identical, 1 otherwise.
 """
 
 from __future__ import annotations

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -71,7 +70,7 @@ from analysis.job.stages import (  # noqa: E402
 )
 from configs.cli import parse_cli, run_cli  # noqa: E402
 from configs.exit_codes import PREEMPTED_EXIT  # noqa: E402
-from configs.io import remove_temporaries  # noqa: E402
+from configs.io import TMP_PREFIX, remove_temporaries  # noqa: E402
 from configs.lock import acquire_stage_lock  # noqa: E402
 from configs.schema import Config  # noqa: E402
 from configs.stop import STOPS, Stopped  # noqa: E402
@@ -114,17 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _remove_temporaries(folders: ReportFolders) -> list[Path]:
     """The .tmp-* files and folders of an interrupted job: fits and blocks, report folders, event folders, and the
     link's (or an earlier job's report's) temporary beside runs/<name>/report."""
-    beside = sorted(folders.run_dir.glob(".tmp-report.*"))
-    for p in beside:
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
     return (
         remove_temporaries(folders.run_dir / "sindy")
         + remove_temporaries(folders.reports)
         + remove_temporaries(folders.tb_root)
-        + beside
+        # the run folder itself holds the training stages' temporaries too: only the report link's, at top level
+        + remove_temporaries(folders.run_dir, f"{TMP_PREFIX}{folders.link.name}.*", recursive=False)
     )
 
 

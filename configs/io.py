@@ -153,15 +153,22 @@ def read_safetensors(
         raise error(f"{what or path} is not a readable safetensors file (truncated or corrupt: {exn}){hint}") from None
 
 
-def remove_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+def remove_temporaries(
+    folder: str | os.PathLike[str], name: str = f"{TMP_PREFIX}*", recursive: bool = True
+) -> list[Path]:
     """Delete every ``.tmp-*`` file or folder under ``folder`` (what an interrupted atomic write or a killed
     process left behind); returns what was removed. Call it only while holding the folder's stage lock
-    (configs.lock), so that no live writer's temporary file is taken."""
+    (configs.lock), so that no live writer's temporary file is taken.
 
+    ``name`` (a glob starting with ``.tmp-``) narrows it to one writer's temporaries, and ``recursive=False`` to
+    ``folder`` itself: for a folder that other stages write into too (a run folder)."""
+
+    if not name.startswith(TMP_PREFIX):
+        raise ValueError(f"remove_temporaries removes {TMP_PREFIX}* only, not {name!r}")
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = sorted(folder.rglob(f"{TMP_PREFIX}*"), key=lambda p: len(p.parts))
+    found = sorted((folder.rglob if recursive else folder.glob)(name), key=lambda p: len(p.parts))
     removed = []
     for p in found:
         if not os.path.lexists(p):

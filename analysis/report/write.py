@@ -83,8 +83,12 @@ def write_report(
     # The events go to a temporary folder too, swapped in just before the report (its events are there when it is).
     tmp = out.with_name(f"{TMP_PREFIX}{out.name}.{os.getpid()}")
     tb_tmp = tb_dir.with_name(f"{TMP_PREFIX}{tb_dir.name}.{os.getpid()}")
-    for t in (tmp, tb_tmp):
-        shutil.rmtree(t, ignore_errors=True)
+
+    def discard_temporaries() -> None:
+        for t in (tmp, tb_tmp):
+            shutil.rmtree(t, ignore_errors=True)
+
+    discard_temporaries()
     try:
         with _fault_file_size_limit():
             tmp.mkdir(parents=True)
@@ -96,15 +100,13 @@ def write_report(
             replace_folder(tb_tmp, tb_dir)
             replace_folder(tmp, out)
     except OSError as e:
-        for t in (tmp, tb_tmp):
-            shutil.rmtree(t, ignore_errors=True)
+        discard_temporaries()
         raise UserError(
             f"could not write the report into {out}: {e.strerror or e} ({e.filename}); the previous report is "
             "unchanged (or there is none); free some disk space and rerun the job (its fits are kept)"
         ) from None
     except BaseException:
-        for t in (tmp, tb_tmp):
-            shutil.rmtree(t, ignore_errors=True)
+        discard_temporaries()
         raise
     return out / "report.md"
 

@@ -67,3 +67,18 @@ def test_remove_temporaries_takes_only_dot_tmp_leftovers(tmp_path) -> None:
     assert sorted(remove_temporaries(tmp_path)) == sorted(junk)
     assert all(f.exists() for f in keep) and not any(f.exists() for f in junk)
     assert remove_temporaries(tmp_path / "missing") == []
+
+
+def test_remove_temporaries_of_one_writer_at_top_level(tmp_path) -> None:
+    """In a run folder other stages write into, only the named writer's top-level temporaries go."""
+    (tmp_path / "checkpoints").mkdir()
+    others = [tmp_path / "checkpoints" / ".tmp-report.7", tmp_path / ".tmp-dit.safetensors.7"]
+    ours = [tmp_path / ".tmp-report.7", tmp_path / ".tmp-report.8"]
+    for f in others + ours:
+        f.write_text("x")
+    ours[1].unlink()
+    ours[1].symlink_to("reports/abc")  # a link left by an interrupted switch: removed, not followed
+    assert sorted(remove_temporaries(tmp_path, ".tmp-report.*", recursive=False)) == sorted(ours)
+    assert all(f.exists() for f in others) and not any(os.path.lexists(f) for f in ours)
+    with pytest.raises(ValueError):
+        remove_temporaries(tmp_path, "report.*")
