@@ -60,6 +60,7 @@ from analysis.job.report_folders import (  # noqa: E402
     check_report_folders,
     report_folders,
 )
+from analysis.job.space_choice import choose_fit_space  # noqa: E402
 from analysis.job.stages import (  # noqa: E402
     split_trajectories,
     stage_polish,
@@ -67,6 +68,7 @@ from analysis.job.stages import (  # noqa: E402
     stage_report,
     stage_sensitivity,
     stage_trajectories,
+    x0_step_weights,
 )
 from configs.cli import parse_cli, run_cli  # noqa: E402
 from configs.exit_codes import PREEMPTED_EXIT  # noqa: E402
@@ -140,9 +142,15 @@ def _stages(cfg: Config, plan, folders: ReportFolders, ray_how: str) -> int:
             time.time() - t0,
             f"the DiT perturbed at each step, {cfg.sindy.sensitivity_noises} noises",
         )
+    if cfg.sindy.fit_space == "x0":  # 3d. x0 space: the eps model's rows weighed by (s/a)^2 per step.
+        plan.step_weights = x0_step_weights(plan)
     # 4. Stage 2: split, coordinates, statistics and per-dimension fits.
     split = split_trajectories(tset.n, plan.n_heldout, plan.n_groups, cfg.sindy.seed)
-    coords, fits, lib, choice = fit_in_coordinates(cfg, plan, tset, split, times)
+    if cfg.sindy.fit_space == "auto":  # every space fitted, the one whose rollouts end nearest the DiT's kept
+        plan.fit_space, coords, fits, lib, choice, plan.space_choice = choose_fit_space(cfg, plan, tset, split, times)
+    else:
+        coords, fits, lib, choice = fit_in_coordinates(cfg, plan, tset, split, times)
+        plan.fit_space = cfg.sindy.fit_space
     # 4b. DAgger: the states the equations' own rollouts visit, labelled by the DiT, then a refit (same coordinates).
     for r in range(cfg.sindy.dagger_rounds):
         fits, lib, choice = stage_dagger(cfg, plan, tset, coords, split, fits, lib, choice, r, times)

@@ -208,8 +208,12 @@ class SindyConfig:
     """Time order of the states in an external .npz: descending (z_T first, state k at t = 1 - k/T) | ascending."""
     fit_space: str = "drift"
     """drift: fit the velocity target itself | eps: fit the DiT's recorded eps_theta(z, t) and compose the drift
-    exactly as p(t) z + q(t) eps_fit, p and q known from the schedule and sampler (analysis/sindy/theory.py); the
-    report gives the held-out R^2 of both eps and drift and the rollouts either way."""
+    exactly as p(t) z + q(t) eps_fit, p and q known from the schedule and sampler (analysis/sindy/theory.py) | x0:
+    the same eps model, fitted by the error of the clean sample it implies, x0 = (z - s eps) / a, so each step's rows
+    weigh (s/a)^2 (large at high noise; the least squares of x0 space for this model, exactly) | auto: fit in all
+    three and keep the space whose rollouts from sindy.polish_noises training noises end nearest the DiT's samples
+    (analysis/job/space_choice.py; three fits' time, no comparison target). The report gives the held-out R^2 of
+    both eps and drift and the rollouts either way."""
     validation_noises: int = 400
     """Held-out noises the chosen equations are integrated from, decoded and classified against the DiT's
     samples from the same noise (class agreement, FD-MNIST, confidence; analysis/job/validation.py); at most the
@@ -248,6 +252,13 @@ class SindyConfig:
     mixture_samples: int = 10000
     """Training latents (a seeded random subset) the mixtures are fitted to; EM costs grow with it (local run,
     K up to 20: about 25 s of EM for 20,000 latents on 2 busy cores, half that for 10,000)."""
+    mixture_fit: str = "em"
+    """What the library's mixture family is fitted to: em (the training latents, by EM; never sees the DiT) | dit
+    (EM's chosen mixture, then its constants refitted so that its closed-form eps* matches the DiT's eps on the
+    training trajectories and any query states: analysis/sindy/mixture.py distill_mixture). Either way the family is
+    a closed-form mixture whose constants the report lists; the floor yardstick stays EM's mixture."""
+    mixture_distill_iterations: int = 600
+    """Adam steps of sindy.mixture_fit=dit (10 random steps x 600 rows each; about 5 s for K = 20 on 2 cores)."""
 
     def __post_init__(self) -> None:
         _check(
@@ -296,16 +307,24 @@ class SindyConfig:
             self.coordinates in ("auto", "latent", "modes"),
             f"sindy.coordinates must be auto | latent | modes, got {self.coordinates!r}",
         )
-        _check(self.fit_space in ("drift", "eps"), f"sindy.fit_space must be drift | eps, got {self.fit_space!r}")
+        _check(
+            self.fit_space in ("drift", "eps", "x0", "auto"),
+            f"sindy.fit_space must be drift | eps | x0 | auto, got {self.fit_space!r}",
+        )
         _check(
             self.fit_space == "drift" or self.target == "drift",
-            f"sindy.fit_space=eps fits the recorded eps and composes the drift; it cannot be combined with "
+            f"sindy.fit_space={self.fit_space} fits the recorded eps and composes the drift; it cannot be combined with "
             f"sindy.target={self.target} (set sindy.target=drift or sindy.fit_space=drift)",
         )
         _non_negative("sindy", validation_noises=self.validation_noises, queries=self.queries)
         _check(
             self.weighting in ("none", "sensitivity"),
             f"sindy.weighting must be none | sensitivity, got {self.weighting!r}",
+        )
+        _check(
+            self.fit_space not in ("x0", "auto") or self.weighting == "none",
+            f"sindy.fit_space={self.fit_space} weighs the steps by (s/a)^2 in x0 space, which sindy.weighting="
+            "sensitivity would replace; set sindy.weighting=none or sindy.fit_space=eps",
         )
         _positive("sindy", sensitivity_noises=self.sensitivity_noises, dagger_noises=self.dagger_noises)
         _non_negative("sindy", dagger_rounds=self.dagger_rounds, polish_iterations=self.polish_iterations)
@@ -315,5 +334,12 @@ class SindyConfig:
             f"sindy.mixture_components must be a list of ints >= 1, got {list(self.mixture_components)}",
         )
         _positive("sindy", mixture_samples=self.mixture_samples)
+        _check(self.mixture_fit in ("em", "dit"), f"sindy.mixture_fit must be em | dit, got {self.mixture_fit!r}")
+        _positive("sindy", mixture_distill_iterations=self.mixture_distill_iterations)
+        _check(
+            self.mixture_fit == "em" or (self.library.preset != "reference" and "mixture" in self.library.families),
+            "sindy.mixture_fit=dit refits the library's mixture family to the DiT, but sindy.library.families does "
+            "not list mixture (or the preset is reference); set sindy.mixture_fit=em",
+        )
         if self.trajectories:
             _path("sindy.trajectories", self.trajectories)

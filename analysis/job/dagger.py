@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from analysis.job.coordinate_choice import save_coordinates
-from analysis.job.fits import fit_key, stage_fits
+from analysis.job.fits import coefficient_matrix, fit_key, stage_fits
 from analysis.job.plan import Plan
 from analysis.job.queries import label_states, rollout_states
 from analysis.job.trajectories import (
@@ -63,11 +63,7 @@ def stage_dagger(
     if manifest.is_file():
         added, how = TrajectorySet.from_manifest(manifest), "reused"
     else:
-        xi = np.zeros((coords.dim, lib.n_terms))
-        for r in fits:
-            for term in r["terms"]:
-                xi[r["dim"], term["index"]] = term["coef"]
-        rhs = sindy_rhs(lib, xi)
+        rhs = sindy_rhs(lib, coefficient_matrix(fits, coords.dim, lib.n_terms))
         if plan.targets[0] == "eps":
             rhs = lp.composed_rhs(rhs)
         train = np.flatnonzero(split >= 0)[: s.dagger_noises]

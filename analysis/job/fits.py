@@ -13,7 +13,7 @@ import numpy as np
 from analysis.job import ray_utils
 from analysis.job.plan import Plan
 from analysis.job.trajectories import TrajectorySet
-from analysis.job.views import latent_mixture, run_schedule
+from analysis.job.views import distilled_mixture, latent_mixture, run_schedule
 from analysis.sindy.block_stats import merge_numpy_stats
 from analysis.sindy.build import build_library, principal_directions
 from analysis.sindy.coordinates import Coordinates
@@ -29,7 +29,7 @@ from configs.cli import UserError
 from configs.io import atomic_write_text
 from configs.schema import Config, to_dict
 
-__all__ = ["make_library", "gated_columns", "fit_key", "stage_fits", "write_free_time"]
+__all__ = ["coefficient_matrix", "make_library", "gated_columns", "fit_key", "stage_fits", "write_free_time"]
 
 
 def make_library(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinates, split: np.ndarray) -> Library:
@@ -46,10 +46,22 @@ def make_library(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinat
         schedule = run_schedule(plan)
         p, q = linear_part(schedule, tset.manifest.get("sampler") or cfg.sindy.sampler)
         feats = tuple("drift" if (f == "eps" and plan.targets[0] != "eps") else f for f in lib_cfg.mixture_features)
-        mixture = MixtureEps.from_mixture(
-            latent_mixture(cfg, plan, coords)["mix"], per_state(schedule, schedule.alpha_bars), feats, p, q
-        )
+        mix = (
+            distilled_mixture(cfg, plan, tset, coords, split)
+            if cfg.sindy.mixture_fit == "dit"
+            else latent_mixture(cfg, plan, coords)
+        )["mix"]
+        mixture = MixtureEps.from_mixture(mix, per_state(schedule, schedule.alpha_bars), feats, p, q)
     return build_library(lib_cfg, coords.dim, (float(np.min(t)), float(np.max(t))), proj, mixture)
+
+
+def coefficient_matrix(fits: list[dict], d: int, n_terms: int) -> np.ndarray:
+    """(d, n_terms) coefficients of the per-dimension fits (zeros off their supports)."""
+    xi = np.zeros((d, n_terms))
+    for r in fits:
+        for term in r["terms"]:
+            xi[r["dim"], term["index"]] = term["coef"]
+    return xi
 
 
 def gated_columns(lib: Library, gated: list[str]) -> list[int]:
@@ -73,6 +85,7 @@ def fit_key(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinates) -
         "queries": [[b["sha256"] for b in q.manifest["blocks"]] for q in plan.queries] or None,
         "fit": [s.alpha, s.normalize, s.n_thresholds, s.threshold_tol, s.n_bootstrap, s.term_budget, s.time_windows],
         "library": to_dict(plan.library_cfg),
+        "mixture_fit": [s.mixture_fit, s.mixture_distill_iterations] if s.mixture_fit == "dit" else None,
         "optimizer": [s.optimizer, s.sr3_nu if s.optimizer == "sr3" else None],
         "free_time_degree": s.ceiling_degree,
     }
@@ -99,7 +112,12 @@ def stage_fits(
         times["library"] = (
             time.time() - t0,
             f"{built.n_terms} terms"
-            + (f", the mixture family's EM fit ({len(cfg.sindy.mixture_components)} K)" if mix else ""),
+            + (f", the mixture family's EM fit ({len(cfg.sindy.mixture_components)} K)" if mix else "")
+            + (
+                f", distilled to the DiT ({cfg.sindy.mixture_distill_iterations} Adam steps)"
+                if mix and cfg.sindy.mixture_fit == "dit"
+                else ""
+            ),
         )
     else:
         times["library"] = (0.0, f"reused {lib_file}")

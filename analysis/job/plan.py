@@ -49,7 +49,10 @@ class Plan:
         heldout_cache: the held-out trajectories read so far in fit coordinates (analysis.job.views.heldout_block).
         queries: the TrajectorySets of DiT-labelled query states (analysis/job/queries.py: forward-noised latents,
             then one per DAgger round), training rows only.
-        step_weights: (T,) regression row weight per state (sindy.weighting=sensitivity), or None.
+        step_weights: (T,) regression row weight per state (sindy.weighting=sensitivity or sindy.fit_space=x0), or
+            None.
+        fit_space: the space the chosen equations were fitted in (sindy.fit_space, resolved when it is auto);
+            space_choice: the record of sindy.fit_space=auto (analysis/job/space_choice.py), else None.
     """
 
     run_dir: Path
@@ -74,6 +77,8 @@ class Plan:
     step_weights: list | None = None
     sensitivity: dict | None = None
     polish: dict | None = None
+    fit_space: str = ""
+    space_choice: dict | None = None
 
     @property
     def has_drift(self) -> bool:
@@ -179,12 +184,12 @@ def check_inputs(cfg: Config) -> Plan:
         )
     plan.n_heldout = n_ho
     plan.n_groups = min(s.bootstrap_groups, plan.n - n_ho)
-    if s.fit_space == "eps" and not (plan.external is None or plan.external.source == "generated"):
+    if s.fit_space != "drift" and not (plan.external is None or plan.external.source == "generated"):
         raise UserError(
-            f"sindy.fit_space=eps needs the DiT's recorded eps, which {s.trajectories} does not hold; "
+            f"sindy.fit_space={s.fit_space} needs the DiT's recorded eps, which {s.trajectories} does not hold; "
             "use sindy.fit_space=drift for external trajectories"
         )
-    main_target = "eps" if s.fit_space == "eps" else s.target
+    main_target = "eps" if s.fit_space in ("eps", "x0", "auto") else s.target
     plan.targets = (main_target, OTHER[main_target]) if (s.compare_targets and plan.has_drift) else (main_target,)
     if s.weighting == "sensitivity" and plan.external is not None:
         raise UserError(
@@ -213,6 +218,11 @@ def check_inputs(cfg: Config) -> Plan:
         if why:  # the default library lists it; inputs without a mixture get the rest, and are told so
             plan.library_cfg = dataclasses.replace(s.library, families=rest)
             plan.warnings.append(f"the mixture family is left out of the library: {why}")
+    if s.mixture_fit == "dit" and "mixture" not in plan.library_cfg.families:  # configs/sindy.py checked the rest
+        raise UserError(
+            f"sindy.mixture_fit=dit refits the library's mixture family to the DiT, but {mixture_unavailable(cfg, plan)}"
+            "; set sindy.mixture_fit=em"
+        )
     try:  # the library as configured (placeholder projections and mixture: the real ones come from the data)
         plan.library_terms = placeholder_library(cfg, plan, plan.d).n_terms
     except ValueError as e:

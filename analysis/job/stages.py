@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from analysis.job import ray_utils
+from analysis.job.fits import coefficient_matrix
 from analysis.job.plan import Plan
 from analysis.job.queries import step_sensitivity
 from analysis.job.report_folders import ReportFolders, point_report_at
@@ -38,7 +39,7 @@ from analysis.sindy.coordinates import Coordinates
 from analysis.sindy.integration import integrate, sindy_rhs
 from analysis.sindy.library import Library
 from analysis.sindy.polish import polish_coefficients
-from analysis.sindy.theory import LinearPart, linear_part
+from analysis.sindy.theory import LinearPart, linear_part, noise_levels
 from configs.cli import UserError
 from configs.io import atomic_write_text
 from configs.schema import Config
@@ -48,6 +49,7 @@ __all__ = [
     "stage_trajectories",
     "stage_queries",
     "stage_sensitivity",
+    "x0_step_weights",
     "generate_set",
     "split_trajectories",
     "stage_report",
@@ -101,10 +103,7 @@ def stage_polish(
 
     s = cfg.sindy
     d = coords.dim
-    xi = np.zeros((d, lib.n_terms))
-    for r in fits:
-        for term in r["terms"]:
-            xi[r["dim"], term["index"]] = term["coef"]
+    xi = coefficient_matrix(fits, d, lib.n_terms)
     key = hashlib.sha256(xi.tobytes() + coords.fingerprint().encode()).hexdigest()[:16]
     cache = plan.run_dir / "sindy" / "fits" / f"polish-{key}-i{s.polish_iterations}-n{s.polish_noises}.json"
     if cache.is_file():
@@ -152,6 +151,15 @@ def stage_sensitivity(cfg: Config, plan: Plan, tset: TrajectorySet) -> tuple[lis
     w = gain if plan.targets[0] == "eps" else gain / q**2
     w = w / w.mean()
     return w.tolist(), {"gain": gain.tolist(), "weights": w.tolist(), "noises": n, "target": plan.targets[0]}
+
+
+def x0_step_weights(plan: Plan) -> list[float]:
+    """Row weights per state for sindy.fit_space=x0: an eps error e at noise levels (a, s) is an error s e / a in the
+    clean sample it implies, x0 = (z - s eps) / a, so least squares on x0 weighs each step's rows by (s/a)^2;
+    scaled to mean 1 (a scale does not change the fit)."""
+    a, sg = noise_levels(run_schedule(plan))
+    w = (sg / a) ** 2
+    return (w / w.mean()).tolist()
 
 
 def generate_set(
@@ -253,10 +261,7 @@ def stage_report(
     ``runs/<name>/report`` at it (analysis/job/report_folders.py); returns its report.md."""
     report_t0 = time.time()
     s, d = cfg.sindy, coords.dim
-    xi = np.zeros((d, lib.n_terms))
-    for r in fits:
-        for term in r["terms"]:
-            xi[r["dim"], term["index"]] = term["coef"]
+    xi = coefficient_matrix(fits, d, lib.n_terms)
     heldout = np.flatnonzero(split < 0)[: max(1, s.rollouts)]
     blk = tset.select(heldout)
     ref = coords.states(blk.z)  # (T+1, r, d)
@@ -268,8 +273,9 @@ def stage_report(
     if plan.polish is not None:
         views["polish"] = plan.polish
     lp = views["linear_part"]
-    eq_eps = rhs if s.fit_space == "eps" else (lambda z, t, f=rhs: lp.eps(z, t, f(z, t)))  # noqa: E731
-    if s.fit_space == "eps":  # the library models eps; the drift adds the sampler's exact linear part
+    models_eps = plan.targets[0] == "eps"  # fit_space eps or x0
+    eq_eps = rhs if models_eps else (lambda z, t, f=rhs: lp.eps(z, t, f(z, t)))  # noqa: E731
+    if models_eps:  # the library models eps; the drift adds the sampler's exact linear part
         rhs = lp.composed_rhs(rhs)
     views["validation"] = validate_equations(cfg, plan, tset, coords, split, rhs, views)
     if s.yardsticks and lp is not None:

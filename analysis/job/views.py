@@ -18,7 +18,7 @@ from analysis.job.trajectories import TrajectorySet
 from analysis.job.validation import validate, windowed_r2
 from analysis.sindy.coordinates import Coordinates
 from analysis.sindy.library import Library
-from analysis.sindy.mixture import fit_mixture
+from analysis.sindy.mixture import distill_mixture, fit_mixture
 from analysis.sindy.targets import time_windows
 from analysis.sindy.theory import SAMPLERS_WITH_THEORY, LinearPart, linear_part, noise_levels, state_index
 from configs.schema import Config
@@ -32,6 +32,7 @@ __all__ = [
     "heldout_block",
     "theory_views",
     "latent_mixture",
+    "distilled_mixture",
     "mixture_view",
     "validate_equations",
 ]
@@ -122,13 +123,14 @@ def theory_views(
     T, n, d = ho["eps"].shape
     zs, ts = ho["z"][:-1].reshape(-1, d), np.repeat(ho["t"][:-1], n)
     pred = np.concatenate([lib.transform(zs[i : i + 8192], ts[i : i + 8192]) @ xi.T for i in range(0, len(zs), 8192)])
-    if s.fit_space == "eps":
+    if plan.targets[0] == "eps":  # fit_space eps or x0: the library models eps
         eps_pred, drift_pred = pred, lp.drift(zs, ts, pred)
     else:
         eps_pred, drift_pred = lp.eps(zs, ts, pred), pred
     shape = (T, n, d)
     views["fit_space"] = {
-        "fit_space": s.fit_space,
+        "fit_space": plan.fit_space or s.fit_space,
+        "choice": plan.space_choice,
         "sampler": sampler,
         "n_heldout": n,
         "theory": lp.describe(sampler),
@@ -153,6 +155,22 @@ def theory_views(
         }
     else:
         views["mixture"], views["_mixture"] = mixture_view(cfg, plan, ho, lp, schedule, coords, edges)
+        if s.mixture_fit == "dit":
+            dist = distilled_mixture(cfg, plan, tset, coords, split)
+            a, sg = noise_levels(schedule)
+            k = state_index(ts, T)
+            eps_m = dist["mix"].eps(zs, a[k], sg[k]).reshape(T, n, d)
+            views["mixture"]["distilled"] = {
+                **dist["info"],
+                "k": dist["mix"].K,
+                "eps": windowed_r2(ho["eps"], eps_m, ho["t"][:-1], edges),
+                "drift": windowed_r2(
+                    ho["drift"], lp.drift(zs, ts, eps_m.reshape(-1, d)).reshape(T, n, d), ho["t"][:-1], edges
+                ),
+                "weights": dist["mix"].weights.tolist(),
+                "means": dist["mix"].means.tolist(),
+                "covariances": dist["mix"].covariances.tolist(),
+            }
     return views
 
 
@@ -189,6 +207,52 @@ def latent_mixture(cfg: Config, plan: Plan, coords: Coordinates) -> dict:
     mix, rows, mixtures = fit_mixture(train, test, s.mixture_components, seed=s.seed, max_iter=100)
     cache[key] = {"mix": mix, "rows": rows, "mixtures": mixtures, "n_train": len(train), "heldout": held_what}
     return cache[key]
+
+
+def distilled_mixture(cfg: Config, plan: Plan, tset: TrajectorySet, coords: Coordinates, split: np.ndarray) -> dict:
+    """EM's chosen mixture with its constants refitted to the DiT's eps (sindy.mixture_fit=dit,
+    analysis/sindy/mixture.py distill_mixture) on the training trajectories' states and the query blocks', in fit
+    coordinates; at most 4,000 rows per state (a seeded draw: each Adam step reads 600 rows of 10 states).
+    Fitted once per coordinates and kept in ``plan``.
+
+    Returns:
+        {"mix": the distilled GaussianMixtureEps, "from": EM's mixture, "info": distill_mixture's info}.
+    """
+
+    key = coords.fingerprint() + ":dit"
+    if key in plan.mixtures:
+        return plan.mixtures[key]
+    s = cfg.sindy
+    em = latent_mixture(cfg, plan, coords)["mix"]
+    train = np.flatnonzero(split >= 0)
+    zs, es = [], []
+    for blk in tset.blocks():
+        keep = np.isin(blk.index, train)
+        if keep.any():
+            zs.append(coords.states(blk.z[:-1, keep]))
+            es.append(coords.velocities(blk.eps[:, keep]))
+    for q in plan.queries:
+        for blk in q.blocks():
+            zs.append(coords.states(blk.z[:-1]))
+            es.append(coords.velocities(blk.eps))
+    z, eps = np.concatenate(zs, axis=1), np.concatenate(es, axis=1)  # (T, n, d)
+    T, n, d = z.shape
+    rng = np.random.default_rng(s.seed)
+    cols = rng.permutation(n)[:4000]
+    a, sg = noise_levels(run_schedule(plan))
+    mix, info = distill_mixture(
+        em,
+        z[:, cols].reshape(-1, d),
+        eps[:, cols].reshape(-1, d),
+        np.repeat(np.arange(T), len(cols)),
+        a,
+        sg,
+        iterations=s.mixture_distill_iterations,
+        seed=s.seed,
+    )
+    info["rows_used"] = int(T * len(cols))
+    plan.mixtures[key] = {"mix": mix, "from": em, "info": info}
+    return plan.mixtures[key]
 
 
 def mixture_view(

@@ -238,7 +238,7 @@ def measure_yardsticks(
     _classify(cfg, plan, coords, rows, ends, ref_end, skipped)
     out = {
         "levers": {
-            "fit_space": s.fit_space,
+            "fit_space": plan.fit_space or s.fit_space,
             "queries": s.queries,
             "dagger_rounds": s.dagger_rounds,
             "weighting": s.weighting,

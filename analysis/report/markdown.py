@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from analysis.report.context import ReportContext
+from analysis.report.theory import theory_sections
 from analysis.report.usage import coordinate_choice_lines, usage_lines
 from analysis.report.yardsticks import yardstick_section
 from analysis.sindy.export import equation_text  # the one formatter of equation text
@@ -19,7 +20,6 @@ __all__ = [
     "library_text",
     "windows_text",
     "validation_section",
-    "theory_sections",
 ]
 
 
@@ -281,16 +281,6 @@ def _pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
-def _median(r2: list) -> str:
-    v = np.asarray(r2, dtype=np.float64)
-    return "n/a" if not np.isfinite(v).any() else f"{np.nanmedian(v):.3f}"
-
-
-def _range(r2: list) -> str:
-    v = np.asarray(r2, dtype=np.float64)
-    return "n/a" if not np.isfinite(v).any() else f"{np.nanmin(v):.3f} to {np.nanmax(v):.3f}"
-
-
 def validation_section(views: dict | None, ctx: ReportContext) -> list[str]:
     """The top of report.md: what the chosen equations (and the mixture's ODE) generate from held-out noise."""
     if not views or "validation" not in views:
@@ -365,79 +355,4 @@ def validation_section(views: dict | None, ctx: ReportContext) -> list[str]:
         why = eq.get("images_skipped") or (mix or {}).get("images_skipped")
         L += [f"No image metrics: {why}.", ""]
     L += ["Per-step latent error: `validation_rmse.png`; equations.json holds it under `validation`.", ""]
-    return L
-
-
-def theory_sections(views: dict | None) -> list[str]:
-    """Sections on the fit space (eps vs drift, the sampler's exact linear part) and on the mixture view."""
-    if not views:
-        return []
-    L: list[str] = []
-    fs = views.get("fit_space")
-    if fs and "skipped" not in fs:
-        other = "drift" if fs["fit_space"] == "eps" else "eps"
-        L += [
-            "## The sampler's linear part: eps and drift",
-            "",
-            f"{fs['theory']}. The chosen model was fitted in **{fs['fit_space']}** space; its {other} follows exactly "
-            f"({'drift = p z + q eps_fit' if other == 'drift' else 'eps = (drift_fit - p z) / q'}). Held-out R^2 of both "
-            f"on {fs['n_heldout']} held-out trajectories, pooled and per window of t. q multiplies an eps "
-            f"error in the drift (here |q| reaches {np.max(np.abs(fs['q'])):.3g}; about 50 at t = 1 for DDIM with the "
-            "cosine schedule at T = 50), and the steps with large q hold much of the drift's variance, so drift R^2 "
-            "mostly reflects those steps; the rollouts at the top say what the errors do to the samples.",
-            "",
-        ]
-        wins = fs["eps"]["windows"]
-        head = " | ".join(f"t {w['t_from']:.2g}-{w['t_to']:.2g}" for w in wins)
-        L += [
-            f"| space | R^2 pooled (median over dims) | range over dims | {head} |",
-            "|---|---|---|" + "---|" * len(wins),
-        ]
-        for space in ("eps", "drift"):
-            r = fs[space]
-            L.append(
-                f"| {space} | {_median(r['pooled'])} | {_range(r['pooled'])} | "
-                + " | ".join(_median(w["r2"]) for w in r["windows"])
-                + " |"
-            )
-        L += ["", "| dim | R^2 eps | R^2 drift |", "|---|---|---|"]
-        for j, (a, b) in enumerate(zip(fs["eps"]["pooled"], fs["drift"]["pooled"])):
-            L.append(f"| z{j} | {a:.4f} | {b:.4f} |")
-        L.append("")
-    mx = views.get("mixture")
-    if mx and "skipped" in mx:
-        L += ["## Gaussian-mixture view of the denoiser", "", f"Not run: {mx['skipped']}.", ""]
-    elif mx:
-        L += [
-            "## Gaussian-mixture view of the denoiser",
-            "",
-            f"A K-component Gaussian mixture fitted by EM (scikit-learn, full covariances) to {mx['n_train']} "
-            f"normalised training latents, K chosen by the mean log-likelihood of {mx['heldout']}. Its exact "
-            "eps*(z, t) = s sum_k r_k(z, t) (a^2 S_k + s^2 I)^-1 (z - a mu_k) and drift p z + q eps* are scored "
-            "against the DiT's eps and drift on the held-out trajectories **with no fitting to the DiT**.",
-            "",
-            "| K | log-lik train | log-lik held-out | EM seconds | R^2 eps (median over dims) | R^2 drift (median) | chosen |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for r in mx["grid"]:
-            L.append(
-                f"| {r['k']} | {r['loglik_train']:.3f} | {r['loglik_heldout']:.3f} | {r['seconds']:.1f} | "
-                f"{_median(r['eps']['pooled'])} | {_median(r['drift']['pooled'])} | {'**yes**' if r['chosen'] else ''} |"
-            )
-        wins = mx["eps"]["windows"]
-        L += [
-            "",
-            f"K = {mx['k']} per window of t (median over dims):",
-            "",
-            "| | " + " | ".join(f"t {w['t_from']:.2g}-{w['t_to']:.2g}" for w in wins) + " |",
-            "|---|" + "---|" * len(wins),
-        ]
-        for space in ("eps", "drift"):
-            L.append(f"| R^2 {space} | " + " | ".join(_median(w["r2"]) for w in mx[space]["windows"]) + " |")
-        L += ["", f"| dim | R^2 eps (K = {mx['k']}) | R^2 drift (K = {mx['k']}) |", "|---|---|---|"]
-        for j, (a, b) in enumerate(zip(mx["eps"]["pooled"], mx["drift"]["pooled"])):
-            L.append(f"| z{j} | {a:.4f} | {b:.4f} |")
-        L.append("")
-        if "_mean_images" in mx:
-            L += ["The component means decoded (weight above each):", "", "![mixture means](mixture_means.png)", ""]
     return L

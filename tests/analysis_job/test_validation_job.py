@@ -156,6 +156,54 @@ def test_mixture_family_in_the_library_must_earn_its_place(trained_run, mnist_sh
     assert "MixtureEps 16" in (run_dir / "report" / "report.md").read_text()
 
 
+def test_fit_space_auto_and_the_mixture_distilled_to_the_dit(trained_run, mnist_shards, tmp_path):
+    """sindy.fit_space=auto fits drift, eps and x0 and keeps the space whose training rollouts end nearest the DiT;
+    sindy.mixture_fit=dit gives the library EM's mixture with constants refitted to the DiT's eps, listed."""
+    from analysis.sindy.library import Library
+
+    root = copy_run(trained_run, tmp_path)
+    run_dir = root / "smoke"
+    shutil.copytree(trained_run / "smoke" / "latents", run_dir / "latents")
+    run_entry(
+        [
+            sys.executable,
+            JOB,
+            *smoke(
+                root,
+                "sindy.ray_address=local",
+                f"data.shards={mnist_shards}",
+                "sindy.library.families=[polynomial,time,mixture]",
+                "sindy.n_bootstrap=0",
+                "sindy.mixture_components=[1,2]",
+                "sindy.mixture_samples=3000",
+                "sindy.mixture_fit=dit",
+                "sindy.mixture_distill_iterations=150",
+                "sindy.fit_space=auto",
+                "sindy.validation_noises=0",
+            ),
+        ]
+    )
+    eq = json.loads((run_dir / "report" / "equations.json").read_text())
+    md = (run_dir / "report" / "report.md").read_text()
+    ch = eq["fit_space"]["choice"]
+    cands = {c["space"]: c for c in ch["candidates"]}
+    assert set(cands) == {"drift", "eps", "x0"} and ch["noises"] > 0
+    assert ch["chosen"] == min(cands, key=lambda k: cands[k]["final_error"]) == eq["fit_space"]["fit_space"]
+    assert eq["target"] == ("drift" if ch["chosen"] == "drift" else "eps")
+    assert cands[ch["chosen"]]["terms"] == sum(len(d["terms"]) for d in eq["dims"])
+    assert f"sindy.fit_space=auto chose **{ch['chosen']}**" in md
+    # the library's mixture is the distilled one: EM's start moved, its error on the DiT's eps lowered, listed
+    dist = eq["mixture"]["distilled"]
+    lib = Library.from_spec(eq["library"])
+    (mix,) = [f for f in lib.families if f.kind == "MixtureEps"]
+    np.testing.assert_allclose(mix.weights, dist["weights"], rtol=0, atol=0)
+    np.testing.assert_allclose(mix.covariances, dist["covariances"], rtol=0, atol=0)
+    assert len(dist["means"]) == len(eq["mixture"]["weights"]) == dist["k"]
+    assert not np.allclose(dist["means"], eq["mixture"]["means"])
+    assert dist["loss_end"] < dist["loss_start"] and dist["iterations"] == 150
+    assert "### The mixture distilled to the DiT" in md and f"{dist['weights'][0]:.4f}" in md
+
+
 def test_external_npz_gets_latent_error_without_images(tmp_path):
     """External trajectories have no decoder: no image metrics (and the reason), still the per-step error."""
     rng = np.random.default_rng(0)
@@ -195,7 +243,13 @@ def test_bad_fit_space_inputs_fail_before_work(tmp_path):
         assert proc.returncode == 2 and len(lines) == 1 and "Ray" not in proc.stdout, (proc.stdout, proc.stderr)
         return lines[0]
 
-    assert "sindy.fit_space must be drift | eps" in bad("sindy.fit_space=x0")
+    assert "sindy.fit_space must be drift | eps | x0 | auto" in bad("sindy.fit_space=x1")
+    assert "which sindy.weighting=sensitivity would replace" in bad("sindy.fit_space=x0", "sindy.weighting=sensitivity")
+    assert "sindy.mixture_fit must be em | dit" in bad("sindy.mixture_fit=gd")
+    assert "sindy.mixture_fit=dit refits the library's mixture family" in bad(
+        "sindy.mixture_fit=dit", "sindy.library.families=[polynomial]"
+    )
+    assert "sindy.mixture_distill_iterations" in bad("sindy.mixture_distill_iterations=0")
     assert "cannot be combined with sindy.target=central_diff" in bad(
         "sindy.fit_space=eps", "sindy.target=central_diff"
     )
