@@ -10,8 +10,9 @@ stage times. The first rows are the yardsticks of the same run (ceiling, sensiti
 reference), measured in the baseline job; every row uses the same 400 held-out noises.
 
 Settings (each one lever against the baseline, which is the default with sindy.compare_targets=false):
-    fit space eps, forward-noised DiT queries, sensitivity weighting, the mixture's responsibilities as
-    features, more trajectories, all levers together; and the term budget swept for the Pareto plot of terms
+    fit space eps, x0 and auto, forward-noised DiT queries, sensitivity weighting, the mixture's
+    responsibilities, regimes and Gaussian as features, polishing, DAgger, more trajectories, the mixture distilled
+    to the DiT (with and without queries), all levers together; and the term budget swept for the Pareto plot of terms
     per dimension against agreement and final error (the job's default budget marked).
 Writes results/levers.json and results/levers_pareto.png.
 """
@@ -34,6 +35,8 @@ BASE = ["sindy.compare_targets=false"]
 LEVERS = [
     ("baseline (drift space, trajectories only)", []),
     ("fit space eps", ["sindy.fit_space=eps"]),
+    ("fit space x0", ["sindy.fit_space=x0"]),
+    ("fit space auto (drift, eps, x0 by training rollouts)", ["sindy.fit_space=auto"]),
     ("+ forward-noised DiT queries (8,000 per step)", ["sindy.queries=8000"]),
     ("+ sensitivity weighting", ["sindy.weighting=sensitivity"]),
     ("+ mixture responsibilities r_k as features", ["sindy.library.mixture_features=[eps,posterior]"]),
@@ -46,6 +49,7 @@ LEVERS = [
     ("+ DAgger, 2 rounds of 1,000 rollouts", ["sindy.dagger_rounds=2", "sindy.dagger_noises=1000"]),
     ("+ 4x trajectories (8,000)", ["sindy.n_trajectories=8000"]),
     ("+ mixture distilled to the DiT", ["sindy.mixture_fit=dit"]),
+    ("+ mixture distilled to the DiT, with queries (2,000 per step)", ["sindy.mixture_fit=dit", "sindy.queries=2000"]),
     ("+ mixture distilled to the DiT, with queries (8,000 per step)", ["sindy.mixture_fit=dit", "sindy.queries=8000"]),
     (
         "+ mixture distilled to the DiT, eps space, with queries",
