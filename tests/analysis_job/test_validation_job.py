@@ -114,32 +114,39 @@ def check_yardsticks(eq: dict, md: str) -> None:
     assert "## The equations beside their yardsticks" in md and f"| the equations | equations | {eqr['terms']} |" in md
 
 
+def _mixture_library_job(trained_run, tmp_path, mnist_shards, *extra: str):
+    """The job on a copy of the smoke run (with its latents) and a library with the mixture family (K in 1, 2), no
+    bootstrap and no validation rollouts, plus ``extra``; returns the run folder."""
+    root = copy_run(trained_run, tmp_path)
+    run_dir = root / "smoke"
+    shutil.copytree(trained_run / "smoke" / "latents", run_dir / "latents")
+    args = smoke(
+        root,
+        "sindy.ray_address=local",
+        f"data.shards={mnist_shards}",
+        "sindy.library.families=[polynomial,time,mixture]",
+        "sindy.n_bootstrap=0",
+        "sindy.mixture_components=[1,2]",
+        "sindy.mixture_samples=3000",
+        "sindy.validation_noises=0",
+        *extra,
+    )
+    run_entry([sys.executable, JOB, *args])
+    return run_dir
+
+
 def test_mixture_family_in_the_library_must_earn_its_place(trained_run, mnist_shards, tmp_path):
     """The mixture's closed-form drift as library columns: fitted to the training latents in the fit's coordinates,
     gated per dimension when asked (gate 1: kept wherever it helps at all), and the library spec round-trips."""
     from analysis.sindy.library import Library
 
-    root = copy_run(trained_run, tmp_path)
-    run_dir = root / "smoke"
-    shutil.copytree(trained_run / "smoke" / "latents", run_dir / "latents")
-    run_entry(
-        [
-            sys.executable,
-            JOB,
-            *smoke(
-                root,
-                "sindy.ray_address=local",
-                f"data.shards={mnist_shards}",
-                "sindy.library.families=[polynomial,time,mixture]",
-                "sindy.n_bootstrap=0",
-                "sindy.library.gated=[mixture]",
-                "sindy.library.gate=1.0",
-                "sindy.mixture_components=[1,2]",
-                "sindy.mixture_samples=3000",
-                "sindy.compare_targets=false",
-                "sindy.validation_noises=0",
-            ),
-        ]
+    run_dir = _mixture_library_job(
+        trained_run,
+        tmp_path,
+        mnist_shards,
+        "sindy.library.gated=[mixture]",
+        "sindy.library.gate=1.0",
+        "sindy.compare_targets=false",
     )
     eq = json.loads((run_dir / "report" / "equations.json").read_text())
     lib = Library.from_spec(eq["library"])
@@ -161,27 +168,13 @@ def test_fit_space_auto_and_the_mixture_distilled_to_the_dit(trained_run, mnist_
     sindy.mixture_fit=dit gives the library EM's mixture with constants refitted to the DiT's eps, listed."""
     from analysis.sindy.library import Library
 
-    root = copy_run(trained_run, tmp_path)
-    run_dir = root / "smoke"
-    shutil.copytree(trained_run / "smoke" / "latents", run_dir / "latents")
-    run_entry(
-        [
-            sys.executable,
-            JOB,
-            *smoke(
-                root,
-                "sindy.ray_address=local",
-                f"data.shards={mnist_shards}",
-                "sindy.library.families=[polynomial,time,mixture]",
-                "sindy.n_bootstrap=0",
-                "sindy.mixture_components=[1,2]",
-                "sindy.mixture_samples=3000",
-                "sindy.mixture_fit=dit",
-                "sindy.mixture_distill_iterations=150",
-                "sindy.fit_space=auto",
-                "sindy.validation_noises=0",
-            ),
-        ]
+    run_dir = _mixture_library_job(
+        trained_run,
+        tmp_path,
+        mnist_shards,
+        "sindy.mixture_fit=dit",
+        "sindy.mixture_distill_iterations=150",
+        "sindy.fit_space=auto",
     )
     eq = json.loads((run_dir / "report" / "equations.json").read_text())
     md = (run_dir / "report" / "report.md").read_text()
@@ -255,3 +248,48 @@ def test_bad_fit_space_inputs_fail_before_work(tmp_path):
     )
     assert "sindy.mixture_components must be a list of ints >= 1" in bad("sindy.mixture_components=[0,2]")
     assert "sindy.validation_noises" in bad("sindy.validation_noises=-1")
+
+
+def test_bench_window_costs_on_the_smoke_run(trained_run, tiny_classifier, tmp_path):
+    """benchmarks/bench_window_costs.py: its rollout is the DiT's own DDIM sampler, and every row is scored."""
+    import torch
+
+    from benchmarks import bench_window_costs as bench
+    from models.diffusion import sample
+
+    run = trained_run / "smoke"
+    su = bench.Setup(run)
+    z_T = np.random.default_rng(0).standard_normal((8, su.D))
+    ours = su.rollout(z_T, su.dit_eps)[-1]
+    with torch.no_grad():
+        theirs = sample(
+            su.model,
+            su.schedule,
+            (8, *su.shape),
+            sampler="ddim",
+            noise=torch.from_numpy(z_T).float().reshape(8, *su.shape),
+        ).x0
+    np.testing.assert_allclose(ours, theirs.reshape(8, -1).double().numpy(), atol=1e-4)
+
+    W = 2
+    out = tmp_path / "window_costs.json"
+    args = ["--run", str(run), "--classifier", str(tiny_classifier), "--train", "40", "--heldout", "24"]
+    args += ["--queries", "16", "--components", "2", "--iterations", "5", "--windows", str(W), "--out", str(out)]
+    payload = bench.main(args)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    rows = payload["rows"]
+    assert [r["swapped"] for r in rows].count("all steps") == 3  # the ceiling and both generators
+    assert len(rows) == 3 + 3 * W + (W - 1)
+    assert rows[0]["generator"].startswith("DiT, raw weights") and rows[0]["eps_r2"] > 0.99
+    for r in rows:
+        assert 0.0 <= r["same_digit"] <= 1.0 and r["ci95"][0] <= r["same_digit"] <= r["ci95"][1]
+        assert np.isfinite(r["final_error"]) and r["diverged"] == 0
+    windows = [r["swapped"] for r in rows if r["generator"] == "Gaussian" and r["swapped"] != "all steps"]
+    assert windows == [f"t in ({1 - 0.5 * (w + 1):.2f}, {1 - 0.5 * w:.2f}]" for w in range(W)]
+
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--run", str(tmp_path), "--out", str(tmp_path / "x.json")])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--run", str(run), "--heldout", "0"])
+    assert e.value.code == 2

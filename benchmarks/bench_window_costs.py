@@ -1,0 +1,244 @@
+"""Where in t a closed form loses the DiT's digit: each window of t swapped out on its own (issue 22):
+
+    python -m benchmarks.bench_window_costs --run runs/local [--train 2000] [--heldout 400] [--queries 4000]
+
+The DiT samples every step but those of one window of t, where a closed-form eps takes over; from the same
+held-out noise, its decoded sample is classified and held against the DiT's own. Per window and generator the
+table gives the generator's eps R^2 there (median over dimensions), same digit with its 95% interval, same digit on
+confident samples and the final error. Generators:
+
+    distilled   EM's mixture of the training latents with its constants refitted to the DiT's eps on training
+                trajectories and forward-noised queries (analysis/sindy/mixture.py distill_mixture)
+    Gaussian    the closed-form eps of one Gaussian of the training latents (no fit to the DiT)
+    iid peer    the DiT's own eps plus iid noise with the distilled mixture's R^2 in that window
+                (analysis/quality/agreement.py noise_sigma): the same eps R^2 with unstructured errors
+
+and, as yardsticks: the DiT's raw weights instead of its EMA weights everywhere (the ceiling), each generator at
+every step (the floor of this table: what the swap costs when nothing is left to the DiT), and the distilled
+mixture for the windows above t with the DiT below (the digit is decided early or late).
+
+It answers which window a better equation must fix first, and whether a model's eps R^2 translates into
+agreement as the sensitivity curve of the report says (iid errors) or worse (errors that point the same way at
+neighbouring steps add up). Writes results/window_costs.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from analysis.job.queries import forward_block
+from analysis.quality import scoring as quality
+from analysis.quality.agreement import end_state_errors, noise_sigma, same_digit
+from analysis.sindy.mixture import distill_mixture, fit_mixture
+from analysis.sindy.theory import linear_part, noise_levels
+from benchmarks.common import RESULTS
+from models.artifacts import load_autoencoder, load_denoiser, load_latent_data, load_latent_stats, read_ae_meta
+from models.classifier import load_classifier
+
+CONFIDENT = 0.9
+
+
+class Setup:
+    """The run's EMA DiT, its sampler's linear part, and the eps of the DiT at any state."""
+
+    def __init__(self, run: Path):
+        self.model, schedule, meta = load_denoiser(run, "cpu", ema=True)
+        self.schedule = schedule
+        self.shape = tuple(meta["latent_shape"])
+        self.T = schedule.T
+        self.D = int(np.prod(self.shape))
+        self.p, self.q = linear_part(schedule, "ddim")
+        self.a, self.s = noise_levels(schedule)
+
+    @torch.no_grad()
+    def dit_eps(self, z: np.ndarray, k: int, model=None) -> np.ndarray:
+        """eps at states z (n, D) of state k (t = 1 - k/T)."""
+        x = torch.from_numpy(np.ascontiguousarray(z, np.float32)).reshape(-1, *self.shape)
+        tt = torch.full((len(x),), self.T - 1 - k, dtype=torch.long)
+        return (model or self.model)(x, tt).reshape(len(x), -1).double().numpy()
+
+    def rollout(self, z_T: np.ndarray, eps_fn) -> np.ndarray:
+        """The DDIM (eta = 0) states (T + 1, n, D) from z_T with eps_fn(z, k): Euler on the sampler's grid with
+        drift p z + q eps, which is DDIM exactly (analysis/sindy/theory.py)."""
+        z = [np.asarray(z_T, np.float64)]
+        for k in range(self.T):
+            z.append(z[-1] - (self.p[k] * z[-1] + self.q[k] * eps_fn(z[-1], k)) / self.T)
+        return np.stack(z)
+
+
+def median_r2(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """R^2 per dimension over rows (r, d), median over dimensions."""
+    res = ((y_true - y_pred) ** 2).sum(0)
+    tot = ((y_true - y_true.mean(0)) ** 2).sum(0)
+    return float(np.median(1.0 - res / np.maximum(tot, 1e-300)))
+
+
+def labeller(run: Path, shape: tuple, classifier: Path | None):
+    """end states (n, D) -> (labels, confidence), through the run's autoencoder and the MNIST classifier;
+    None without a classifier."""
+    if classifier is None or not classifier.is_file():
+        return None
+    ae, _ = load_autoencoder(run, "cpu")
+    mean, std = load_latent_stats(run)
+    clf = load_classifier(classifier, "cpu")
+
+    def look(end: np.ndarray):
+        x = torch.from_numpy(np.nan_to_num(end)).float().reshape(-1, *shape)
+        with torch.no_grad():
+            img = torch.sigmoid(ae.decode(x * std + mean)).numpy()[:, 0]
+        _, probs = quality.features(clf, np.clip(img, 0.0, 1.0).astype(np.float32))
+        return probs.argmax(axis=1), probs.max(axis=1)
+
+    return look
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", type=Path, default=Path("runs/local"), help="a finished make run folder")
+    ap.add_argument("--classifier", type=Path, default=Path("data/classifier/mnist_cnn.safetensors"))
+    ap.add_argument("--train", type=int, default=2000, help="training trajectories of the distillation")
+    ap.add_argument("--heldout", type=int, default=400, help="held-out noises")
+    ap.add_argument("--queries", type=int, default=4000, help="forward-noised training latents per step")
+    ap.add_argument("--components", type=int, default=20, help="K of the mixture")
+    ap.add_argument("--iterations", type=int, default=600, help="Adam steps of the distillation")
+    ap.add_argument("--windows", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=RESULTS / "window_costs.json")
+    args = ap.parse_args(argv)
+    for name in ("train", "heldout", "components", "iterations", "windows"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1")
+    if args.queries < 0:
+        ap.error("--queries must be at least 0")
+    if not (args.run / "dit_ema.safetensors").is_file():
+        ap.error(f"{args.run} has no trained DiT (dit_ema.safetensors): run `make run` first")
+
+    t0 = time.time()
+    torch.manual_seed(args.seed)
+    su = Setup(args.run)
+    T, D, a, s = su.T, su.D, su.a, su.s
+    if args.windows > T:
+        ap.error(f"--windows must be at most the sampler's {T} steps")
+    win_of = np.minimum(np.arange(T) * args.windows // T, args.windows - 1)  # state k -> window, 0 = highest t
+    ks = [np.flatnonzero(win_of == w) for w in range(args.windows)]
+    t_edges = [1.0 - k[0] / T for k in ks] + [0.0]  # window w holds t in (t_edges[w + 1], t_edges[w]]
+    rng = np.random.default_rng(args.seed)
+    tr = su.rollout(rng.standard_normal((args.train, D)), su.dit_eps)
+    ho = su.rollout(rng.standard_normal((args.heldout, D)), su.dit_eps)
+    eps_tr = np.stack([su.dit_eps(tr[k], k) for k in range(T)])
+    eps_ho = np.stack([su.dit_eps(ho[k], k) for k in range(T)])
+    Z, E = tr[:-1], eps_tr
+    kind = read_ae_meta(args.run)["kind"]
+    train = load_latent_data(args.run, kind).train
+    if args.queries:
+        fb = forward_block(su.model, su.schedule, train, "ddim", args.seed, 0, args.queries)
+        Z = np.concatenate([Z, fb["z"][:-1].double().numpy()], axis=1)
+        E = np.concatenate([E, fb["eps"].double().numpy()], axis=1)
+    lat = train.reshape(len(train), -1).double().numpy()
+    lat = lat[rng.permutation(len(lat))[:20000]]
+    cut = max(1, len(lat) // 10)
+    em, _, mixtures = fit_mixture(lat[cut:], lat[:cut], (1, args.components), seed=args.seed, max_iter=100)
+    gauss = mixtures[0]
+    cols = rng.permutation(Z.shape[1])[:4000]
+    distilled, info = distill_mixture(
+        mixtures[-1],
+        Z[:, cols].reshape(-1, D),
+        E[:, cols].reshape(-1, D),
+        np.repeat(np.arange(T), len(cols)),
+        a,
+        s,
+        iterations=args.iterations,
+        seed=args.seed,
+    )
+    prep_s = time.time() - t0
+
+    look = labeller(args.run, su.shape, args.classifier)
+    ref_end = ho[-1]
+    ref = look(ref_end) if look else None
+    rows: list[dict] = []
+
+    def add(generator: str, swapped: str, eps_fn, r2: float | None) -> None:
+        end = su.rollout(ho[0], eps_fn)[-1]
+        row = {"generator": generator, "swapped": swapped, "eps_r2": r2, **end_state_errors(end, ref_end)}
+        if ref is not None:
+            labels, _ = look(end)
+            agree = same_digit(labels, ref[0], ref[1])
+            row.update(same_digit=agree["same_digit"], ci95=agree["ci95"], confident=agree["confident"]["same_digit"])
+        rows.append(row)
+        print(_line(row), flush=True)
+
+    def mix_eps(mix):
+        return lambda z, k: mix.eps(z, a[k], s[k])
+
+    def r2_of(fn, sel) -> float:
+        pred = np.stack([fn(ho[k], k) for k in np.flatnonzero(sel)])
+        return median_r2(eps_ho[sel].reshape(-1, D), pred.reshape(-1, D))
+
+    raw_file = args.run / "dit.safetensors"
+    if raw_file.is_file():
+        raw, _, _ = load_denoiser(args.run, "cpu", ema=False)
+        raw_fn = lambda z, k: su.dit_eps(z, k, raw)  # noqa: E731
+        add("DiT, raw weights (ceiling)", "all steps", raw_fn, r2_of(raw_fn, np.ones(T, bool)))
+    gens = {"distilled mixture": mix_eps(distilled), "Gaussian": mix_eps(gauss)}
+    for name, fn in gens.items():
+        add(name, "all steps", fn, r2_of(fn, np.ones(T, bool)))
+    for w in range(args.windows):
+        sel = win_of == w
+        span = f"t in ({t_edges[w + 1]:.2f}, {t_edges[w]:.2f}]"
+        for name, fn in gens.items():
+            add(name, span, lambda z, k, fn=fn, w=w: fn(z, k) if win_of[k] == w else su.dit_eps(z, k), r2_of(fn, sel))
+        r2 = rows[-2]["eps_r2"]  # the distilled mixture's R^2 in this window
+        sig = noise_sigma(eps_ho[sel], min(max(r2, 1e-6), 1.0))
+        noise = np.random.default_rng(args.seed + 1 + w)
+
+        def peer(z, k, w=w, sig=sig, noise=noise):
+            e = su.dit_eps(z, k)
+            return e + sig * noise.standard_normal(e.shape) if win_of[k] == w else e
+
+        add("DiT + iid noise (the distilled R^2)", span, peer, r2)
+    for w in range(1, args.windows):
+        fn = gens["distilled mixture"]
+        add(
+            "distilled mixture above, DiT below",
+            f"t > {t_edges[w]:.2f}",
+            lambda z, k, fn=fn, w=w: fn(z, k) if win_of[k] < w else su.dit_eps(z, k),
+            r2_of(fn, win_of < w),
+        )
+    payload = {
+        "benchmark": "window_costs",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "run": str(args.run),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "classified": ref is not None,
+        "dit_confident_share": float(np.mean(ref[1] >= CONFIDENT)) if ref is not None else None,
+        "distillation": info,
+        "prepare_seconds": round(prep_s, 1),
+        "seconds": round(time.time() - t0, 1),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=1))
+    print(f"wrote {args.out} ({payload['seconds']} s)")
+    return payload
+
+
+def _line(r: dict) -> str:
+    agree = (
+        f"same {r['same_digit']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}] confident "
+        + (f"{r['confident']:.3f}" if r["confident"] is not None else "-")
+        if "same_digit" in r
+        else "same digit: no classifier"
+    )
+    r2 = f"{r['eps_r2']:.4f}" if r["eps_r2"] is not None else "-"
+    return f"{r['generator']:38s} {r['swapped']:24s} eps R2 {r2}  {agree}  final error {r['final_error']:.3f}"
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
