@@ -34,15 +34,14 @@ import numpy as np
 import torch
 
 from analysis.job.queries import forward_block
+from analysis.job.validation import r2_per_dim
 from analysis.quality import scoring as quality
-from analysis.quality.agreement import end_state_errors, noise_sigma, same_digit
+from analysis.quality.agreement import CONFIDENT, end_state_errors, noise_sigma, same_digit
 from analysis.sindy.mixture import distill_mixture, fit_mixture
 from analysis.sindy.theory import linear_part, noise_levels
 from benchmarks.common import RESULTS
 from models.artifacts import load_autoencoder, load_denoiser, load_latent_data, load_latent_stats, read_ae_meta
 from models.classifier import load_classifier
-
-CONFIDENT = 0.9
 
 
 class Setup:
@@ -64,20 +63,15 @@ class Setup:
         tt = torch.full((len(x),), self.T - 1 - k, dtype=torch.long)
         return (model or self.model)(x, tt).reshape(len(x), -1).double().numpy()
 
-    def rollout(self, z_T: np.ndarray, eps_fn) -> np.ndarray:
-        """The DDIM (eta = 0) states (T + 1, n, D) from z_T with eps_fn(z, k): Euler on the sampler's grid with
-        drift p z + q eps, which is DDIM exactly (analysis/sindy/theory.py)."""
-        z = [np.asarray(z_T, np.float64)]
+    def rollout(self, z_T: np.ndarray, eps_fn) -> tuple[np.ndarray, np.ndarray]:
+        """The DDIM (eta = 0) states (T + 1, n, D) from z_T with eps_fn(z, k), and the eps (T, n, D) it used: Euler
+        on the sampler's grid with drift p z + q eps, which is DDIM exactly (analysis/sindy/theory.py). By hand
+        rather than analysis/sindy/integration.py integrate, whose rhs sees t and not the eps it used."""
+        z, eps = [np.asarray(z_T, np.float64)], []
         for k in range(self.T):
-            z.append(z[-1] - (self.p[k] * z[-1] + self.q[k] * eps_fn(z[-1], k)) / self.T)
-        return np.stack(z)
-
-
-def median_r2(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """R^2 per dimension over rows (r, d), median over dimensions."""
-    res = ((y_true - y_pred) ** 2).sum(0)
-    tot = ((y_true - y_true.mean(0)) ** 2).sum(0)
-    return float(np.median(1.0 - res / np.maximum(tot, 1e-300)))
+            eps.append(eps_fn(z[-1], k))
+            z.append(z[-1] - (self.p[k] * z[-1] + self.q[k] * eps[-1]) / self.T)
+        return np.stack(z), np.stack(eps)
 
 
 def labeller(run: Path, shape: tuple, classifier: Path | None):
@@ -130,10 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
     ks = [np.flatnonzero(win_of == w) for w in range(args.windows)]
     t_edges = [1.0 - k[0] / T for k in ks] + [0.0]  # window w holds t in (t_edges[w + 1], t_edges[w]]
     rng = np.random.default_rng(args.seed)
-    tr = su.rollout(rng.standard_normal((args.train, D)), su.dit_eps)
-    ho = su.rollout(rng.standard_normal((args.heldout, D)), su.dit_eps)
-    eps_tr = np.stack([su.dit_eps(tr[k], k) for k in range(T)])
-    eps_ho = np.stack([su.dit_eps(ho[k], k) for k in range(T)])
+    tr, eps_tr = su.rollout(rng.standard_normal((args.train, D)), su.dit_eps)
+    ho, eps_ho = su.rollout(rng.standard_normal((args.heldout, D)), su.dit_eps)
     Z, E = tr[:-1], eps_tr
     kind = read_ae_meta(args.run)["kind"]
     train = load_latent_data(args.run, kind).train
@@ -144,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     lat = train.reshape(len(train), -1).double().numpy()
     lat = lat[rng.permutation(len(lat))[:20000]]
     cut = max(1, len(lat) // 10)
-    em, _, mixtures = fit_mixture(lat[cut:], lat[:cut], (1, args.components), seed=args.seed, max_iter=100)
+    _, _, mixtures = fit_mixture(lat[cut:], lat[:cut], (1, args.components), seed=args.seed, max_iter=100)
     gauss = mixtures[0]
     cols = rng.permutation(Z.shape[1])[:4000]
     distilled, info = distill_mixture(
@@ -165,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows: list[dict] = []
 
     def add(generator: str, swapped: str, eps_fn, r2: float | None) -> None:
-        end = su.rollout(ho[0], eps_fn)[-1]
+        end = su.rollout(ho[0], eps_fn)[0][-1]
         row = {"generator": generator, "swapped": swapped, "eps_r2": r2, **end_state_errors(end, ref_end)}
         if ref is not None:
             labels, _ = look(end)
@@ -179,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def r2_of(fn, sel) -> float:
         pred = np.stack([fn(ho[k], k) for k in np.flatnonzero(sel)])
-        return median_r2(eps_ho[sel].reshape(-1, D), pred.reshape(-1, D))
+        return float(np.nanmedian(r2_per_dim(eps_ho[sel], pred)))
 
     raw_file = args.run / "dit.safetensors"
     if raw_file.is_file():

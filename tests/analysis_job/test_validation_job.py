@@ -260,7 +260,7 @@ def test_bench_window_costs_on_the_smoke_run(trained_run, tiny_classifier, tmp_p
     run = trained_run / "smoke"
     su = bench.Setup(run)
     z_T = np.random.default_rng(0).standard_normal((8, su.D))
-    ours = su.rollout(z_T, su.dit_eps)[-1]
+    ours = su.rollout(z_T, su.dit_eps)[0][-1]
     with torch.no_grad():
         theirs = sample(
             su.model,
