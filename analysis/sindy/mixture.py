@@ -90,6 +90,17 @@ class GaussianMixtureEps:
             full = np.stack([c * np.eye(d) for c in cov])
         return cls(gm.weights_, gm.means_, np.array(full))
 
+    def rotated(self, C: np.ndarray) -> GaussianMixtureEps:
+        """The same mixture in coordinates u = C x (C (d, d) orthonormal): means C mu_k, covariances C S_k C^T.
+
+        The noising a x + s e keeps its form under a rotation (C e is again N(0, I)), so this mixture's eps* is
+        C eps*(C^T u, t): the exact closed form in u, with the same weights and held-out likelihood (|det C| = 1).
+        """
+        C = np.asarray(C, np.float64)
+        if C.shape != (self.d, self.d) or not np.allclose(C @ C.T, np.eye(self.d), atol=1e-8):
+            raise ValueError(f"rotated: C must be a ({self.d}, {self.d}) orthonormal matrix, got shape {C.shape}")
+        return GaussianMixtureEps(self.weights, self.means @ C.T, C @ self.covariances @ C.T)
+
     def posterior_and_eps(
         self, z: np.ndarray, a: np.ndarray | float, s: np.ndarray | float, chunk: int = 4096
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -57,6 +57,24 @@ def test_sharp_components_do_not_underflow():
     assert r[0, 1] > 0.99 and r[1, 1] > 0.99
 
 
+@pytest.mark.parametrize("ab", [0.99, 0.3, 1e-3])
+def test_rotated_mixture_is_the_closed_form_in_rotated_coordinates(ab):
+    """u = C x with C orthonormal: the rotated mixture's eps*(u) is C eps*(C^T u), its posteriors unchanged."""
+    rng = np.random.default_rng(4)
+    d = 5
+    mix = GaussianMixtureEps(np.array([0.2, 0.5, 0.3]), rng.normal(size=(3, d)), np.stack([_spd(rng, d)] * 3))
+    C, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    rot = mix.rotated(C)
+    a, s = np.sqrt(ab), np.sqrt(1 - ab)
+    z = rng.normal(size=(100, d)) * 1.5
+    r0, e0 = mix.posterior_and_eps(z, a, s)
+    r1, e1 = rot.posterior_and_eps(z @ C.T, a, s)
+    np.testing.assert_allclose(r1, r0, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(e1, e0 @ C.T, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="orthonormal"):
+        mix.rotated(2 * C)
+
+
 def test_fit_mixture_prefers_the_true_number_of_modes():
     rng = np.random.default_rng(2)
     centres = np.array([[-4, 0, 0], [4, 0, 0], [0, 4, 0]], dtype=float)

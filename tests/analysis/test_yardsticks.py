@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from analysis.job.validation import windowed_r2
-from analysis.job.yardsticks import dense_affine, headline
+from analysis.job.yardsticks import _dit_rollout, dense_affine, headline
 from analysis.quality.agreement import end_state_errors, gap_share, noise_sigma, same_digit, wilson_interval
 from analysis.report.yardsticks import yardstick_section
 from analysis.sindy.integration import integrate
 from analysis.sindy.mixture import GaussianMixtureEps
 from analysis.sindy.targets import time_windows
 from analysis.sindy.theory import LinearPart, linear_part, noise_levels, state_index
+from models.diffusion import sample
 from models.schedules import cosine_schedule
 
 
@@ -80,6 +82,27 @@ def test_noise_sigma_gives_the_nominal_r2():
         noise_sigma(eps, 0.0)
 
 
+def test_batched_noisy_rollouts_are_the_sampler_with_each_rows_noise():
+    """The sensitivity rows share one batch: a zero-noise row is the plain sampler, and each row's deviation from it
+    scales with its own noise level (the sampler is linear in eps for this linear eps model)."""
+    sched = cosine_schedule(12)
+    n, shape = 300, (4, 1)
+    z_T = torch.randn((n, *shape), generator=torch.Generator().manual_seed(0))
+
+    def model(x, tt):
+        return 0.7 * x
+
+    plain = sample(model, sched, (n, *shape), sampler="ddim", noise=z_T).x0.reshape(n, -1)
+    np.testing.assert_array_equal(_dit_rollout(model, sched, "ddim", z_T, None, 0).numpy(), plain.numpy())
+    sig = np.array([[0.0] * 4, [0.01] * 4, [0.1] * 4, [0.0, 0.0, 0.1, 0.1]])
+    ends = _dit_rollout(model, sched, "ddim", z_T, sig, 3).numpy()
+    assert ends.shape == (4, n, 4)
+    dev = np.abs(ends - plain.numpy()[None])  # (4, n, 4)
+    np.testing.assert_allclose(ends[0], plain.numpy(), atol=1e-6)
+    assert 7 < dev[2].mean() / dev[1].mean() < 14
+    assert dev[3][:, :2].max() < 1e-6 and dev[3][:, 2:].mean() == pytest.approx(dev[2].mean(), rel=0.2)
+
+
 def test_exact_gaussian_the_floor_agrees_fully_and_the_dense_reference_is_exact():
     """Data from an exact Gaussian: its closed form is the denoiser, so the Gaussian floor reproduces the reference
     trajectories (eps R^2 1, 100% same digit, final error 0), and so does the per-step affine reference (the
@@ -141,6 +164,7 @@ def test_yardstick_section_renders_every_row():
     y = {"n_noises": 10, "sampler": "ddim", "rows": rows, "headline": headline(rows), "skipped": {"x": "why"}}
     md = "\n".join(yardstick_section(y))
     assert "close 34% of the gap" in md and "+10.0 points above the floor" in md
+    assert "agreement for iid errors" in md and "bench_window_costs" in md
     assert (
         md.count("\n| ") >= 3 + 1 + 3
         and "(2 diverged)" in md
