@@ -48,6 +48,11 @@ LEVERS = [
     ),
     ("+ DAgger, 2 rounds of 1,000 rollouts", ["sindy.dagger_rounds=2", "sindy.dagger_noises=1000"]),
     ("+ 4x trajectories (8,000)", ["sindy.n_trajectories=8000"]),
+    ("+ 10x trajectories (20,000)", ["sindy.n_trajectories=20000"]),
+    (
+        "+ 10x trajectories (20,000), mixture distilled to the DiT, with queries (8,000 per step)",
+        ["sindy.n_trajectories=20000", "sindy.mixture_fit=dit", "sindy.queries=8000"],
+    ),
     ("+ mixture distilled to the DiT", ["sindy.mixture_fit=dit"]),
     ("+ mixture distilled to the DiT, with queries (2,000 per step)", ["sindy.mixture_fit=dit", "sindy.queries=2000"]),
     ("+ mixture distilled to the DiT, with queries (8,000 per step)", ["sindy.mixture_fit=dit", "sindy.queries=8000"]),
