@@ -1,6 +1,7 @@
 """Where in t a closed form loses the DiT's digit: each window of t swapped out on its own (issue 22):
 
     python -m benchmarks.bench_window_costs --run runs/local [--train 2000] [--heldout 400] [--queries 4000]
+        [--dense-degrees 1,2,3]
 
 The DiT samples every step but those of one window of t, where a closed-form eps takes over; from the same
 held-out noise, its decoded sample is classified and held against the DiT's own. Per window and generator the
@@ -12,6 +13,10 @@ confident samples and the final error. Generators:
     Gaussian    the closed-form eps of one Gaussian of the training latents (no fit to the DiT)
     iid peer    the DiT's own eps plus iid noise with the distilled mixture's R^2 in that window
                 (analysis/quality/agreement.py noise_sigma): the same eps R^2 with unstructured errors
+    dense       per step k, least squares of the DiT's eps on every monomial of z up to degree 1, 2, 3
+                (--dense-degrees; d + 1, (d + 1)(d + 2)/2 and (d + 1)(d + 2)(d + 3)/6 columns per dimension and
+                step, no sparsity, no shared time law), fitted on the same labelled states as the distillation:
+                how far a model class far larger than 30 terms per dimension goes with the same data
 
 and, as yardsticks: the DiT's raw weights instead of its EMA weights everywhere (the ceiling), each generator at
 every step (the floor of this table: what the swap costs when nothing is left to the DiT), and the distilled
@@ -32,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.preprocessing import PolynomialFeatures
 
 from analysis.job.queries import forward_block
 from analysis.job.validation import r2_per_dim
@@ -74,6 +80,56 @@ class Setup:
         return np.stack(z), np.stack(eps)
 
 
+class DensePerStep:
+    """Per-step ridge least squares eps_k = W_k phi(z_k), phi every monomial of z up to ``degree`` (scikit-learn's
+    PolynomialFeatures, the constant included).
+
+    The ridge is lam x diag(Gram) (scale-free across monomials), lam chosen per step from ``ridges`` by the squared
+    error on a held-out tenth of the rows, then refitted on all rows: a peer as good as its data allows, not one
+    that overfits (a cubic has 969 columns for d = 16). States that are no longer finite (a diverged rollout) get
+    NaN, which the agreement counts as diverged.
+
+    Args:
+        z, eps: (T, n, d) labelled states per step and the eps there.
+    """
+
+    def __init__(
+        self, z: np.ndarray, eps: np.ndarray, degree: int, ridges: tuple[float, ...] = (1e-8, 1e-6, 1e-4, 1e-2)
+    ):
+        T, n, _ = z.shape
+        self.degree = int(degree)
+        self.features = PolynomialFeatures(self.degree).fit(z[0])
+        val = np.random.default_rng(0).permutation(n)[: max(1, n // 10)] if len(ridges) > 1 else np.array([], int)
+        fit = np.setdiff1d(np.arange(n), val)
+        W, self.ridge = [], []
+        for k in range(T):
+            X = self.features.transform(z[k])
+            Gf, bf = X[fit].T @ X[fit], X[fit].T @ eps[k][fit]
+            lam = ridges[0]
+            if len(val):
+                err = [((X[val] @ self._solve(Gf, bf, r) - eps[k][val]) ** 2).sum() for r in ridges]
+                lam = ridges[int(np.argmin(err))]
+            W.append(self._solve(X.T @ X, X.T @ eps[k], lam))
+            self.ridge.append(lam)
+        self.W = np.stack(W)  # (T, columns, d)
+
+    @staticmethod
+    def _solve(G: np.ndarray, b: np.ndarray, lam: float) -> np.ndarray:
+        return np.linalg.solve(G + lam * np.diag(np.diag(G)) + 1e-12 * np.eye(len(G)), b)
+
+    @property
+    def columns(self) -> int:
+        """Columns per dimension and step."""
+        return self.W.shape[1]
+
+    def __call__(self, z: np.ndarray, k: int) -> np.ndarray:
+        out = np.full((len(z), self.W.shape[2]), np.nan)
+        ok = np.isfinite(z).all(axis=1) & (np.abs(z).max(axis=1, initial=0.0) < 1e6)
+        if ok.any():
+            out[ok] = self.features.transform(z[ok]) @ self.W[k]
+        return out
+
+
 def labeller(run: Path, shape: tuple, classifier: Path | None):
     """end states (n, D) -> (labels, confidence), through the run's autoencoder and the MNIST classifier;
     None without a classifier."""
@@ -103,6 +159,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--components", type=int, default=20, help="K of the mixture")
     ap.add_argument("--iterations", type=int, default=600, help="Adam steps of the distillation")
     ap.add_argument("--windows", type=int, default=5)
+    ap.add_argument(
+        "--dense-degrees",
+        default="1,2,3",
+        help="degrees of the dense per-step polynomial peers, comma-separated ('' for none)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "window_costs.json")
     args = ap.parse_args(argv)
@@ -111,6 +172,12 @@ def main(argv: list[str] | None = None) -> dict:
             ap.error(f"--{name} must be at least 1")
     if args.queries < 0:
         ap.error("--queries must be at least 0")
+    try:
+        degrees = [int(x) for x in args.dense_degrees.split(",") if x.strip()]
+    except ValueError:
+        degrees = [0]
+    if any(not 1 <= g <= 4 for g in degrees):
+        ap.error(f"--dense-degrees takes integers from 1 to 4, comma-separated; got {args.dense_degrees!r}")
     if not (args.run / "dit_ema.safetensors").is_file():
         ap.error(f"{args.run} has no trained DiT (dit_ema.safetensors): run `make run` first")
 
@@ -149,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
         iterations=args.iterations,
         seed=args.seed,
     )
+    dense = {g: DensePerStep(Z, E, g) for g in degrees}
     prep_s = time.time() - t0
 
     look = labeller(args.run, su.shape, args.classifier)
@@ -179,6 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
         raw_fn = lambda z, k: su.dit_eps(z, k, raw)  # noqa: E731
         add("DiT, raw weights (ceiling)", "all steps", raw_fn, r2_of(raw_fn, np.ones(T, bool)))
     gens = {"distilled mixture": mix_eps(distilled), "Gaussian": mix_eps(gauss)}
+    for g, model in dense.items():
+        gens[f"dense degree {g} ({model.columns} col/dim/step)"] = model
     for name, fn in gens.items():
         add(name, "all steps", fn, r2_of(fn, np.ones(T, bool)))
     for w in range(args.windows):
@@ -186,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
         span = f"t in ({t_edges[w + 1]:.2f}, {t_edges[w]:.2f}]"
         for name, fn in gens.items():
             add(name, span, lambda z, k, fn=fn, w=w: fn(z, k) if win_of[k] == w else su.dit_eps(z, k), r2_of(fn, sel))
-        r2 = rows[-2]["eps_r2"]  # the distilled mixture's R^2 in this window
+        r2 = rows[-len(gens)]["eps_r2"]  # the distilled mixture's R^2 in this window
         sig = noise_sigma(eps_ho[sel], min(max(r2, 1e-6), 1.0))
         noise = np.random.default_rng(args.seed + 1 + w)
 
@@ -211,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
         "classified": ref is not None,
         "dit_confident_share": float(np.mean(ref[1] >= CONFIDENT)) if ref is not None else None,
         "distillation": info,
+        "dense_ridges": {str(g): m.ridge for g, m in dense.items()},  # lam per step, chosen on held-out rows
         "prepare_seconds": round(prep_s, 1),
         "seconds": round(time.time() - t0, 1),
         "rows": rows,

@@ -271,15 +271,36 @@ def test_bench_window_costs_on_the_smoke_run(trained_run, tiny_classifier, tmp_p
         ).x0
     np.testing.assert_allclose(ours, theirs.reshape(8, -1).double().numpy(), atol=1e-4)
 
+    # The dense peer is least squares per step: a per-step quadratic target is recovered exactly at degree 2 and
+    # not at degree 1.
+    rng = np.random.default_rng(1)
+    z = rng.standard_normal((3, 400, su.D))
+    target = np.stack([k + z[k] ** 2 - 2 * z[k] * np.roll(z[k], 1, axis=1) for k in range(3)])
+    quad, lin = bench.DensePerStep(z, target, 2, ridges=(0.0,)), bench.DensePerStep(z, target, 1, ridges=(0.0,))
+    assert quad.columns == (su.D + 1) * (su.D + 2) // 2 and lin.columns == su.D + 1
+    probe = rng.standard_normal((5, su.D))
+    np.testing.assert_allclose(quad(probe, 2), 2 + probe**2 - 2 * probe * np.roll(probe, 1, axis=1), atol=1e-6)
+    assert np.abs(lin(probe, 2) - quad(probe, 2)).max() > 0.1
+    assert np.isnan(quad(np.full((2, su.D), np.inf), 0)).all()  # a diverged state: NaN, not an exception
+    # The ridge is chosen on held-out rows: the smallest for an exact target, the largest for pure noise.
+    assert bench.DensePerStep(z, target, 2).ridge == [1e-8] * 3
+    assert bench.DensePerStep(z, rng.standard_normal(z.shape), 2).ridge == [1e-2] * 3
+
     W = 2
     out = tmp_path / "window_costs.json"
     args = ["--run", str(run), "--classifier", str(tiny_classifier), "--train", "40", "--heldout", "24"]
     args += ["--queries", "16", "--components", "2", "--iterations", "5", "--windows", str(W), "--out", str(out)]
-    payload = bench.main(args)
+    payload = bench.main(args + ["--dense-degrees", "1"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
     rows = payload["rows"]
-    assert [r["swapped"] for r in rows].count("all steps") == 3  # the ceiling and both generators
-    assert len(rows) == 3 + 3 * W + (W - 1)
+    G = 3  # generators: the distilled mixture, the Gaussian and the dense degree-1 peer
+    assert [r["swapped"] for r in rows].count("all steps") == 1 + G  # the ceiling and each generator
+    assert len(rows) == 1 + G + (G + 1) * W + (W - 1)
+    dense = [r for r in rows if r["generator"].startswith("dense degree 1")]
+    assert len(dense) == 1 + W and dense[0]["generator"] == f"dense degree 1 ({su.D + 1} col/dim/step)"
+    peers = [r for r in rows if r["generator"].startswith("DiT + iid noise")]
+    distilled = [r for r in rows if r["generator"] == "distilled mixture" and r["swapped"] != "all steps"]
+    assert [p["eps_r2"] for p in peers] == [r["eps_r2"] for r in distilled]  # the peer has the distilled R^2
     assert rows[0]["generator"].startswith("DiT, raw weights") and rows[0]["eps_r2"] > 0.99
     for r in rows:
         assert 0.0 <= r["same_digit"] <= 1.0 and r["ci95"][0] <= r["same_digit"] <= r["ci95"][1]
@@ -292,4 +313,7 @@ def test_bench_window_costs_on_the_smoke_run(trained_run, tiny_classifier, tmp_p
     assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
         bench.main(["--run", str(run), "--heldout", "0"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--run", str(run), "--dense-degrees", "2,x"])
     assert e.value.code == 2
