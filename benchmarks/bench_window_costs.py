@@ -86,8 +86,8 @@ class DensePerStep:
 
     The ridge is lam x diag(Gram) (scale-free across monomials), lam chosen per step from ``ridges`` by the squared
     error on a held-out tenth of the rows, then refitted on all rows: a peer as good as its data allows, not one
-    that overfits (a cubic has 969 columns for d = 16). States that are no longer finite (a diverged rollout) get
-    NaN, which the agreement counts as diverged.
+    that overfits (a cubic has 969 columns for d = 16). States that are no longer finite or beyond 1e6 in some
+    coordinate (a diverging rollout, whose monomials would overflow) get NaN, which the agreement counts as diverged.
 
     Args:
         z, eps: (T, n, d) labelled states per step and the eps there.
@@ -97,16 +97,15 @@ class DensePerStep:
         self, z: np.ndarray, eps: np.ndarray, degree: int, ridges: tuple[float, ...] = (1e-8, 1e-6, 1e-4, 1e-2)
     ):
         T, n, _ = z.shape
-        self.degree = int(degree)
-        self.features = PolynomialFeatures(self.degree).fit(z[0])
-        val = np.random.default_rng(0).permutation(n)[: max(1, n // 10)] if len(ridges) > 1 else np.array([], int)
+        self.features = PolynomialFeatures(int(degree)).fit(z[0])
+        val = np.random.default_rng(0).permutation(n)[: max(1, n // 10)]
         fit = np.setdiff1d(np.arange(n), val)
         W, self.ridge = [], []
         for k in range(T):
             X = self.features.transform(z[k])
-            Gf, bf = X[fit].T @ X[fit], X[fit].T @ eps[k][fit]
             lam = ridges[0]
-            if len(val):
+            if len(ridges) > 1:
+                Gf, bf = X[fit].T @ X[fit], X[fit].T @ eps[k][fit]
                 err = [((X[val] @ self._solve(Gf, bf, r) - eps[k][val]) ** 2).sum() for r in ridges]
                 lam = ridges[int(np.argmin(err))]
             W.append(self._solve(X.T @ X, X.T @ eps[k], lam))
@@ -175,8 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         degrees = [int(x) for x in args.dense_degrees.split(",") if x.strip()]
     except ValueError:
-        degrees = [0]
-    if any(not 1 <= g <= 4 for g in degrees):
+        degrees = None
+    if degrees is None or any(not 1 <= g <= 4 for g in degrees):
         ap.error(f"--dense-degrees takes integers from 1 to 4, comma-separated; got {args.dense_degrees!r}")
     if not (args.run / "dit_ema.safetensors").is_file():
         ap.error(f"{args.run} has no trained DiT (dit_ema.safetensors): run `make run` first")
@@ -254,9 +253,10 @@ def main(argv: list[str] | None = None) -> dict:
     for w in range(args.windows):
         sel = win_of == w
         span = f"t in ({t_edges[w + 1]:.2f}, {t_edges[w]:.2f}]"
+        r2s = {name: r2_of(fn, sel) for name, fn in gens.items()}
         for name, fn in gens.items():
-            add(name, span, lambda z, k, fn=fn, w=w: fn(z, k) if win_of[k] == w else su.dit_eps(z, k), r2_of(fn, sel))
-        r2 = rows[-len(gens)]["eps_r2"]  # the distilled mixture's R^2 in this window
+            add(name, span, lambda z, k, fn=fn, w=w: fn(z, k) if win_of[k] == w else su.dit_eps(z, k), r2s[name])
+        r2 = r2s["distilled mixture"]
         sig = noise_sigma(eps_ho[sel], min(max(r2, 1e-6), 1.0))
         noise = np.random.default_rng(args.seed + 1 + w)
 
