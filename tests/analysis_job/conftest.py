@@ -63,6 +63,22 @@ def trained_conv_run(tmp_path_factory, mnist_shards) -> Path:
     return root
 
 
+def job_refusal(args: list[str], capsys) -> str:
+    """The job's one-line refusal (exit 2, before Ray starts), through its own CLI wrapper in this process: a
+    subprocess per case costs seconds of imports (tests/training/test_cli_errors.py runs the entry point itself)."""
+    from analysis import sindy_job
+    from configs.cli import run_cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(sindy_job.main, args)
+    out = capsys.readouterr()
+    assert exit_info.value.code == 2 and "Ray" not in out.out, out
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1, out.err
+    return lines[0]
+
+
 def copy_run(src_root: Path, dest_root: Path, with_sindy: bool = False) -> Path:
     """A fresh run folder with the trained weights (and optionally the finished stages)."""
     import shutil

@@ -1,6 +1,6 @@
 """The SINDy job on systems whose equations are known, through its public input (an .npz) and with its
-default settings (configs/smoke.yaml only shrinks the bagging): Lorenz-63 with exact derivatives,
-DDIM on Gaussian data with the exact eps*, DDIM on a two-mode mixture; the pysindy export of the
+default fit settings (configs/smoke.yaml shrinks the bagging; its shorter threshold path is put back here):
+Lorenz-63 with exact derivatives, DDIM on Gaussian data with the exact eps*, DDIM on a two-mode mixture; the pysindy export of the
 report; bad inputs (one line, exit 2, before any work). Data: benchmarks/known_systems.py."""
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 
 from benchmarks import known_systems as ks
-from tests.analysis_job.conftest import JOB, smoke
+from configs.sindy import SindyConfig
+from tests.analysis_job.conftest import JOB, job_refusal, smoke
 from tests.conftest import run_entry
 
+# The default threshold path (configs/sindy.py), which configs/smoke.yaml shortens.
+DEFAULT_PATH = (f"sindy.n_thresholds={SindyConfig().n_thresholds}",)
 # A term linear in z times a function of t only: "z3", "z3 t^2", or a pure time function / constant.
 Z_LINEAR = re.compile(r"^(1|z\d+|t(\^\d+)?|z\d+ t(\^\d+)?)$")
 
@@ -35,7 +38,7 @@ def run_job(tmp_path, data: dict, *extra: str) -> dict:
 
     npz = tmp_path / "data.npz"
     ks.save_npz(npz, data)
-    sindy_job.main(smoke(tmp_path, f"sindy.trajectories={npz}", "sindy.compare_targets=false", *extra))
+    sindy_job.main(smoke(tmp_path, f"sindy.trajectories={npz}", "sindy.compare_targets=false", *DEFAULT_PATH, *extra))
     return json.loads((tmp_path / "smoke" / "report" / "equations.json").read_text())
 
 
@@ -104,21 +107,6 @@ def test_mixture_ddim_within_budget(tmp_path, ray_session):
         assert r["n_terms"] <= 30 and r["r2_heldout"] >= 0.99, (r["dim"], r["n_terms"], r["r2_heldout"])
 
 
-def _bad(args, capsys) -> str:
-    """The job's own CLI wrapper in this process (a subprocess costs ~20 s of imports per case here)."""
-    from analysis import sindy_job
-    from configs.cli import run_cli
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(sindy_job.main, args)
-    out = capsys.readouterr()
-    assert exit_info.value.code == 2 and "Ray" not in out.out, out
-    lines = out.err.strip().splitlines()
-    assert len(lines) == 1, out.err
-    return lines[0]
-
-
 def test_missing_npz_is_file_not_found_in_one_line(tmp_path):
     proc = run_entry(
         [sys.executable, JOB, *smoke(tmp_path, f"sindy.trajectories={tmp_path / 'missing.npz'}")],
@@ -135,23 +123,23 @@ def test_bad_npz_inputs_are_one_line(tmp_path, capsys):
     ks.save_npz(good, data)
     wrong = tmp_path / "wrong.npz"
     ks.save_npz(wrong, {**data, "velocities": data["velocities"][:, :-1]})
-    assert "'velocities' must have the shape" in _bad(smoke(tmp_path, f"sindy.trajectories={wrong}"), capsys)
+    assert "'velocities' must have the shape" in job_refusal(smoke(tmp_path, f"sindy.trajectories={wrong}"), capsys)
     states = tmp_path / "states.npz"
     ks.save_npz(states, {k: v for k, v in data.items() if k != "velocities"})
-    assert "sindy.target=central_diff" in _bad(smoke(tmp_path, f"sindy.trajectories={states}"), capsys)
-    assert "unknown family 'fourier'" in _bad(
+    assert "sindy.target=central_diff" in job_refusal(smoke(tmp_path, f"sindy.trajectories={states}"), capsys)
+    assert "unknown family 'fourier'" in job_refusal(
         smoke(tmp_path, f"sindy.trajectories={good}", "sindy.library.families=[polynomial,fourier]"), capsys
     )
-    assert "sindy.coordinates must be auto | latent | modes" in _bad(
+    assert "sindy.coordinates must be auto | latent | modes" in job_refusal(
         smoke(tmp_path, f"sindy.trajectories={good}", "sindy.coordinates=pca"), capsys
     )
-    assert "is [mixture] only, but" in _bad(
+    assert "is [mixture] only, but" in job_refusal(
         smoke(tmp_path, f"sindy.trajectories={good}", "sindy.library.families=[mixture]"), capsys
     )
-    assert "sindy.term_budget must be > 0" in _bad(
+    assert "sindy.term_budget must be > 0" in job_refusal(
         smoke(tmp_path, f"sindy.trajectories={good}", "sindy.term_budget=0"), capsys
     )
-    assert "outside the grammar" in _bad(
+    assert "outside the grammar" in job_refusal(
         smoke(
             tmp_path,
             f"sindy.trajectories={good}",
@@ -160,9 +148,9 @@ def test_bad_npz_inputs_are_one_line(tmp_path, capsys):
         ),
         capsys,
     )
-    assert "uses z7" in _bad(
+    assert "uses z7" in job_refusal(
         smoke(tmp_path, f"sindy.trajectories={good}", "sindy.library.families=[terms]", "sindy.library.terms=[z7]"),
         capsys,
     )
-    assert "sindy.poor_r2 must be <= 1" in _bad(smoke(tmp_path, "sindy.poor_r2=7"), capsys)
-    assert "sindy.threshold_tol must be in 0..1" in _bad(smoke(tmp_path, "sindy.threshold_tol=5"), capsys)
+    assert "sindy.poor_r2 must be <= 1" in job_refusal(smoke(tmp_path, "sindy.poor_r2=7"), capsys)
+    assert "sindy.threshold_tol must be in 0..1" in job_refusal(smoke(tmp_path, "sindy.threshold_tol=5"), capsys)

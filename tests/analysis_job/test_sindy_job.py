@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.analysis_job.conftest import JOB, NPZ, copy_run, smoke
+from tests.analysis_job.conftest import JOB, NPZ, copy_run, job_refusal, smoke
 from tests.conftest import run_entry
 
 REPORT_FILES = (
@@ -127,19 +127,23 @@ def test_reference_ddpm_file_is_reported_as_poor(tmp_path):
     assert "Free-time reference: skipped" in md and "80 training trajectories per step" in md
 
 
-def _bad(args, env=None) -> str:
-    proc = run_entry([sys.executable, JOB, *args], env=env, check=False, timeout=120)
+def _bad_cli(args) -> str:
+    """The refusal through the job's entry point in a subprocess (the other cases: job_refusal, in this process)."""
+    proc = run_entry([sys.executable, JOB, *args], check=False, timeout=120)
     assert proc.returncode == 2, (proc.stdout, proc.stderr)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Ray" not in proc.stdout, proc.stderr
     return lines[0]
 
 
-def test_bad_inputs_fail_before_work(trained_run, tmp_path):
+def test_bad_inputs_fail_before_work(trained_run, tmp_path, capsys):
+    def _bad(args: list[str]) -> str:
+        return job_refusal(args, capsys)
+
     # No EMA checkpoint.
     root = copy_run(trained_run, tmp_path / "noema")
     (root / "smoke" / "dit_ema.safetensors").unlink()
-    assert "no EMA checkpoint dit_ema.safetensors" in _bad(smoke(root))
+    assert "no EMA checkpoint dit_ema.safetensors" in _bad_cli(smoke(root))
     # Trajectories of another model: a manifest of this run against a run whose DiT differs.
     root = copy_run(trained_run, tmp_path / "other")
     src = tmp_path / "src"

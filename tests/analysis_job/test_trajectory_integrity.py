@@ -13,6 +13,9 @@ from configs.io import file_sha256
 from tests.analysis_job.conftest import JOB, copy_run, smoke
 from tests.conftest import run_entry
 
+# The blocks are what is checked here: one coordinate system and no bagging keep each of the three jobs short.
+LEAN = ("sindy.ray_address=local", "sindy.coordinates=latent", "sindy.n_bootstrap=0")
+
 
 def _without_timings(x):
     """equations.json less its wall-clock figures ("seconds" of the validation and mixture views)."""
@@ -40,7 +43,7 @@ def _one_line_exit_2(proc) -> str:
 def test_bad_blocks_are_regenerated_by_the_job_and_refused_when_given(trained_run, tmp_path):
     root = copy_run(trained_run, tmp_path / "job")
     run_dir = root / "smoke"
-    job = [sys.executable, JOB, *smoke(root, "sindy.ray_address=local")]
+    job = [sys.executable, JOB, *smoke(root, *LEAN)]
     run_entry(job)
     first = _equations(run_dir)
     rollouts = dict(np.load(run_dir / "report" / "rollouts.npz"))
@@ -67,7 +70,7 @@ def test_bad_blocks_are_regenerated_by_the_job_and_refused_when_given(trained_ru
     given = [
         sys.executable,
         JOB,
-        *smoke(user, "sindy.ray_address=local", f"sindy.trajectories={folder / 'manifest.json'}"),
+        *smoke(user, *LEAN, f"sindy.trajectories={folder / 'manifest.json'}"),
     ]
     for damaged in (data[: len(data) - 4096], data[:100] + bytes([data[100] ^ 1]) + data[101:]):
         block.write_bytes(damaged)
