@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from configs.errors import UserError
 from configs.keys import key_docs
 from configs.schema import Config, load_config, to_dict
 
@@ -59,12 +60,21 @@ def test_make_run_assignments_unchanged():
     ],
 )
 def test_unknown_key_names_the_section_and_the_closest_key(override, section_file, suggestion):
-    proc = run("training/train_dit.py", "--config", "configs/smoke.yaml", override)
+    with pytest.raises(UserError) as err:
+        load_config(REPO / "configs/smoke.yaml", [override])
+    key = override.split("=")[0]
+    assert str(err.value).startswith(f"unknown config key '{key}' ({section_file}; ")
+    assert f"did you mean '{suggestion}'?" in str(err.value)
+
+
+def test_an_entry_point_says_the_unknown_key_in_one_line():
+    proc = run("training/train_dit.py", "--config", "configs/smoke.yaml", "dit.lrr=1e-3")
     assert proc.returncode == 2
     (line,) = proc.stderr.splitlines()
-    key = override.split("=")[0]
-    assert line.startswith(f"train_dit.py: error: unknown config key '{key}' ({section_file}; ")
-    assert f"did you mean '{suggestion}'?" in line
+    assert line.startswith(
+        "train_dit.py: error: unknown config key 'dit.lrr' (the dit section is in configs/schema.py; "
+    )
+    assert "did you mean 'dit.lr'?" in line
 
 
 def test_unknown_key_in_a_yaml_file(tmp_path):

@@ -149,18 +149,28 @@ BAD_CONFIGS = [
 ]
 
 
+def _refusal_in_process(args: list[str], capsys) -> str:
+    """train_ae's one-line refusal through its CLI wrapper in this process (the config is parsed before anything
+    is built; tests/training/test_cli_errors.py runs the entry point itself for the same contract)."""
+    from configs.cli import run_cli
+    from training import train_ae
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_ae.main, args)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    return lines[0]
+
+
 @pytest.mark.parametrize("overrides,needle", BAD_CONFIGS)
-def test_bad_config_is_one_line_error(tmp_path, overrides, needle):
-    proc = run_entry([sys.executable, TRAIN_AE, *smoke_args(tmp_path, tmp_path / "nodata", *overrides)], check=False)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0], proc.stderr
+def test_bad_config_is_one_line_error(tmp_path, capsys, overrides, needle):
+    assert needle in _refusal_in_process(smoke_args(tmp_path, tmp_path / "nodata", *overrides), capsys)
     assert not any(tmp_path.iterdir()), "nothing may be written on bad input"
 
 
-def test_missing_config_file(tmp_path):
-    proc = run_entry([sys.executable, TRAIN_AE, "--config", str(tmp_path / "nope.yaml")], check=False)
-    assert proc.returncode == 2 and "config file not found" in proc.stderr
+def test_missing_config_file(tmp_path, capsys):
+    assert "config file not found" in _refusal_in_process(["--config", str(tmp_path / "nope.yaml")], capsys)
 
 
 def _expect_data_error(tmp_path: Path, shards: Path, needle: str) -> None:
