@@ -166,12 +166,26 @@ def _expect_error(root: Path, needle: str, *extra: str) -> None:
     assert not (root / "smoke" / "tb" / "dit").exists(), "no training step may have run"
 
 
-def test_bad_inputs(encoded_run, tmp_path):
+def _expect_input_error(root: Path, capsys, needle: str, *extra: str) -> None:
+    """As _expect_error for what train_dit checks before it builds anything (the config, the run's latents),
+    through its CLI wrapper in this process: a subprocess per case costs seconds of imports."""
+    from configs.cli import run_cli
+    from training import train_dit
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_dit.main, smoke_args(root, REPO / "unused", *extra))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and needle in lines[0], lines
+    assert not (root / "smoke" / "dit.safetensors").exists() and not (root / "smoke" / "tb" / "dit").exists()
+
+
+def test_bad_inputs(encoded_run, tmp_path, capsys):
     root = fresh_copy(encoded_run, tmp_path / "r")
     _, kind = encoded_run
     other = "conv" if kind == "vae16" else "vae16"
     _expect_error(root, f"holds a {kind} autoencoder", f"ae.kind={other}")
-    _expect_error(root, "dit.preset must be one of tiny | small", f"ae.kind={kind}", "dit.preset=huge")
+    _expect_input_error(root, capsys, "dit.preset must be one of tiny | small", f"ae.kind={kind}", "dit.preset=huge")
     # A checkpoint written by another architecture is refused before any step.
     ckpts = root / "smoke" / "checkpoints" / "dit"
     run_entry(
@@ -189,7 +203,7 @@ def test_bad_inputs(encoded_run, tmp_path):
         root, "different model/optimizer configuration", f"ae.kind={kind}", "dit.preset=reference", "resume=auto"
     )
     (root / "smoke" / "latent_stats.safetensors").unlink()
-    _expect_error(root, "latent stats", f"ae.kind={kind}")
+    _expect_input_error(root, capsys, "latent stats", f"ae.kind={kind}")
     # The scoring stage refuses a run without a trained DiT in one line.
     proc = run_entry([sys.executable, SCORE, *smoke_args(root, REPO / "unused", f"ae.kind={kind}")], check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "has no trained DiT" in proc.stderr, proc.stderr
