@@ -54,6 +54,21 @@ def run_entry(
     return proc
 
 
+def cli_refusal(main, args: list[str], capsys) -> tuple[str, str]:
+    """An entry point's refusal through its own CLI wrapper (configs.cli.run_cli) in this process: exit 2 and one
+    line on stderr, returned with what it printed on stdout. For what is checked before any work; a subprocess
+    per case costs seconds of imports (tests/training/test_cli_errors.py runs the entry points themselves)."""
+    from configs.cli import run_cli
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, args)
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1, out
+    return lines[0], out.out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_entry
+from tests.conftest import REPO, cli_refusal, run_entry
 
 JOB = str(REPO / "analysis" / "sindy_job.py")
 # The reference study's trajectories (provenance: analysis/reference/README.md).
@@ -64,19 +64,12 @@ def trained_conv_run(tmp_path_factory, mnist_shards) -> Path:
 
 
 def job_refusal(args: list[str], capsys) -> str:
-    """The job's one-line refusal (exit 2, before Ray starts), through its own CLI wrapper in this process: a
-    subprocess per case costs seconds of imports (tests/training/test_cli_errors.py runs the entry point itself)."""
+    """The job's one-line refusal (exit 2, before Ray starts), in this process (tests.conftest.cli_refusal)."""
     from analysis import sindy_job
-    from configs.cli import run_cli
 
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(sindy_job.main, args)
-    out = capsys.readouterr()
-    assert exit_info.value.code == 2 and "Ray" not in out.out, out
-    lines = out.err.strip().splitlines()
-    assert len(lines) == 1, out.err
-    return lines[0]
+    line, out = cli_refusal(sindy_job.main, args, capsys)
+    assert "Ray" not in out, out
+    return line
 
 
 def copy_run(src_root: Path, dest_root: Path, with_sindy: bool = False) -> Path:

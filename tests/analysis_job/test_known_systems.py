@@ -1,7 +1,7 @@
 """The SINDy job on systems whose equations are known, through its public input (an .npz) and with its
 default fit settings (configs/smoke.yaml shrinks the bagging; its shorter threshold path is put back here):
-Lorenz-63 with exact derivatives, DDIM on Gaussian data with the exact eps*, DDIM on a two-mode mixture; the pysindy export of the
-report; bad inputs (one line, exit 2, before any work). Data: benchmarks/known_systems.py."""
+Lorenz-63 with exact derivatives, DDIM on Gaussian data with the exact eps*, DDIM on a two-mode mixture; the
+pysindy export of the report; bad inputs (one line, exit 2, before any work). Data: benchmarks/known_systems.py."""
 
 from __future__ import annotations
 

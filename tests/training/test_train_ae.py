@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import REPO, accelerate_cmd, run_entry
+from tests.conftest import REPO, accelerate_cmd, cli_refusal, run_entry
 
 TRAIN_AE = str(REPO / "training" / "train_ae.py")
 
@@ -150,17 +150,10 @@ BAD_CONFIGS = [
 
 
 def _refusal_in_process(args: list[str], capsys) -> str:
-    """train_ae's one-line refusal through its CLI wrapper in this process (the config is parsed before anything
-    is built; tests/training/test_cli_errors.py runs the entry point itself for the same contract)."""
-    from configs.cli import run_cli
+    """train_ae's refusal in this process: the config is parsed before anything is built."""
     from training import train_ae
 
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(train_ae.main, args)
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(lines) == 1, lines
-    return lines[0]
+    return cli_refusal(train_ae.main, args, capsys)[0]
 
 
 @pytest.mark.parametrize("overrides,needle", BAD_CONFIGS)

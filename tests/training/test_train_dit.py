@@ -17,7 +17,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import REPO, accelerate_cmd, run_entry
+from tests.conftest import REPO, accelerate_cmd, cli_refusal, run_entry
 from tests.training.test_train_ae import assert_same_weights, smoke_args
 
 TRAIN_AE = str(REPO / "training" / "train_ae.py")
@@ -157,27 +157,22 @@ def test_sigkill_resume_weights_and_ema_bit_exact(encoded_run, tmp_path):
         assert_same_weights(ref / "smoke" / name, cut / "smoke" / name)
 
 
-def _expect_error(root: Path, needle: str, *extra: str) -> None:
-    proc = run_entry([sys.executable, TRAIN_DIT, *smoke_args(root, REPO / "unused", *extra)], check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert needle in lines[0], lines[0]
+def _expect_error(root: Path, needle: str, *extra: str, capsys=None) -> None:
+    """train_dit refuses in one line, exit 2, before any step. With ``capsys``, in this process (for what it checks
+    before it builds anything: the config, the run's latents); without, through the entry point."""
+    args = smoke_args(root, REPO / "unused", *extra)
+    if capsys is not None:
+        from training import train_dit
+
+        line = cli_refusal(train_dit.main, args, capsys)[0]
+    else:
+        proc = run_entry([sys.executable, TRAIN_DIT, *args], check=False)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        line = lines[0]
+    assert needle in line, line
     assert not (root / "smoke" / "dit.safetensors").exists()
     assert not (root / "smoke" / "tb" / "dit").exists(), "no training step may have run"
-
-
-def _expect_input_error(root: Path, capsys, needle: str, *extra: str) -> None:
-    """As _expect_error for what train_dit checks before it builds anything (the config, the run's latents),
-    through its CLI wrapper in this process: a subprocess per case costs seconds of imports."""
-    from configs.cli import run_cli
-    from training import train_dit
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(train_dit.main, smoke_args(root, REPO / "unused", *extra))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert exit_info.value.code == 2 and len(lines) == 1 and needle in lines[0], lines
-    assert not (root / "smoke" / "dit.safetensors").exists() and not (root / "smoke" / "tb" / "dit").exists()
 
 
 def test_bad_inputs(encoded_run, tmp_path, capsys):
@@ -185,7 +180,7 @@ def test_bad_inputs(encoded_run, tmp_path, capsys):
     _, kind = encoded_run
     other = "conv" if kind == "vae16" else "vae16"
     _expect_error(root, f"holds a {kind} autoencoder", f"ae.kind={other}")
-    _expect_input_error(root, capsys, "dit.preset must be one of tiny | small", f"ae.kind={kind}", "dit.preset=huge")
+    _expect_error(root, "dit.preset must be one of tiny | small", f"ae.kind={kind}", "dit.preset=huge", capsys=capsys)
     # A checkpoint written by another architecture is refused before any step.
     ckpts = root / "smoke" / "checkpoints" / "dit"
     run_entry(
@@ -203,7 +198,7 @@ def test_bad_inputs(encoded_run, tmp_path, capsys):
         root, "different model/optimizer configuration", f"ae.kind={kind}", "dit.preset=reference", "resume=auto"
     )
     (root / "smoke" / "latent_stats.safetensors").unlink()
-    _expect_input_error(root, capsys, "latent stats", f"ae.kind={kind}")
+    _expect_error(root, "latent stats", f"ae.kind={kind}", capsys=capsys)
     # The scoring stage refuses a run without a trained DiT in one line.
     proc = run_entry([sys.executable, SCORE, *smoke_args(root, REPO / "unused", f"ae.kind={kind}")], check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "has no trained DiT" in proc.stderr, proc.stderr
