@@ -35,7 +35,7 @@ def _report_ok(run_dir: Path) -> None:
 @pytest.mark.slow
 def test_ray_job_submit(trained_run, tmp_path):
     root = copy_run(trained_run, tmp_path / "r")
-    port, dash = free_port(), free_port()
+    port, dash, agent = free_port(), free_port(), free_port()
     temp = f"/tmp/rj{uuid.uuid4().hex[:8]}"  # short: Ray's unix socket paths must stay < 108 bytes
     try:
         run_entry(
@@ -45,6 +45,9 @@ def test_ray_job_submit(trained_run, tmp_path):
                 "--head",
                 f"--port={port}",
                 f"--dashboard-port={dash}",
+                # Not Ray's fixed default 52365: another Ray on this machine (a job's private ray.init, a
+                # parallel test) may hold it, and the agent that takes submissions would never serve.
+                f"--dashboard-agent-listen-port={agent}",
                 "--num-cpus=2",
                 "--disable-usage-stats",
                 f"--temp-dir={temp}",
