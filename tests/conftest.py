@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
@@ -14,8 +15,23 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SHARD_CACHE = REPO / ".cache" / "test-shards"
 
+# Under pytest-xdist (make test) the workers share the cores: each worker, and every process it starts,
+# gets an equal share of threads unless OMP_NUM_THREADS is set already. Two workers with a thread per
+# core each would oversubscribe the cores, and OpenMP's waiting threads spin on them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def pytest_collection_modifyitems(config, items):
+    if config.pluginmanager.hasplugin("xdist"):
+        # make test runs pytest-xdist with --dist loadgroup: each module stays on one worker (its
+        # module fixtures are built once), and every test of the single-node Slurm shares one worker
+        # (two tests' jobs would queue behind each other on its 2 CPUs).
+        for item in items:
+            group = "slurm" if "slurm" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
@@ -31,13 +47,19 @@ def repo() -> Path:
 
 @pytest.fixture(scope="session")
 def mnist_shards() -> Path:
-    """The full real MNIST as shards; prepare is idempotent, so later sessions reuse the cache."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "data_pipeline.prepare", "--out", str(SHARD_CACHE)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    """The full real MNIST as shards; prepare is idempotent, so later sessions reuse the cache.
+
+    Under pytest-xdist every worker asks for them: the first prepares, the others wait on the lock
+    and then find the finished shards."""
+    SHARD_CACHE.parent.mkdir(parents=True, exist_ok=True)
+    with open(SHARD_CACHE.parent / "test-shards.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.run(
+            [sys.executable, "-m", "data_pipeline.prepare", "--out", str(SHARD_CACHE)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+        )
     assert proc.returncode == 0, proc.stderr
     return SHARD_CACHE
 
