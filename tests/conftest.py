@@ -49,8 +49,9 @@ def repo() -> Path:
 def mnist_shards() -> Path:
     """The full real MNIST as shards; prepare is idempotent, so later sessions reuse the cache.
 
-    Under pytest-xdist every worker asks for them: the first prepares, the others wait on the lock
-    and then find the finished shards."""
+    Under pytest-xdist every worker asks for them: the first prepares, the others wait on this lock
+    and then find the finished shards. Prepare's own lock on the folder refuses a second writer rather
+    than waiting (what a user running two prepares wants to hear), so waiting is this fixture's job."""
     SHARD_CACHE.parent.mkdir(parents=True, exist_ok=True)
     with open(SHARD_CACHE.parent / "test-shards.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
