@@ -1,7 +1,7 @@
 """Where in t a closed form loses the DiT's digit: each window of t swapped out on its own (issue 22):
 
     python -m benchmarks.bench_window_costs --run runs/local [--train 2000] [--heldout 400] [--queries 4000]
-        [--dense-degrees 1,2,3]
+        [--dense-degrees 1,2,3] [--empirical-bandwidths 0]
 
 The DiT samples every step but those of one window of t, where a closed-form eps takes over; from the same
 held-out noise, its decoded sample is classified and held against the DiT's own. Per window and generator the
@@ -13,6 +13,10 @@ confident samples and the final error. Generators:
     Gaussian    the closed-form eps of one Gaussian of the training latents (no fit to the DiT)
     iid peer    the DiT's own eps plus iid noise with the distilled mixture's R^2 in that window
                 (analysis/quality/agreement.py noise_sigma): the same eps R^2 with unstructured errors
+    empirical   the exact eps* of the training latents' own distribution, the posterior mean of the DiT's training
+                data: eps*(z, t) = (z - a E[x0 | z]) / s with E[x0 | z] a softmax-weighted mean of the N training
+                latents, each smoothed by N(0, h^2 I) (--empirical-bandwidths h; h = 0 is the data itself). What the
+                DiT would be were it the optimal denoiser of what it was trained on (no fit to the DiT)
     dense       per step k, least squares of the DiT's eps on every monomial of z up to degree 1, 2, 3
                 (--dense-degrees; d + 1, (d + 1)(d + 2)/2 and (d + 1)(d + 2)(d + 3)/6 columns per dimension and
                 step, no sparsity, no shared time law), fitted on the same labelled states as the distillation:
@@ -129,6 +133,43 @@ class DensePerStep:
         return out
 
 
+class EmpiricalDenoiser:
+    """eps*(z, t) of the training latents' own distribution, each latent smoothed by N(0, h^2 I).
+
+    Given component i, z = a x0 + s e with x0 ~ N(x_i, h^2 I) is N(a x_i, (a^2 h^2 + s^2) I), and
+    E[x0 | z, i] = x_i + c (z - a x_i) with c = a h^2 / (a^2 h^2 + s^2); the responsibilities are a softmax over i
+    of -||z - a x_i||^2 / (2 (a^2 h^2 + s^2)). With h = 0 this is the posterior mean of the N training points, the
+    denoiser a model that minimised its training loss exactly would be.
+
+    The same family as analysis/sindy/mixture.py GaussianMixtureEps with K = N, equal weights and covariances
+    h^2 I (tests/benchmarks check the two agree). Written apart because that class turns every state into each
+    component's own eigenbasis, K d^2 work and (n, K, d) memory per batch: for N = 60,000 components a 16x
+    larger cost than the isotropic form here, which needs one (n, N) product.
+
+    Args:
+        latents: (N, d) the normalised training latents.
+        a, s: (T,) noise levels of the sampler's states (analysis/sindy/theory.py noise_levels).
+        bandwidth: h.
+    """
+
+    def __init__(self, latents: np.ndarray, a: np.ndarray, s: np.ndarray, bandwidth: float = 0.0):
+        if bandwidth < 0 or not np.isfinite(bandwidth):
+            raise ValueError(f"the bandwidth must be finite and at least 0; got {bandwidth}")
+        self.x = torch.from_numpy(np.ascontiguousarray(latents, np.float64))
+        self.x_sq = (self.x**2).sum(dim=1)
+        self.a, self.s, self.h = np.asarray(a, np.float64), np.asarray(s, np.float64), float(bandwidth)
+
+    def __call__(self, z: np.ndarray, k: int) -> np.ndarray:
+        a, s, h2 = self.a[k], self.s[k], self.h**2
+        var = s**2 + a**2 * h2
+        zt = torch.from_numpy(np.ascontiguousarray(z, np.float64))
+        # -||z - a x_i||^2 / (2 var) without the term in ||z||^2, which the softmax over i cancels
+        r = torch.softmax((2.0 * a * zt @ self.x.T - a**2 * self.x_sq) / (2.0 * var), dim=1)
+        centre = r @ self.x
+        x0 = centre + (a * h2 / var) * (zt - a * centre)
+        return ((zt - a * x0) / s).numpy()
+
+
 def labeller(run: Path, shape: tuple, classifier: Path | None):
     """end states (n, D) -> (labels, confidence), through the run's autoencoder and the MNIST classifier;
     None without a classifier."""
@@ -163,6 +204,11 @@ def main(argv: list[str] | None = None) -> dict:
         default="1,2,3",
         help="degrees of the dense per-step polynomial peers, comma-separated ('' for none)",
     )
+    ap.add_argument(
+        "--empirical-bandwidths",
+        default="0",
+        help="h of the empirical denoiser of the training latents, comma-separated ('' for none)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "window_costs.json")
     args = ap.parse_args(argv)
@@ -177,6 +223,14 @@ def main(argv: list[str] | None = None) -> dict:
         degrees = None
     if degrees is None or any(not 1 <= g <= 4 for g in degrees):
         ap.error(f"--dense-degrees takes integers from 1 to 4, comma-separated; got {args.dense_degrees!r}")
+    try:
+        bandwidths = [float(x) for x in args.empirical_bandwidths.split(",") if x.strip()]
+    except ValueError:
+        bandwidths = None
+    if bandwidths is None or any(not (np.isfinite(h) and h >= 0) for h in bandwidths):
+        ap.error(
+            f"--empirical-bandwidths takes numbers of at least 0, comma-separated; got {args.empirical_bandwidths!r}"
+        )
     if not (args.run / "dit_ema.safetensors").is_file():
         ap.error(f"{args.run} has no trained DiT (dit_ema.safetensors): run `make run` first")
 
@@ -248,6 +302,9 @@ def main(argv: list[str] | None = None) -> dict:
     gens = {"distilled mixture": mix_eps(distilled), "Gaussian": mix_eps(gauss)}
     for g, model in dense.items():
         gens[f"dense degree {g} ({model.columns} col/dim/step)"] = model
+    all_latents = train.reshape(len(train), -1).double().numpy()
+    for h in bandwidths:
+        gens[f"empirical, h = {h:g} ({len(all_latents)} latents)"] = EmpiricalDenoiser(all_latents, a, s, h)
     for name, fn in gens.items():
         add(name, "all steps", fn, r2_of(fn, np.ones(T, bool)))
     for w in range(args.windows):

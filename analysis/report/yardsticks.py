@@ -60,7 +60,7 @@ def yardstick_section(y: dict | None) -> list[str]:
         + "; *final error*: mean ||z0 - z0_DiT|| / ||z0_DiT||; *per-sample R^2*: median over samples of "
         "1 - ||z0 - z0_DiT||^2 / ||z0_DiT - mean||^2; *eps R^2*: median over dimensions on the DiT's held-out "
         "states. The sensitivity rows translate an eps R^2 into agreement for iid errors; a fitted model's errors "
-        "point the same way at neighbouring steps and add up, so at the same eps R^2 they cost more (2-5 times per "
+        "point the same way at neighbouring steps and add up, so at the same eps R^2 they cost more (2-8 times per "
         "window of t on the make-run DiT: docs/SINDY.md, benchmarks/bench_window_costs.py): read the curve as "
         "what an eps R^2 buys at best."
         + (

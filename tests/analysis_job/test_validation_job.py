@@ -290,9 +290,10 @@ def test_bench_window_costs_on_the_smoke_run(trained_run, tiny_classifier, tmp_p
     payload = bench.main(args + ["--dense-degrees", "1"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
     rows = payload["rows"]
-    G = 3  # generators: the distilled mixture, the Gaussian and the dense degree-1 peer
+    G = 4  # generators: the distilled mixture, the Gaussian, the dense degree-1 peer and the empirical denoiser
     assert [r["swapped"] for r in rows].count("all steps") == 1 + G  # the ceiling and each generator
     assert len(rows) == 1 + G + (G + 1) * W + (W - 1)
+    assert sum(r["generator"].startswith("empirical, h = 0 (") for r in rows) == 1 + W
     dense = [r for r in rows if r["generator"].startswith("dense degree 1")]
     assert len(dense) == 1 + W and dense[0]["generator"] == f"dense degree 1 ({su.D + 1} col/dim/step)"
     peers = [r for r in rows if r["generator"].startswith("DiT + iid noise")]
@@ -313,4 +314,7 @@ def test_bench_window_costs_on_the_smoke_run(trained_run, tiny_classifier, tmp_p
     assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
         bench.main(["--run", str(run), "--dense-degrees", "2,x"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--run", str(run), "--empirical-bandwidths", "-0.1"])
     assert e.value.code == 2

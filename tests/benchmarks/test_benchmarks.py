@@ -51,3 +51,28 @@ def test_gpu_variants_match_plain(tmp_path):
     _check(
         bench_train.main(["--steps", "2", "--repeats", "1", "--large-batch", "4096", "--out", str(tmp_path / "t.json")])
     )
+
+
+@pytest.mark.parametrize("h", [0.0, 0.3])
+def test_empirical_denoiser_is_the_mixture_of_its_points(h):
+    """bench_window_costs' empirical denoiser is GaussianMixtureEps with a component h^2 I at every point, written
+    apart only for speed: the two agree at every noise level, and with one point it is the point's exact
+    posterior mean (x + c (z - a x), c = a h^2 / (a^2 h^2 + s^2))."""
+    import numpy as np
+
+    from analysis.sindy.mixture import GaussianMixtureEps
+    from benchmarks.bench_window_costs import EmpiricalDenoiser
+
+    rng = np.random.default_rng(0)
+    pts, z = rng.standard_normal((7, 3)), rng.standard_normal((5, 3))
+    a, s = np.array([0.1, 0.6, 0.99]), np.sqrt(1 - np.array([0.1, 0.6, 0.99]) ** 2)
+    ours = EmpiricalDenoiser(pts, a, s, h)
+    mix = GaussianMixtureEps(np.full(7, 1 / 7), pts, np.stack([h**2 * np.eye(3)] * 7))
+    for k in range(3):
+        np.testing.assert_allclose(ours(z, k), mix.eps(z, a[k], s[k]), rtol=1e-9, atol=1e-9)
+        one = EmpiricalDenoiser(pts[:1], a, s, h)
+        c = a[k] * h**2 / (a[k] ** 2 * h**2 + s[k] ** 2)
+        x0 = pts[0] + c * (z - a[k] * pts[0])
+        np.testing.assert_allclose(one(z, k), (z - a[k] * x0) / s[k], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="bandwidth"):
+        EmpiricalDenoiser(pts, a, s, -1.0)
