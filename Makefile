@@ -72,10 +72,10 @@ run: $(STAMP)
 	echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $$rundir/tb"
 
 # Two pytest-xdist workers (TEST_WORKERS=0 for one process): much of the suite waits on subprocesses,
-# Ray and Slurm rather than computing. tests/conftest.py keeps a module on one worker, and the Slurm tests together.
+# Ray and Slurm rather than computing. tests/conftest.py keeps a module on one worker, and tests/cluster (Slurm) together.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope $(PYTEST_ARGS)
 
 # ruff: the lint rules and the 120-column format of pyproject.toml (CI runs this before the tests).
 lint: $(STAMP)

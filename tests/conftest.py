@@ -24,14 +24,28 @@ if _WORKERS > 1 and "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown, and never called, without it
+def pytest_xdist_make_scheduler(config, log):
+    """make test's scheduler (pytest-xdist, --dist loadscope): a module's tests run on one worker, so its module
+    fixtures are built once, and all of tests/cluster on one worker, since two tests' jobs on the single-node
+    Slurm (2 CPUs) would queue behind each other.
+
+    By the scope xdist's scheduler asks for rather than by xdist_group marks: --dist loadgroup reads those marks
+    from a suffix it writes into the node ids, which pytest 9.2 no longer lets it change (pytest-xdist issue
+    1386), so loadgroup silently spreads the tests of a group over the workers."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "tests/cluster" if module.startswith("tests/cluster/") else module
+
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    if config.pluginmanager.hasplugin("xdist"):
-        # make test runs pytest-xdist with --dist loadgroup: each module stays on one worker (its
-        # module fixtures are built once), and every test of the single-node Slurm shares one worker
-        # (two tests' jobs would queue behind each other on its 2 CPUs).
-        for item in items:
-            group = "slurm" if "slurm" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
-            item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
