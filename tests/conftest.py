@@ -106,6 +106,14 @@ def cli_refusal(main, args: list[str], capsys) -> tuple[str, str]:
     return lines[0], out.out
 
 
+def refusal_line(proc: subprocess.CompletedProcess) -> str:
+    """A subprocess's refusal: exit 2 and exactly one line on stderr (so no traceback); returns the line."""
+    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-3000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -22,7 +22,7 @@ import pytest
 
 from analysis.job.ray_utils import choose_address
 from tests.analysis_job.conftest import JOB, copy_run, kill_marked, smoke
-from tests.conftest import REPO, free_port, run_entry
+from tests.conftest import REPO, free_port, refusal_line, run_entry
 
 RAY = str(Path(sys.executable).parent / "ray")
 AUTH = {"RAY_AUTH_MODE": "token"} if (Path.home() / ".ray" / "auth_token").is_file() else {}
@@ -151,21 +151,14 @@ def test_named_head_is_joined_and_local_overrides_ray_address(ray_head):
     assert _port(own["gcs"]) != head_port and own["node"] != joined["node"]
 
 
-def _one_line_exit_2(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 2, (proc.stdout[-2000:], proc.stderr[-2000:])
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
-
-
 def test_unreachable_or_malformed_address_fails_in_one_line():
     t0 = time.monotonic()
-    line = _one_line_exit_2(connect("127.0.0.1:1", _env()))
+    line = refusal_line(connect("127.0.0.1:1", _env()))
     assert "no Ray cluster answers at sindy.ray_address=127.0.0.1:1" in line
-    line = _one_line_exit_2(connect("", _env(RAY_ADDRESS="127.0.0.1:1")))
+    line = refusal_line(connect("", _env(RAY_ADDRESS="127.0.0.1:1")))
     assert "no Ray cluster answers at $RAY_ADDRESS=127.0.0.1:1" in line
     assert time.monotonic() - t0 < 90  # two interpreter starts (ray + torch imports); the probes take ms
-    assert "is not a Ray address" in _one_line_exit_2(connect("http//nope", _env()))
+    assert "is not a Ray address" in refusal_line(connect("http//nope", _env()))
 
 
 def test_a_port_that_is_not_a_ray_head_gives_up_in_bounded_time():
@@ -189,6 +182,6 @@ def test_a_port_that_is_not_a_ray_head_gives_up_in_bounded_time():
 def test_job_with_unreachable_address_stops_before_any_stage(trained_run, tmp_path):
     root = copy_run(trained_run, tmp_path)
     proc = run_entry([sys.executable, JOB, *smoke(root, "sindy.ray_address=127.0.0.1:1")], check=False, timeout=180)
-    line = _one_line_exit_2(proc)
+    line = refusal_line(proc)
     assert line.startswith("sindy_job.py: error: no Ray cluster answers at sindy.ray_address=127.0.0.1:1"), line
     assert not (root / "smoke" / "sindy").exists()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from configs.lock import StageLocked, acquire_stage_lock
-from tests.conftest import REPO
+from tests.conftest import REPO, refusal_line
 
 HOLD = "import sys, time; from configs.lock import acquire_stage_lock; acquire_stage_lock(sys.argv[1], sys.argv[2]); print('held', flush=True); time.sleep(300)"
 
@@ -112,9 +112,8 @@ def test_encode_latents_refuses_a_folder_another_job_encodes(tmp_path) -> None:
     finally:
         child.kill()
         child.wait()
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"pid {child.pid}" in lines[0] and "stage latents is running" in lines[0], proc.stderr
+    line = refusal_line(proc)
+    assert f"pid {child.pid}" in line and "stage latents is running" in line, line
     assert not (run / "latents").exists()
 
 

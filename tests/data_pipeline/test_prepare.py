@@ -21,6 +21,7 @@ from PIL import Image
 from data_pipeline import prepare, shards
 from data_pipeline.mnist_arrays import EXPECTED_TEST_COUNTS, MnistArrays
 from data_pipeline.shards import ManifestError, prepare_shards, read_manifest, verify_shards
+from tests.conftest import refusal_line
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -224,9 +225,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 )
 def test_cli_errors_are_one_line_exit_2(tmp_path: Path, args: list[str], expected: str) -> None:
     proc = _cli("--out", str(tmp_path / "out"), *args)
-    assert proc.returncode == 2
-    assert expected in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert expected in refusal_line(proc)
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
@@ -241,14 +240,6 @@ def test_cli_unwritable_out_and_unknown_source(tmp_path: Path, capsys: pytest.Ca
     assert "unknown MNIST source 'ftp://nope'" in capsys.readouterr().err
     assert prepare.main(["--out", str(tmp_path / "empty"), "--verify"]) == 2
     assert "python -m data_pipeline.prepare --out" in capsys.readouterr().err
-
-
-def _one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
 
 
 @pytest.fixture
@@ -269,7 +260,7 @@ def tiny_tmpfs(tmp_path: Path):
 
 def test_disk_full_is_one_line_exit_2_and_leaves_no_temp_file(tiny_tmpfs: Path) -> None:
     out = tiny_tmpfs / "shards"
-    line = _one_error_line(_cli("--out", str(out)))
+    line = refusal_line(_cli("--out", str(out)))
     assert f"cannot write the shards to {out}: No space left on device" in line, line
     # No half-written .tmp-* file, no manifest: only the lock file of the failed run.
     assert sorted(p.name for p in out.iterdir()) == [shards.LOCK_NAME]
@@ -305,7 +296,7 @@ def test_permission_denied_is_one_line_exit_2(tmp_path: Path) -> None:
             text=True,
             timeout=120,
         )
-        line = _one_error_line(proc)
+        line = refusal_line(proc)
         assert f"cannot write the shards to {out}: Permission denied ({out / shards.LOCK_NAME})" in line, line
         assert sorted(p.name for p in out.iterdir()) == [shards.LOCK_NAME]
     finally:

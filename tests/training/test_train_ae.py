@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import REPO, accelerate_cmd, cli_refusal, run_entry
+from tests.conftest import REPO, accelerate_cmd, cli_refusal, refusal_line, run_entry
 
 TRAIN_AE = str(REPO / "training" / "train_ae.py")
 
@@ -168,10 +168,8 @@ def test_missing_config_file(tmp_path, capsys):
 
 def _expect_data_error(tmp_path: Path, shards: Path, needle: str) -> None:
     root = tmp_path / "runs"
-    proc = run_entry([sys.executable, TRAIN_AE, *smoke_args(root, shards)], check=False)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert needle in lines[0], lines[0]
+    line = refusal_line(run_entry([sys.executable, TRAIN_AE, *smoke_args(root, shards)], check=False))
+    assert needle in line, line
     assert not (root / "smoke" / "ae.safetensors").exists() and not (root / "smoke" / "checkpoints").exists()
 
 
