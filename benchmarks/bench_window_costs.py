@@ -159,13 +159,18 @@ class EmpiricalDenoiser:
         self.x_sq = (self.x**2).sum(dim=1)
         self.a, self.s, self.h = np.asarray(a, np.float64), np.asarray(s, np.float64), float(bandwidth)
 
-    def __call__(self, z: np.ndarray, k: int) -> np.ndarray:
+    def __call__(self, z: np.ndarray, k: int, chunk_bytes: int = 2**28) -> np.ndarray:
         a, s, h2 = self.a[k], self.s[k], self.h**2
         var = s**2 + a**2 * h2
         zt = torch.from_numpy(np.ascontiguousarray(z, np.float64))
-        # -||z - a x_i||^2 / (2 var) without the term in ||z||^2, which the softmax over i cancels
-        r = torch.softmax((2.0 * a * zt @ self.x.T - a**2 * self.x_sq) / (2.0 * var), dim=1)
-        centre = r @ self.x
+        rows = max(1, chunk_bytes // (8 * len(self.x)))  # the (rows, N) responsibilities stay under chunk_bytes
+        centre = torch.cat(
+            [
+                # -||z - a x_i||^2 / (2 var) without the term in ||z||^2, which the softmax over i cancels
+                torch.softmax((2.0 * a * part @ self.x.T - a**2 * self.x_sq) / (2.0 * var), dim=1) @ self.x
+                for part in zt.split(rows)
+            ]
+        )
         x0 = centre + (a * h2 / var) * (zt - a * centre)
         return ((zt - a * x0) / s).numpy()
 

@@ -70,6 +70,7 @@ def test_empirical_denoiser_is_the_mixture_of_its_points(h):
     mix = GaussianMixtureEps(np.full(7, 1 / 7), pts, np.stack([h**2 * np.eye(3)] * 7))
     for k in range(3):
         np.testing.assert_allclose(ours(z, k), mix.eps(z, a[k], s[k]), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(ours(z, k, chunk_bytes=8 * 7 * 2), ours(z, k), rtol=1e-12)  # rows in chunks of 2
         one = EmpiricalDenoiser(pts[:1], a, s, h)
         c = a[k] * h**2 / (a[k] ** 2 * h**2 + s[k] ** 2)
         x0 = pts[0] + c * (z - a[k] * pts[0])
