@@ -1,5 +1,6 @@
 # latent-sindy: the two commands.
 #   make run    the whole flow at the local default scale on CPU (CONFIG=... RUN=... to change)
+#   make peer   after make run: the DiT trained again with another seed, as the equations' peer yardstick
 #   make test   the test suite (pytest)
 # Both create .venv and install the project on first use; later calls reuse it.
 
@@ -28,7 +29,7 @@ ACCEL  := $(PY) -m training.launch --config_file configs/accelerate/multi_gpu.ya
 endif
 endif
 
-.PHONY: run test lint install data clean-runs bench
+.PHONY: run peer test lint install data clean-runs bench
 
 $(STAMP): setup.cfg pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,12 +48,14 @@ data: $(STAMP)
 	@set -e; vars=$$($(PY) -m configs --config $(CONFIG) $(ARGS)); eval "$$vars"; \
 	$(PY) -m data_pipeline.prepare --out "$$shards"
 
-run: $(STAMP)
-	@set -e; \
-	stage() { name=$$1; shift; rc=0; "$$@" || rc=$$?; \
-	  if [ $$rc = 75 ]; then echo "make run: the $$name stage stopped at a checkpoint before it finished (exit 75);" \
+# A training stage that stopped at a checkpoint (exit 75) says how to resume; any other failure stops make.
+STAGE  = stage() { name=$$1; shift; rc=0; "$$@" || rc=$$?; \
+	  if [ $$rc = 75 ]; then echo "make $@: the $$name stage stopped at a checkpoint before it finished (exit 75);" \
 	    "run the same make command again to resume it" >&2; exit 75; fi; \
-	  [ $$rc = 0 ] || exit $$rc; }; \
+	  [ $$rc = 0 ] || exit $$rc; }
+
+run: $(STAMP)
+	@set -e; $(STAGE); \
 	vars=$$($(PY) -m configs --config $(CONFIG) $(ARGS)); eval "$$vars"; \
 	echo "== 1/6 data -> $$shards"; \
 	$(PY) -m data_pipeline.prepare --out $$shards; \
@@ -70,6 +73,19 @@ run: $(STAMP)
 	$(PY) analysis/sindy_job.py --config $(CONFIG) $(ARGS); \
 	echo; echo "Outputs in $$rundir:"; ls $$rundir; \
 	echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $$rundir/tb"
+
+# A peer of the run: its DiT recipe trained again with run.seed=PEER_SEED on the run's autoencoder, then the
+# equations' report again with the peer as a yardstick row (sindy.peer_runs; docs/SINDY.md). About 5 + 3 minutes
+# on 2 cores after make run.
+PEER_SEED ?= 1
+peer: $(STAMP)
+	@set -e; $(STAGE); \
+	vars=$$($(PY) -m training.peer_run --config $(CONFIG) --seed $(PEER_SEED) $(ARGS)); eval "$$vars"; \
+	echo "== peer DiT (run.seed=$(PEER_SEED)) -> $$peer"; \
+	stage DiT $(ACCEL) training/train_dit.py --config $(CONFIG) resume=auto $(ARGS) run.name=$$peername \
+	  run.seed=$(PEER_SEED); \
+	echo "== equation discovery with the peer as a yardstick"; \
+	$(PY) analysis/sindy_job.py --config $(CONFIG) $(ARGS) "sindy.peer_runs=[$$peer]"
 
 # Two pytest-xdist workers (TEST_WORKERS=0 for one process): much of the suite waits on subprocesses,
 # Ray and Slurm rather than computing. tests/conftest.py keeps a module on one worker, and tests/cluster (Slurm) together.

@@ -1,7 +1,7 @@
 """Where in t a closed form loses the DiT's digit: each window of t swapped out on its own (issue 22):
 
     python -m benchmarks.bench_window_costs --run runs/local [--train 2000] [--heldout 400] [--queries 4000]
-        [--dense-degrees 1,2,3] [--empirical-bandwidths 0]
+        [--dense-degrees 1,2,3] [--empirical-bandwidths 0] [--peers runs/local-seed1,...]
 
 The DiT samples every step but those of one window of t, where a closed-form eps takes over; from the same
 held-out noise, its decoded sample is classified and held against the DiT's own. Per window and generator the
@@ -21,6 +21,9 @@ confident samples and the final error. Generators:
                 (--dense-degrees; d + 1, (d + 1)(d + 2)/2 and (d + 1)(d + 2)(d + 3)/6 columns per dimension and
                 step, no sparsity, no shared time law), fitted on the same labelled states as the distillation:
                 how far a model class far larger than 30 terms per dimension goes with the same data
+    peer        the EMA DiT of another run folder trained with the same recipe on the same autoencoder and
+                another seed (--peers; `make peer` trains one): an equally good model of the data, and what its
+                errors cost per window
 
 and, as yardsticks: the DiT's raw weights instead of its EMA weights everywhere (the ceiling), each generator at
 every step (the floor of this table: what the swap costs when nothing is left to the DiT), and the distilled
@@ -50,7 +53,15 @@ from analysis.quality.agreement import CONFIDENT, end_state_errors, noise_sigma,
 from analysis.sindy.mixture import distill_mixture, fit_mixture
 from analysis.sindy.theory import linear_part, noise_levels
 from benchmarks.common import RESULTS
-from models.artifacts import load_autoencoder, load_denoiser, load_latent_data, load_latent_stats, read_ae_meta
+from configs.io import file_sha256
+from models.artifacts import (
+    load_autoencoder,
+    load_denoiser,
+    load_latent_data,
+    load_latent_stats,
+    read_ae_meta,
+    read_dit_meta,
+)
 from models.classifier import load_classifier
 
 
@@ -214,6 +225,11 @@ def main(argv: list[str] | None = None) -> dict:
         default="0",
         help="h of the empirical denoiser of the training latents, comma-separated ('' for none)",
     )
+    ap.add_argument(
+        "--peers",
+        default="",
+        help="run folders of DiTs trained like --run's with another seed (make peer), comma-separated",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS / "window_costs.json")
     args = ap.parse_args(argv)
@@ -238,6 +254,12 @@ def main(argv: list[str] | None = None) -> dict:
         )
     if not (args.run / "dit_ema.safetensors").is_file():
         ap.error(f"{args.run} has no trained DiT (dit_ema.safetensors): run `make run` first")
+    peers = [Path(x.strip()) for x in args.peers.split(",") if x.strip()]
+    for peer in peers:
+        if not (peer / "dit_ema.safetensors").is_file():
+            ap.error(f"--peers: {peer} has no trained DiT (dit_ema.safetensors): run `make peer` first")
+        if read_dit_meta(peer).get("ae_sha256") != file_sha256(args.run / "ae.safetensors"):
+            ap.error(f"--peers: {peer} was not trained on {args.run}'s autoencoder (`make peer` copies it)")
 
     t0 = time.time()
     torch.manual_seed(args.seed)
@@ -307,6 +329,9 @@ def main(argv: list[str] | None = None) -> dict:
     gens = {"distilled mixture": mix_eps(distilled), "Gaussian": mix_eps(gauss)}
     for g, model in dense.items():
         gens[f"dense degree {g} ({model.columns} col/dim/step)"] = model
+    for peer in peers:
+        other, _, _ = load_denoiser(peer, "cpu", ema=True)
+        gens[f"peer DiT {peer}"] = lambda z, k, other=other: su.dit_eps(z, k, other)
     all_latents = train.reshape(len(train), -1).double().numpy()
     for h in bandwidths:
         gens[f"empirical, h = {h:g} ({len(all_latents)} latents)"] = EmpiricalDenoiser(all_latents, a, s, h)

@@ -246,6 +246,11 @@ class SindyConfig:
     """Score the equations beside their yardsticks from the same held-out noises (analysis/job/yardsticks.py): the
     DiT's raw weights (ceiling), the DiT with iid eps noise at R^2 0.999-0.95 (sensitivity), the closed-form
     Gaussian and mixture (floors) and a dense per-step affine fit (reference); report.md and equations.json."""
+    peer_runs: list[str] = field(default_factory=list)
+    """Run folders whose EMA DiT was trained like this run's, on the same autoencoder, with another run.seed
+    (`make peer` trains runs/<name>-seed1). Each is a yardstick row: how often an equally good DiT gives the same
+    digit from the same noise (the reachable yardstick for the equations, beside the raw-weights ceiling, which is
+    the same training). Needs the job's own trajectories and a deterministic sampler; empty: no peer rows."""
     mixture_components: list[int] = field(default_factory=lambda: [1, 2, 5, 10, 20])
     """Gaussian-mixture view of the denoiser (analysis/sindy/mixture.py): component counts tried by EM on the
     training latents, the best by held-out (test split) log-likelihood is kept; empty disables the view."""
@@ -328,6 +333,9 @@ class SindyConfig:
         )
         _positive("sindy", sensitivity_noises=self.sensitivity_noises, dagger_noises=self.dagger_noises)
         _non_negative("sindy", dagger_rounds=self.dagger_rounds, polish_iterations=self.polish_iterations)
+        for peer in self.peer_runs:
+            _check(isinstance(peer, str) and bool(peer), f"sindy.peer_runs takes run folders, got {peer!r}")
+            _path("sindy.peer_runs", peer)
         _positive("sindy", polish_noises=self.polish_noises)
         _check(
             all(isinstance(k, int) and k >= 1 for k in self.mixture_components),

@@ -53,6 +53,7 @@ class Plan:
             None.
         fit_space: the space the chosen equations were fitted in (sindy.fit_space, resolved when it is auto);
             space_choice: the record of sindy.fit_space=auto (analysis/job/space_choice.py), else None.
+        peers: the checked sindy.peer_runs, {"dir": Path, "dit_ema_sha256": str} each (the yardsticks' peer rows).
     """
 
     run_dir: Path
@@ -79,6 +80,7 @@ class Plan:
     polish: dict | None = None
     fit_space: str = ""
     space_choice: dict | None = None
+    peers: list = dataclasses.field(default_factory=list)
 
     @property
     def has_drift(self) -> bool:
@@ -164,10 +166,45 @@ def _check_source(cfg: Config) -> Plan:
     return plan
 
 
+def _check_peers(cfg: Config, plan: Plan) -> list[dict]:
+    """sindy.peer_runs checked against the run: each a trained EMA DiT on this run's autoencoder, with its latent
+    shape and schedule, so that "the same noise" means the same thing to both DiTs."""
+    peers = []
+    for entry in cfg.sindy.peer_runs:
+        folder, key = Path(entry), f"sindy.peer_runs entry {entry}"
+        if plan.external is not None:
+            raise UserError(
+                f"sindy.peer_runs compares DiTs from the noise of the job's own trajectories, but these come from "
+                f"{cfg.sindy.trajectories}; drop sindy.peer_runs or sindy.trajectories"
+            )
+        if not (folder / "dit_ema.safetensors").is_file():
+            raise UserError(
+                f"{key} has no dit_ema.safetensors: train the peer first (`make peer`, or training/train_dit.py with "
+                "another run.seed on a copy of this run's ae.safetensors, latent_stats.safetensors and latents/)"
+            )
+        meta = read_dit_meta(folder)  # a damaged dit.json: one line naming it
+        ours = plan.meta or {}
+        for field in ("latent_shape", "schedule", "timesteps"):
+            if meta.get(field) != ours.get(field):
+                raise UserError(
+                    f"{key}: its DiT has {field} {meta.get(field)!r}, this run's {ours.get(field)!r}; a peer is the "
+                    "same recipe with another seed"
+                )
+        if meta.get("ae_sha256") != plan.digests["ae_sha256"]:
+            raise UserError(
+                f"{key}: its DiT was trained on the latents of another autoencoder (ae sha256 "
+                f"{str(meta.get('ae_sha256'))[:12]}, this run's {plan.digests['ae_sha256'][:12]}); train the peer on a "
+                "copy of this run's ae.safetensors, latent_stats.safetensors and latents/ (`make peer` does)"
+            )
+        peers.append({"dir": folder, "dit_ema_sha256": file_sha256(folder / "dit_ema.safetensors")})
+    return peers
+
+
 def check_inputs(cfg: Config) -> Plan:
     """Everything the job needs, validated; raises UserError naming the bad value and the fix."""
     s = cfg.sindy
     plan = _check_source(cfg)
+    plan.peers = _check_peers(cfg, plan)
     if plan.kind == "conv":
         plan.d = s.pca_components
         if s.pca_components > plan.D:

@@ -65,7 +65,10 @@ def inputs_identity(plan: Plan) -> dict:
     the trajectories (the run's latents and their stats derive from the autoencoder), else of the external file (or
     of its blocks' sha256 list, for a manifest this job wrote)."""
     if plan.external is None:
-        return dict(plan.digests or {})
+        ids = dict(plan.digests or {})
+        if plan.peers:  # the peer DiTs' content, not only their paths (sindy.peer_runs, covered as a setting)
+            ids["peer_dit_ema_sha256"] = [p["dit_ema_sha256"] for p in plan.peers]
+        return ids
     m = plan.external.manifest
     if m.get("sha256"):
         return {"trajectories_sha256": m["sha256"]}

@@ -4,6 +4,9 @@ Each generator starts from the initial noise of the held-out DiT trajectories th
 and runs the sampler's grid to t = 0; its end states are decoded and classified like the DiT's own samples:
 
     ceiling     the DiT's raw weights instead of its EMA weights (another DiT as close as training gets)
+    peer        the EMA DiT of each sindy.peer_runs folder: the same recipe on the same autoencoder with another
+                seed (`make peer`), an equally good model of the data that did not share this DiT's training; on
+                the make-run DiT it gives the same digit about as often as the best equations do
     sensitivity the EMA DiT with iid noise on its eps at R^2 0.999 / 0.99 / 0.97 / 0.95 (translates an eps R^2
                 into agreement, whatever the model)
     floors      the closed-form eps* of a Gaussian (K = 1) and of the chosen Gaussian mixture of the training
@@ -181,6 +184,17 @@ def measure_yardsticks(
             )
         else:
             skipped["ceiling"] = f"{raw_file} not found (the raw weights are the ceiling)"
+        for peer in plan.peers:
+            other, _, _ = load_denoiser(peer["dir"], "cpu", ema=True)
+            end = coords.states(_dit_rollout(other, sched_t, sampler, z_T, None, s.seed).double().numpy())
+            add(
+                f"DiT of {peer['dir']} (same recipe, another seed)",
+                "peer",
+                end,
+                coords.velocities(_dit_eps(other, lat.z, T, shape)),
+                None,
+                "an equally good DiT that did not share this one's training",
+            )
         sigs = [noise_sigma(lat.eps, r2) for r2 in NOISE_R2]
         noisy_ends = _dit_rollout(ema, sched_t, sampler, z_T, np.stack(sigs), s.seed + 1).double().numpy()
         for i, (r2, sig) in enumerate(zip(NOISE_R2, sigs)):
@@ -192,6 +206,8 @@ def measure_yardsticks(
             f"sampler {sampler} is stochastic: a second DiT from the same initial noise would also need the same "
             "injected noise; use sindy.sampler=ddim or ode for these rows"
         )
+        if plan.peers:
+            skipped["peer"] = skipped["ceiling"]
 
     mixture = views.get("_mixture")
     if mixture is None:
@@ -295,11 +311,19 @@ def _classify(cfg: Config, plan: Plan, coords: Coordinates, rows, ends, ref_end,
 
 
 def headline(rows: list[dict]) -> dict:
-    """The share of the floor-to-ceiling gap in same digit (and in final error) the equations close."""
+    """The share of the floor-to-ceiling gap in same digit (and in final error) the equations close, and, with peer
+    rows, the equations against the mean peer (how far they are from what an equally good DiT reaches)."""
     by_kind = {r["kind"]: r for r in rows if r["kind"] in ("ceiling", "equations")}
     floor = next((r for r in rows if r["kind"] == "floor"), None)  # the Gaussian comes first
     eq, ceil = by_kind.get("equations"), by_kind.get("ceiling")
     out: dict = {"floor": floor["name"] if floor else None, "ceiling": ceil["name"] if ceil else None}
+    peers = [r for r in rows if r["kind"] == "peer" and "same_digit" in r]
+    if eq and peers and "same_digit" in eq:
+        peer = float(np.mean([r["same_digit"] for r in peers]))
+        out["peer_same_digit"] = peer
+        out["same_digit_minus_peer"] = eq["same_digit"] - peer
+        if floor:
+            out["same_digit_floor_to_peer_share"] = gap_share(eq["same_digit"], floor["same_digit"], peer)
     if eq and floor and ceil and "same_digit" in eq:
         out["same_digit_gap_share"] = gap_share(eq["same_digit"], floor["same_digit"], ceil["same_digit"])
         out["same_digit_above_floor"] = eq["same_digit"] - floor["same_digit"]

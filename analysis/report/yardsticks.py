@@ -1,5 +1,5 @@
-"""report.md's yardstick section: the equations beside the DiT's ceiling, the closed-form floors, a dense
-reference and the sensitivity curve, all from the same held-out noise (analysis/job/yardsticks.py measures them)."""
+"""report.md's yardstick section: the equations beside the DiT's ceiling, any peer DiTs, the closed-form floors, a
+dense reference and the sensitivity curve, all from the same held-out noise (analysis/job/yardsticks.py measures them)."""
 
 from __future__ import annotations
 
@@ -40,6 +40,26 @@ def yardstick_section(y: dict | None) -> list[str]:
                 if h.get("final_error_gap_share") is not None
                 else "."
             ),
+            "",
+        ]
+    if h.get("peer_same_digit") is not None:
+        n_peer = sum(r["kind"] == "peer" for r in rows)
+        share = h.get("same_digit_floor_to_peer_share")
+        L += [
+            f"**Against an equally good DiT:** {'a DiT' if n_peer == 1 else f'{n_peer} DiTs'} of the same recipe "
+            f"with another seed give{'s' if n_peer == 1 else ''} the DiT's digit in {_pct(h['peer_same_digit'])} of "
+            f"the noises{'' if n_peer == 1 else ' (mean)'}; the equations are {100 * h['same_digit_minus_peer']:+.1f} "
+            "points from that"
+            + (f" and close {100 * share:.0f}% of the floor-to-peer gap." if share is not None else ".")
+            + " The raw-weights ceiling shares this DiT's training; the peer is what another model of the same data "
+            "reaches.",
+            "",
+        ]
+    elif eq is not None and any(r["kind"] == "ceiling" for r in rows):
+        L += [
+            "No peer row: `make peer` trains this DiT's recipe with another seed and adds it (sindy.peer_runs). The "
+            "raw-weights ceiling shares this DiT's training; a peer shows what another equally good model of the "
+            "data reaches from the same noise.",
             "",
         ]
     dit = y.get("skipped", {}).get("dit_images") if isinstance(y.get("skipped"), dict) else None

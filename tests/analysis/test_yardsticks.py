@@ -69,6 +69,16 @@ def test_gap_share_and_headline():
     assert h["floor"] == "gauss" and h["ceiling"] == "ceil"
     assert h["same_digit_gap_share"] == pytest.approx((0.81 - 0.72) / (0.99 - 0.72))
     assert h["final_error_gap_share"] == pytest.approx((0.33 - 0.17) / (0.33 - 0.01))
+    assert "peer_same_digit" not in h
+    # Peers: their mean is the yardstick; the equations are measured against it and from the floor up to it.
+    peers = [
+        {"name": "p1", "kind": "peer", "same_digit": 0.82, "final_error": 0.19},
+        {"name": "p2", "kind": "peer", "same_digit": 0.86, "final_error": 0.18},
+    ]
+    h = headline(rows[:1] + peers + rows[1:])
+    assert h["peer_same_digit"] == pytest.approx(0.84) and h["same_digit_minus_peer"] == pytest.approx(0.81 - 0.84)
+    assert h["same_digit_floor_to_peer_share"] == pytest.approx((0.81 - 0.72) / (0.84 - 0.72))
+    assert h["same_digit_gap_share"] == pytest.approx((0.81 - 0.72) / (0.99 - 0.72))  # the ceiling's is unchanged
 
 
 def test_noise_sigma_gives_the_nominal_r2():
@@ -171,6 +181,15 @@ def test_yardstick_section_renders_every_row():
         and "| the equations | equations |  | 0.9900 | 80.0% [88.0, 92.0] | 100.0% [72.0, 100.0] |" in md
     )
     assert "- not measured (x): why" in md
+    assert "No peer row: `make peer`" in md and "Against an equally good DiT" not in md
+    peer = {**row, "name": "DiT of runs/x-seed1 (same recipe, another seed)", "kind": "peer", "same_digit": 0.85}
+    rows = rows[:1] + [peer] + rows[1:]
+    md = "\n".join(yardstick_section({**y, "rows": rows, "headline": headline(rows)}))
+    assert (
+        "**Against an equally good DiT:** a DiT of the same recipe with another seed gives the DiT's digit in 85.0% "
+        "of the noises; the equations are -5.0 points from that and close 67% of the floor-to-peer gap." in md
+    )
+    assert "No peer row" not in md and "| DiT of runs/x-seed1 (same recipe, another seed) | peer |" in md
     assert yardstick_section({"skipped": "no DiT"}) == [
         "## The equations beside their yardsticks",
         "",

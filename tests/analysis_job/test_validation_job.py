@@ -44,7 +44,9 @@ def test_validation_on_top_eps_fit_and_mixture(trained_run, tiny_classifier, mni
         "sindy.mixture_samples=3000",
         "sindy.n_bootstrap=0",
     )
-    run_entry([sys.executable, JOB, *common, f"dit.classifier={tiny_classifier}"])
+    # The peer is the run's own DiT (a copy): its row must agree fully, which checks how the peer row is computed.
+    peer = shutil.copytree(trained_run / "smoke", tmp_path / "peer", ignore=shutil.ignore_patterns("checkpoints", "tb"))
+    run_entry([sys.executable, JOB, *common, f"dit.classifier={tiny_classifier}", f"sindy.peer_runs=[{peer}]"])
     md = (run_dir / "report" / "report.md").read_text()
     eq = json.loads((run_dir / "report" / "equations.json").read_text())
     assert _sections(md)[0] == "## What the equations generate"
@@ -73,6 +75,13 @@ def test_validation_on_top_eps_fit_and_mixture(trained_run, tiny_classifier, mni
     for name in ("validation_rmse.png", "mixture_means.png"):
         assert (run_dir / "report" / name).is_file()
     check_yardsticks(eq, md)
+    peer_row = next(r for r in eq["yardsticks"]["rows"] if r["kind"] == "peer")
+    assert peer_row["name"] == f"DiT of {peer} (same recipe, another seed)"
+    assert peer_row["same_digit"] == 1.0 and peer_row["final_error"] < 1e-4 and peer_row["eps_r2_median"] > 1 - 1e-9
+    assert eq["yardsticks"]["headline"]["peer_same_digit"] == 1.0 and "**Against an equally good DiT:**" in md
+    assert eq["settings_fingerprint"]["inputs"]["peer_dit_ema_sha256"] == [
+        eq["settings_fingerprint"]["inputs"]["dit_ema_sha256"]
+    ]
 
     # No classifier: the report says so, nothing crashes; only the report stage runs again.
     run_entry([sys.executable, JOB, *common, f"dit.classifier={tmp_path / 'none.safetensors'}"])
@@ -91,7 +100,8 @@ def check_yardsticks(eq: dict, md: str) -> None:
     y = eq["yardsticks"]
     rows = {r["name"]: r for r in y["rows"]}
     kinds = [r["kind"] for r in y["rows"]]
-    head = ["ceiling"] + ["sensitivity"] * len(NOISE_R2)
+    peers = kinds.count("peer")  # sindy.peer_runs: right after the ceiling
+    head = ["ceiling"] + ["peer"] * peers + ["sensitivity"] * len(NOISE_R2)
     assert kinds[: len(head)] == head and kinds[-2:] == ["reference", "equations"]
     assert kinds[len(head) : -2] in (["floor"], ["floor", "floor"])  # the Gaussian, and the mixture if K > 1
     assert y["n_noises"] == eq["validation"]["equations"]["n_noises"]
@@ -287,10 +297,14 @@ def test_bench_window_costs_on_the_smoke_run(trained_run, tiny_classifier, tmp_p
     out = tmp_path / "window_costs.json"
     args = ["--run", str(run), "--classifier", str(tiny_classifier), "--train", "40", "--heldout", "24"]
     args += ["--queries", "16", "--components", "2", "--iterations", "5", "--windows", str(W), "--out", str(out)]
-    payload = bench.main(args + ["--dense-degrees", "1"])
+    payload = bench.main(args + ["--dense-degrees", "1", "--peers", str(run)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
     rows = payload["rows"]
-    G = 4  # generators: the distilled mixture, the Gaussian, the dense degree-1 peer and the empirical denoiser
+    # generators: the distilled mixture, the Gaussian, the dense degree-1 peer, the empirical denoiser and the peer
+    # DiT, here the run's own DiT: it must agree fully wherever it is swapped in
+    G = 5
+    same = [r for r in rows if r["generator"] == f"peer DiT {run}"]
+    assert len(same) == 1 + W and all(r["same_digit"] == 1.0 and r["eps_r2"] == 1.0 for r in same)
     assert [r["swapped"] for r in rows].count("all steps") == 1 + G  # the ceiling and each generator
     assert len(rows) == 1 + G + (G + 1) * W + (W - 1)
     assert sum(r["generator"].startswith("empirical, h = 0 (") for r in rows) == 1 + W
@@ -318,3 +332,28 @@ def test_bench_window_costs_on_the_smoke_run(trained_run, tiny_classifier, tmp_p
     with pytest.raises(SystemExit) as e:
         bench.main(["--run", str(run), "--empirical-bandwidths", "-0.1"])
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--run", str(run), "--peers", str(tmp_path)])
+    assert e.value.code == 2
+
+
+def test_peer_runs_are_checked_before_work(trained_run, tmp_path, capsys):
+    """sindy.peer_runs: each must be a trained DiT of the same recipe on this run's autoencoder (one line, exit 2)."""
+    root = copy_run(trained_run, tmp_path / "r")
+
+    def bad(peer, *extra: str) -> str:
+        return job_refusal(smoke(root, "sindy.ray_address=local", f"sindy.peer_runs=[{peer}]", *extra), capsys)
+
+    assert "sindy.peer_runs takes run folders" in bad("''")
+    assert "has no dit_ema.safetensors: train the peer first (`make peer`" in bad(tmp_path / "nothing")
+    peer = shutil.copytree(root / "smoke", tmp_path / "peer")
+    meta = json.loads((peer / "dit.json").read_text())
+    (peer / "dit.json").write_text(json.dumps({**meta, "ae_sha256": "0" * 64}))
+    assert "trained on the latents of another autoencoder (ae sha256 000000000000" in bad(peer)
+    (peer / "dit.json").write_text(json.dumps({**meta, "timesteps": meta["timesteps"] + 1}))
+    assert f"its DiT has timesteps {meta['timesteps'] + 1}" in bad(peer)
+    npz = tmp_path / "t.npz"
+    np.savez(npz, trajectories=np.zeros((4, 3, 16)), num_timesteps=2)
+    assert "compares DiTs from the noise of the job's own trajectories" in bad(
+        root / "smoke", f"sindy.trajectories={npz}", "sindy.target=central_diff"
+    )
