@@ -204,6 +204,8 @@ def test_fit_space_auto_and_the_mixture_distilled_to_the_dit(trained_run, mnist_
     assert len(dist["means"]) == len(eq["mixture"]["weights"]) == dist["k"]
     assert not np.allclose(dist["means"], eq["mixture"]["means"])
     assert dist["loss_end"] < dist["loss_start"] and dist["iterations"] == 150
+    # distilled once, in the latent: the linear modes take that mixture rotated (as they take EM's)
+    assert dist.get("rotated_from") == ("latent" if "linear modes" in eq["coordinates"] else None)
     assert "### The mixture distilled to the DiT" in md and f"{dist['weights'][0]:.4f}" in md
 
 
