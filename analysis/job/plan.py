@@ -169,14 +169,14 @@ def _check_source(cfg: Config) -> Plan:
 def _check_peers(cfg: Config, plan: Plan) -> list[dict]:
     """sindy.peer_runs checked against the run: each a trained EMA DiT on this run's autoencoder, with its latent
     shape and schedule, so that "the same noise" means the same thing to both DiTs."""
+    if cfg.sindy.peer_runs and plan.external is not None:
+        raise UserError(
+            f"sindy.peer_runs compares DiTs from the noise of the job's own trajectories, but these come from "
+            f"{cfg.sindy.trajectories}; drop sindy.peer_runs or sindy.trajectories"
+        )
     peers = []
     for entry in cfg.sindy.peer_runs:
         folder, key = Path(entry), f"sindy.peer_runs entry {entry}"
-        if plan.external is not None:
-            raise UserError(
-                f"sindy.peer_runs compares DiTs from the noise of the job's own trajectories, but these come from "
-                f"{cfg.sindy.trajectories}; drop sindy.peer_runs or sindy.trajectories"
-            )
         if not (folder / "dit_ema.safetensors").is_file():
             raise UserError(
                 f"{key} has no dit_ema.safetensors: train the peer first (`make peer`, or training/train_dit.py with "

@@ -62,8 +62,8 @@ def covered_settings(settings: SindyConfig) -> dict:
 
 def inputs_identity(plan: Plan) -> dict:
     """What the report analyses, by content: the sha256 of the EMA DiT and the autoencoder when the job generates
-    the trajectories (the run's latents and their stats derive from the autoencoder), else of the external file (or
-    of its blocks' sha256 list, for a manifest this job wrote)."""
+    the trajectories (the run's latents and their stats derive from the autoencoder) and of any peer DiTs
+    (sindy.peer_runs), else of the external file (or of its blocks' sha256 list, for a manifest this job wrote)."""
     if plan.external is None:
         ids = dict(plan.digests or {})
         if plan.peers:  # the peer DiTs' content, not only their paths (sindy.peer_runs, covered as a setting)

@@ -170,29 +170,26 @@ def measure_yardsticks(
         ema, sched_t, _ = load_denoiser(plan.run_dir, "cpu", ema=True)
 
         z_T = torch.from_numpy(np.ascontiguousarray(lat.z[0], np.float32)).reshape(n, *shape)
+
+        def add_dit(name: str, kind: str, model, note: str) -> None:
+            """Another DiT's own sampler from the same noise, and its eps at the EMA DiT's held-out states."""
+            end = coords.states(_dit_rollout(model, sched_t, sampler, z_T, None, s.seed).double().numpy())
+            add(name, kind, end, coords.velocities(_dit_eps(model, lat.z, T, shape)), None, note)
+
         raw_file = plan.run_dir / "dit.safetensors"
         if raw_file.is_file():
             raw, _, _ = load_denoiser(plan.run_dir, "cpu", ema=False)
-            end = coords.states(_dit_rollout(raw, sched_t, sampler, z_T, None, s.seed).double().numpy())
-            add(
-                "DiT, raw weights instead of EMA",
-                "ceiling",
-                end,
-                coords.velocities(_dit_eps(raw, lat.z, T, shape)),
-                None,
-                "another DiT as close to this one as training gets",
+            add_dit(
+                "DiT, raw weights instead of EMA", "ceiling", raw, "another DiT as close to this one as training gets"
             )
         else:
             skipped["ceiling"] = f"{raw_file} not found (the raw weights are the ceiling)"
         for peer in plan.peers:
             other, _, _ = load_denoiser(peer["dir"], "cpu", ema=True)
-            end = coords.states(_dit_rollout(other, sched_t, sampler, z_T, None, s.seed).double().numpy())
-            add(
+            add_dit(
                 f"DiT of {peer['dir']} (same recipe, another seed)",
                 "peer",
-                end,
-                coords.velocities(_dit_eps(other, lat.z, T, shape)),
-                None,
+                other,
                 "an equally good DiT that did not share this one's training",
             )
         sigs = [noise_sigma(lat.eps, r2) for r2 in NOISE_R2]
