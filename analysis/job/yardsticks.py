@@ -33,7 +33,14 @@ from analysis.job.trajectories import TrajectorySet
 from analysis.job.validation import windowed_r2
 from analysis.job.views import heldout_block, latent_mixture, make_decoder, run_schedule
 from analysis.quality import scoring as quality
-from analysis.quality.agreement import NOISE_R2, end_state_errors, gap_share, noise_sigma, same_digit
+from analysis.quality.agreement import (
+    NOISE_R2,
+    end_state_errors,
+    gap_share,
+    noise_sigma,
+    paired_difference,
+    same_digit,
+)
 from analysis.sindy.coordinates import Coordinates
 from analysis.sindy.integration import integrate
 from analysis.sindy.targets import time_windows
@@ -255,7 +262,7 @@ def measure_yardsticks(
     end = _rollout_fit_coords(equations_eps, lp, ho["z"][0], t)
     add("the equations", "equations", end, _fit_coords_eps(equations_eps, ho["z"], t), equations_terms)
 
-    _classify(cfg, plan, coords, rows, ends, ref_end, skipped)
+    hits = _classify(cfg, plan, coords, rows, ends, ref_end, skipped)
     out = {
         "levers": {
             "fit_space": plan.fit_space or s.fit_space,
@@ -270,19 +277,22 @@ def measure_yardsticks(
         "sampler": sampler,
         "rows": rows,
         "skipped": skipped,
-        "headline": headline(rows),
+        "headline": headline(rows, hits),
         "seconds": round(time.time() - t0, 2),
     }
     return out
 
 
-def _classify(cfg: Config, plan: Plan, coords: Coordinates, rows, ends, ref_end, skipped) -> None:
-    """Decode every generator's end states and the DiT's, classify, and add the image figures to the rows."""
+def _classify(cfg: Config, plan: Plan, coords: Coordinates, rows, ends, ref_end, skipped) -> dict[str, np.ndarray]:
+    """Decode every generator's end states and the DiT's, classify, and add the image figures to the rows.
+
+    Returns each row's per-noise hits (its sample has the DiT's class), for the paired comparisons of the
+    headline; empty without a classifier."""
 
     path = Path(cfg.dit.classifier)
     if not path.is_file():
         skipped["images"] = f"no MNIST classifier at {path} ({TRAIN_HINT})"
-        return
+        return {}
     dec = make_decoder(plan, coords)
     clf = load_classifier(path, "cpu")
     shards = cfg.data.shards if cfg.data.shards and Path(cfg.data.shards).is_dir() else None
@@ -300,16 +310,22 @@ def _classify(cfg: Config, plan: Plan, coords: Coordinates, rows, ends, ref_end,
         "mean_confidence": ref_score["mean_confidence"],
         "confident_share": float(np.mean(ref_conf >= 0.9)),
     }
+    hits = {}
     for row in rows:
         labels, _, sc = look(ends[row["name"]])
         agree = same_digit(labels, ref_labels, ref_conf)
         row["same_digit"], row["ci95"], row["confident"] = agree["same_digit"], agree["ci95"], agree["confident"]
         row["fd_mnist"], row["mean_confidence"] = sc["fd_mnist"], sc["mean_confidence"]
+        hits[row["name"]] = labels == ref_labels
+    return hits
 
 
-def headline(rows: list[dict]) -> dict:
+def headline(rows: list[dict], hits: dict[str, np.ndarray] | None = None) -> dict:
     """The share of the floor-to-ceiling gap in same digit (and in final error) the equations close, and, with peer
-    rows, the equations against the mean peer (how far they are from what an equally good DiT reaches)."""
+    rows, the equations against the mean peer (how far they are from what an equally good DiT reaches).
+
+    With ``hits`` (each row's per-noise hits, from the same noises) the difference to the peers also gets its
+    paired 95% interval and, for one peer, the counts of noises only one of the two gets right."""
     by_kind = {r["kind"]: r for r in rows if r["kind"] in ("ceiling", "equations")}
     floor = next((r for r in rows if r["kind"] == "floor"), None)  # the Gaussian comes first
     eq, ceil = by_kind.get("equations"), by_kind.get("ceiling")
@@ -319,6 +335,11 @@ def headline(rows: list[dict]) -> dict:
         peer = float(np.mean([r["same_digit"] for r in peers]))
         out["peer_same_digit"] = peer
         out["same_digit_minus_peer"] = eq["same_digit"] - peer
+        if hits and eq["name"] in hits and all(r["name"] in hits for r in peers):
+            pd = paired_difference(hits[eq["name"]], np.stack([hits[r["name"]] for r in peers]))
+            out["same_digit_minus_peer_ci95"] = pd["ci95"]
+            if "only_this" in pd:
+                out["noises_only_equations"], out["noises_only_peer"] = pd["only_this"], pd["only_other"]
         if floor:
             out["same_digit_floor_to_peer_share"] = gap_share(eq["same_digit"], floor["same_digit"], peer)
     if eq and floor and ceil and "same_digit" in eq:

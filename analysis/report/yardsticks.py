@@ -18,6 +18,51 @@ def _num(x, spec: str = ".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _peer_sentence(h: dict, n_peer: int, eq_same_digit: float) -> str:
+    """The equations against the peer DiTs: above or below them, with the paired interval when it was measured,
+    and the share of the floor-to-peer gap only while the equations are below the peers (above, it is closed)."""
+    diff, them = h["same_digit_minus_peer"], "it" if n_peer == 1 else "them"
+    who = (
+        "a DiT of the same recipe with another seed gives"
+        if n_peer == 1
+        else f"{n_peer} DiTs of the same recipe with other seeds give"
+    )
+    s = (
+        f"**Against an equally good DiT:** {who} the DiT's digit in {_pct(h['peer_same_digit'])} of the noises"
+        f"{'' if n_peer == 1 else ' on average'}, the "
+        f"equations in {_pct(eq_same_digit)}: "
+        + (
+            f"level with {them}"
+            if round(100 * diff, 1) == 0
+            else f"{abs(100 * diff):.1f} points {'above' if diff > 0 else 'below'} {them}"
+        )
+    )
+    ci = h.get("same_digit_minus_peer_ci95")
+    if ci:
+        s += f" (paired 95% interval of the difference [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+        if h.get("noises_only_equations") is not None:
+            s += (
+                f"; only the equations get the DiT's digit from {h['noises_only_equations']} of these noises, only "
+                f"the peer from {h['noises_only_peer']}"
+            )
+        s += ")"
+    share = h.get("same_digit_floor_to_peer_share")
+    if round(100 * diff, 1) < 0 and share is not None:
+        s += f", closing {100 * share:.0f}% of the floor-to-peer gap"
+    s += "."
+    if ci:
+        s += (
+            " An interval that holds 0 means these noises do not tell the two apart."
+            if ci[0] <= 0 <= ci[1]
+            else f" The interval excludes 0: the equations are {'closer to' if diff > 0 else 'farther from'} this "
+            f"DiT than {'the peer is' if n_peer == 1 else 'the peers are'}."
+        )
+    return (
+        s + " The raw-weights ceiling shares this DiT's training; the peer is what another model of the same data "
+        "reaches."
+    )
+
+
 def yardstick_section(y: dict | None) -> list[str]:
     """The headline, the table and the eps R^2 per window of t; one line when the yardsticks were skipped."""
     if not y:
@@ -43,18 +88,7 @@ def yardstick_section(y: dict | None) -> list[str]:
             "",
         ]
     if h.get("peer_same_digit") is not None:
-        n_peer = sum(r["kind"] == "peer" for r in rows)
-        share = h.get("same_digit_floor_to_peer_share")
-        L += [
-            f"**Against an equally good DiT:** {'a DiT' if n_peer == 1 else f'{n_peer} DiTs'} of the same recipe "
-            f"with another seed give{'s' if n_peer == 1 else ''} the DiT's digit in {_pct(h['peer_same_digit'])} of "
-            f"the noises{'' if n_peer == 1 else ' (mean)'}; the equations are {100 * h['same_digit_minus_peer']:+.1f} "
-            "points from that"
-            + (f" and close {100 * share:.0f}% of the floor-to-peer gap." if share is not None else ".")
-            + " The raw-weights ceiling shares this DiT's training; the peer is what another model of the same data "
-            "reaches.",
-            "",
-        ]
+        L += [_peer_sentence(h, sum(r["kind"] == "peer" for r in rows), eq["same_digit"]), ""]
     elif eq is not None and any(r["kind"] == "ceiling" for r in rows):
         L += [
             "No peer row: `make peer` trains this DiT's recipe with another seed and adds it (sindy.peer_runs). The "

@@ -8,7 +8,14 @@ import torch
 
 from analysis.job.validation import windowed_r2
 from analysis.job.yardsticks import _dit_rollout, dense_affine, headline
-from analysis.quality.agreement import end_state_errors, gap_share, noise_sigma, same_digit, wilson_interval
+from analysis.quality.agreement import (
+    end_state_errors,
+    gap_share,
+    noise_sigma,
+    paired_difference,
+    same_digit,
+    wilson_interval,
+)
 from analysis.report.yardsticks import yardstick_section
 from analysis.sindy.integration import integrate
 from analysis.sindy.mixture import GaussianMixtureEps
@@ -79,6 +86,35 @@ def test_gap_share_and_headline():
     assert h["peer_same_digit"] == pytest.approx(0.84) and h["same_digit_minus_peer"] == pytest.approx(0.81 - 0.84)
     assert h["same_digit_floor_to_peer_share"] == pytest.approx((0.81 - 0.72) / (0.84 - 0.72))
     assert h["same_digit_gap_share"] == pytest.approx((0.81 - 0.72) / (0.99 - 0.72))  # the ceiling's is unchanged
+    assert "same_digit_minus_peer_ci95" not in h  # no per-noise hits, no paired interval
+    # With per-noise hits: the paired interval against the peers' mean, the discordant counts for one peer.
+    rng = np.random.default_rng(0)
+    hits = {r["name"]: rng.random(400) < r["same_digit"] for r in rows + peers}
+    h = headline(rows[:1] + peers + rows[1:], hits)
+    pd = paired_difference(hits["eq"], np.stack([hits["p1"], hits["p2"]]))
+    assert h["same_digit_minus_peer_ci95"] == pd["ci95"] and "noises_only_equations" not in h
+    h = headline(rows + peers[:1], hits)
+    pd = paired_difference(hits["eq"], hits["p1"])
+    assert (h["noises_only_equations"], h["noises_only_peer"]) == (pd["only_this"], pd["only_other"])
+
+
+def test_paired_difference_counts_only_the_discordant_noises():
+    # 100 noises: both right on 70, only the first on 12, only the other on 8, both wrong on 10.
+    a = np.array([1] * 70 + [1] * 12 + [0] * 8 + [0] * 10, bool)
+    b = np.array([1] * 70 + [0] * 12 + [1] * 8 + [0] * 10, bool)
+    pd = paired_difference(a, b)
+    assert pd["difference"] == pytest.approx(0.04) and (pd["only_this"], pd["only_other"]) == (12, 8)
+    # The textbook interval of two paired proportions: (b - c) / n +- z sqrt(b + c - (b - c)^2 / n) / n.
+    half = 1.959963984540054 * np.sqrt(12 + 8 - 4**2 / 100) / 100
+    assert pd["ci95"] == pytest.approx([0.04 - half, 0.04 + half])
+    # Narrower than the unpaired interval of two independent proportions 0.82 and 0.78 at n = 100.
+    assert half < 0.8 * 1.959963984540054 * np.sqrt((0.82 * 0.18 + 0.78 * 0.22) / 100)
+    # Never disagreeing: no difference and no width; several others: against their per-noise mean.
+    assert paired_difference(a, a) == {"difference": 0.0, "ci95": [0.0, 0.0], "only_this": 0, "only_other": 0}
+    two = paired_difference(a, np.stack([b, a]))
+    assert two["difference"] == pytest.approx(0.02) and "only_this" not in two
+    with pytest.raises(ValueError, match="paired_difference"):
+        paired_difference(a, b[:50])
 
 
 def test_noise_sigma_gives_the_nominal_r2():
@@ -187,8 +223,32 @@ def test_yardstick_section_renders_every_row():
     md = "\n".join(yardstick_section({**y, "rows": rows, "headline": headline(rows)}))
     assert (
         "**Against an equally good DiT:** a DiT of the same recipe with another seed gives the DiT's digit in 85.0% "
-        "of the noises; the equations are -5.0 points from that and close 67% of the floor-to-peer gap." in md
+        "of the noises, the equations in 80.0%: 5.0 points below it, closing 67% of the floor-to-peer gap. The "
+        "raw-weights ceiling" in md
     )
+    # With the paired interval: above the peer there is no gap share; an interval holding 0 says so.
+    hl = {**headline(rows), "same_digit_minus_peer": 0.03, "same_digit_minus_peer_ci95": [-0.01, 0.07]}
+    hl |= {"noises_only_equations": 31, "noises_only_peer": 19}
+    md2 = "\n".join(yardstick_section({**y, "rows": rows, "headline": hl}))
+    assert (
+        "the equations in 80.0%: 3.0 points above it (paired 95% interval of the difference [-1.0, +7.0]; only the "
+        "equations get the DiT's digit from 31 of these noises, only the peer from 19). An interval that holds 0 "
+        "means these noises do not tell the two apart." in md2
+    )
+    assert "floor-to-peer" not in md2
+    hl["same_digit_minus_peer_ci95"] = [0.01, 0.05]
+    md2 = "\n".join(yardstick_section({**y, "rows": rows, "headline": hl}))
+    assert "The interval excludes 0: the equations are closer to this DiT than the peer is." in md2
+    two = rows[:2] + [{**peer, "name": "DiT of runs/x-seed2 (same recipe, another seed)", "same_digit": 0.65}]
+    two += rows[2:]  # rows[1] is the first peer
+    md2 = "\n".join(yardstick_section({**y, "rows": two, "headline": headline(two)}))
+    assert (
+        "2 DiTs of the same recipe with other seeds give the DiT's digit in 75.0% of the noises on average, the "
+        "equations in 80.0%: 5.0 points above them." in md2
+    )
+    two[2]["same_digit"] = 0.75  # a tie (up to rounding) is a tie
+    md2 = "\n".join(yardstick_section({**y, "rows": two, "headline": headline(two)}))
+    assert "the equations in 80.0%: level with them. The raw-weights" in md2
     assert "No peer row" not in md and "| DiT of runs/x-seed1 (same recipe, another seed) | peer |" in md
     assert yardstick_section({"skipped": "no DiT"}) == [
         "## The equations beside their yardsticks",

@@ -79,6 +79,14 @@ def test_validation_on_top_eps_fit_and_mixture(trained_run, tiny_classifier, mni
     assert peer_row["name"] == f"DiT of {peer} (same recipe, another seed)"
     assert peer_row["same_digit"] == 1.0 and peer_row["final_error"] < 1e-4 and peer_row["eps_r2_median"] > 1 - 1e-9
     assert eq["yardsticks"]["headline"]["peer_same_digit"] == 1.0 and "**Against an equally good DiT:**" in md
+    # The peer is this DiT, right on every noise: only it can be right alone, on each noise the equations miss.
+    hl, eq_row = eq["yardsticks"]["headline"], next(r for r in eq["yardsticks"]["rows"] if r["kind"] == "equations")
+    n_noises = eq["yardsticks"]["n_noises"]
+    assert hl["noises_only_equations"] == 0
+    assert hl["noises_only_peer"] == round(n_noises * (1 - eq_row["same_digit"]))
+    lo, hi = hl["same_digit_minus_peer_ci95"]
+    assert hl["same_digit_minus_peer"] == pytest.approx(eq_row["same_digit"] - 1)
+    assert lo <= hl["same_digit_minus_peer"] <= hi
     assert eq["settings_fingerprint"]["inputs"]["peer_dit_ema_sha256"] == [
         eq["settings_fingerprint"]["inputs"]["dit_ema_sha256"]
     ]
