@@ -196,6 +196,9 @@ def _check_peers(cfg: Config, plan: Plan) -> list[dict]:
                 f"{str(meta.get('ae_sha256'))[:12]}, this run's {plan.digests['ae_sha256'][:12]}); train the peer on a "
                 "copy of this run's ae.safetensors, latent_stats.safetensors and latents/ (`make peer` does)"
             )
+        # Loaded once here, not first at the report stage: truncated, corrupt or NaN weights, or weights that do
+        # not fit its dit.json, are refused in one line before the job's minutes of work.
+        load_denoiser(folder, "cpu")
         peers.append({"dir": folder, "dit_ema_sha256": file_sha256(folder / "dit_ema.safetensors")})
     return peers
 

@@ -362,6 +362,10 @@ def test_peer_runs_are_checked_before_work(trained_run, tmp_path, capsys):
     assert "trained on the latents of another autoencoder (ae sha256 000000000000" in bad(peer)
     (peer / "dit.json").write_text(json.dumps({**meta, "timesteps": meta["timesteps"] + 1}))
     assert f"its DiT has timesteps {meta['timesteps'] + 1}" in bad(peer)
+    (peer / "dit.json").write_text(json.dumps(meta))
+    weights = (peer / "dit_ema.safetensors").read_bytes()
+    (peer / "dit_ema.safetensors").write_bytes(weights[:1000])
+    assert "dit_ema.safetensors is not a readable safetensors file (truncated or corrupt" in bad(peer)
     npz = tmp_path / "t.npz"
     np.savez(npz, trajectories=np.zeros((4, 3, 16)), num_timesteps=2)
     assert "compares DiTs from the noise of the job's own trajectories" in bad(
