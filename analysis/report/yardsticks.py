@@ -22,6 +22,7 @@ def _peer_sentence(h: dict, n_peer: int, eq_same_digit: float) -> str:
     """The equations against the peer DiTs: above or below them, with the paired interval when it was measured,
     and the share of the floor-to-peer gap only while the equations are below the peers (above, it is closed)."""
     diff, them = h["same_digit_minus_peer"], "it" if n_peer == 1 else "them"
+    points = round(100 * diff, 1)  # as printed: a difference that prints as 0.0 is a tie
     who = (
         "a DiT of the same recipe with another seed gives"
         if n_peer == 1
@@ -33,8 +34,8 @@ def _peer_sentence(h: dict, n_peer: int, eq_same_digit: float) -> str:
         f"equations in {_pct(eq_same_digit)}: "
         + (
             f"level with {them}"
-            if round(100 * diff, 1) == 0
-            else f"{abs(100 * diff):.1f} points {'above' if diff > 0 else 'below'} {them}"
+            if points == 0
+            else f"{abs(points):.1f} points {'above' if points > 0 else 'below'} {them}"
         )
     )
     ci = h.get("same_digit_minus_peer_ci95")
@@ -47,7 +48,7 @@ def _peer_sentence(h: dict, n_peer: int, eq_same_digit: float) -> str:
             )
         s += ")"
     share = h.get("same_digit_floor_to_peer_share")
-    if round(100 * diff, 1) < 0 and share is not None:
+    if points < 0 and share is not None:
         s += f", closing {100 * share:.0f}% of the floor-to-peer gap"
     s += "."
     if ci:
